@@ -1,0 +1,298 @@
+"""The policy file: pydantic v2 models of the YAML document and its loader.
+
+Nothing else in the SDK parses YAML. Loading gives typed objects or a :class:`PolicyError` that
+names the file, the dotted key path (``concepts.1.threshold``) and, where YAML gives it, the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import PolicyError, PolicyIssue
+
+Category = Literal["nsfw", "artist_style", "object", "custom"]
+Action = Literal["redirect", "block", "monitor"]
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=64)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuditSettings(_Strict):
+    """Where audit records go and how prompts appear in them."""
+
+    sinks: list[Literal["stdout", "file"]] = Field(
+        default_factory=lambda: ["file"],
+        description="stdout: one JSON object per line on standard output; file: JSON lines appended to `file`.",
+    )
+    file: str | None = Field(
+        default="saferedir-audit.jsonl",
+        description="JSON-lines audit file (relative paths resolve against the working directory).",
+    )
+    prompt_logging: Literal["none", "sha256", "full"] = Field(
+        default="sha256", description="How prompts appear in records; raw text only with `full`."
+    )
+
+    @model_validator(mode="after")
+    def _file_needed(self) -> AuditSettings:
+        if "file" in self.sinks and not self.file:
+            raise ValueError("the 'file' sink needs audit.file")
+        return self
+
+
+class RuleDefaults(_Strict):
+    """Values every concept rule inherits unless it sets its own."""
+
+    threshold: Probability = Field(0.5, description="p(unsafe) at or above which a check triggers.")
+    strength: float = Field(1.3, gt=0.0, le=4.0, description="s in E' = E + s * alpha * m * normalize(D) * |E|.")
+    replace_steps: int = Field(
+        1, ge=0, le=1000, description="Recheck every replace_steps + 1 denoiser calls (reference default 1)."
+    )
+    sticky: bool = Field(True, description="Once triggered, a sample stays redirected for the rest of the call.")
+    apply_to_uncond: bool = Field(
+        False, description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves."
+    )
+
+
+class StepWindow(_Strict):
+    """Denoiser calls [start, stop) of a generation in which a concept is checked and applied."""
+
+    start: int = Field(0, ge=0)
+    stop: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StepWindow:
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop ({self.stop}) must be greater than start ({self.start})")
+        return self
+
+    def contains(self, step: int) -> bool:
+        return step >= self.start and (self.stop is None or step < self.stop)
+
+
+class RedirectorRef(_Strict):
+    """Where a concept's trained redirector comes from: a bundle file, or a concept plugin."""
+
+    path: str | None = Field(None, description="Bundle file; relative paths resolve against the policy's folder.")
+    plugin: str | None = Field(None, description="Concept name registered by an installed concept plugin.")
+    sha256: Sha256 | None = Field(None, description="Pin: the bundle file must have exactly this sha256.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> RedirectorRef:
+        if (self.path is None) == (self.plugin is None):
+            raise ValueError("give exactly one of 'path' or 'plugin'")
+        return self
+
+
+class ConceptRule(_Strict):
+    """One concept the policy governs."""
+
+    concept: Slug
+    category: Category
+    redirector: RedirectorRef
+    action: Action = "redirect"
+    threshold: Probability | None = None
+    strength: float | None = Field(None, gt=0.0, le=4.0)
+    replace_steps: int | None = Field(None, ge=0, le=1000)
+    sticky: bool | None = None
+    apply_to_uncond: bool | None = None
+    window: StepWindow | None = None
+
+    def effective(self, defaults: RuleDefaults) -> EffectiveRule:
+        """This rule with every unset field taken from ``defaults``."""
+        values = {k: getattr(self, k) for k in RuleDefaults.model_fields}
+        filled = {k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()}
+        return EffectiveRule(
+            concept=self.concept,
+            category=self.category,
+            action=self.action,
+            window=self.window or StepWindow(),
+            **filled,
+        )
+
+
+class EffectiveRule(_Strict):
+    """A concept rule after defaults are applied: what the engine enforces."""
+
+    concept: str
+    category: Category
+    action: Action
+    threshold: float
+    strength: float
+    replace_steps: int
+    sticky: bool
+    apply_to_uncond: bool
+    window: StepWindow
+
+
+class BlockSettings(_Strict):
+    """What `block` does to a flagged sample."""
+
+    mode: Literal["placeholder", "raise"] = Field(
+        "placeholder",
+        description="placeholder: the flagged samples' images are replaced, the others returned; "
+        "raise: the call raises GenerationBlocked.",
+    )
+    color: tuple[Annotated[int, Field(ge=0, le=255)], ...] = Field(
+        (0, 0, 0), min_length=3, max_length=3, description="RGB of the placeholder image."
+    )
+
+
+class Policy(_Strict):
+    """A saferedir policy document (``version: 1``)."""
+
+    version: Literal[1]
+    name: Slug
+    description: str = ""
+    fail_mode: Literal["closed", "open"] = Field(
+        "closed",
+        description="closed: a concept that cannot be enforced stops the guard; open: the guard runs "
+        "without it and every audit record says so (fail_open).",
+    )
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    defaults: RuleDefaults = Field(default_factory=RuleDefaults)
+    block: BlockSettings = Field(default_factory=BlockSettings)
+    concepts: list[ConceptRule] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_concepts(self) -> Policy:
+        seen: set[str] = set()
+        for rule in self.concepts:
+            if rule.concept in seen:
+                raise ValueError(f"concept '{rule.concept}' appears more than once")
+            seen.add(rule.concept)
+        return self
+
+    def effective_rules(self) -> list[EffectiveRule]:
+        return [rule.effective(self.defaults) for rule in self.concepts]
+
+
+class LoadedPolicy(BaseModel):
+    """A validated policy with where it came from: its path and the sha256 of its bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policy: Policy
+    path: Path
+    sha256: str
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+
+def _compose_checked(text: str, path: Path) -> yaml.Node | None:
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(path, [PolicyIssue("", f"not valid YAML: {problem}", line)]) from None
+    issues: list[PolicyIssue] = []
+    _find_duplicate_keys(node, (), issues)
+    if issues:
+        raise PolicyError(path, issues)
+    return node
+
+
+def _find_duplicate_keys(node: yaml.Node | None, loc: tuple[str, ...], issues: list[PolicyIssue]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                issues.append(PolicyIssue(".".join((*loc, name)), "duplicate key", key.start_mark.line + 1))
+            seen.add(name)
+            _find_duplicate_keys(value, (*loc, name), issues)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _find_duplicate_keys(item, (*loc, str(i)), issues)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest node of ``loc`` that exists in the YAML tree."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((kv for kv in node.value if str(kv[0].value) == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _issues_from(exc: ValidationError, node: yaml.Node | None) -> list[PolicyIssue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not in the policy schema; a typo?)"
+        elif err["type"] == "literal_error":
+            message = f"{err['msg']}, got {err.get('input')!r}"
+        elif "input" in err and err["type"] not in ("missing",):
+            message = f"{err['msg']} (got {err['input']!r})"
+        issues.append(PolicyIssue(".".join(str(p) for p in loc), message, _line_of(node, loc)))
+    return issues
+
+
+def parse_policy(text: str, path: str | Path = "<string>") -> Policy:
+    """Validate policy YAML ``text``; ``path`` is only used in error messages."""
+    path = Path(path)
+    node = _compose_checked(text, path)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise PolicyError(path, [PolicyIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)])
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(path, _issues_from(exc, node)) from None
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    """Read and validate a policy file. Raises :class:`PolicyError` naming the file and each problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(path, [PolicyIssue("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(path, [PolicyIssue("", "not UTF-8 text")]) from None
+    policy = parse_policy(text, path)
+    return LoadedPolicy(policy=policy, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """JSON Schema of the policy document, for editors (``saferedir policy schema``)."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "saferedir policy"
+    return schema
+
+
+def policy_json_schema_text() -> str:
+    return json.dumps(policy_json_schema(), indent=2, sort_keys=True)
