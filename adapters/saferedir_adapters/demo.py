@@ -33,6 +33,8 @@ PAIRS = {
     "star": [("a blue star", "a blue moon"), ("star in a box", "moon in a box"), ("a green star", "a green moon"),
              ("big star", "big moon"), ("the star", "the moon")],
 }
+# unpaired benign prompts: what "not the concept" looks like beyond the paired neighbours
+RETAIN_POOL = ["a tan circle", "a blue moon", "a green square", "a blue circle", "one dot", "a big cross"]
 DEMO_PROMPTS = ["a red circle", "a tan circle", "a blue star", "a blue moon"]
 
 POLICY = """\
@@ -69,6 +71,7 @@ def _fit(pipe: Any, concept: str, steps: int) -> tuple[Redirector, dict[str, flo
     kwargs = {"num_inference_steps": steps}
     train_f = record_trajectories(pipe, forget, seeds=[0, 1], **kwargs)
     train_r = record_trajectories(pipe, retain, seeds=[0, 1], **kwargs)
+    pool = record_trajectories(pipe, [p for p in RETAIN_POOL if p not in forget], seeds=[0, 1], **kwargs)
     held_f = record_trajectories(pipe, forget, seeds=[2], **kwargs)
     held_r = record_trajectories(pipe, retain, seeds=[2], **kwargs)
     fp = StableDiffusionAdapter().fingerprint(pipe)
@@ -76,7 +79,7 @@ def _fit(pipe: Any, concept: str, steps: int) -> tuple[Redirector, dict[str, flo
     redirector = Redirector(
         RedirectorConfig(fp.token_dim, fp.seq_len, fp.latent_channels, hidden_dim=64, rank=8, latent_pool=8)
     )
-    result = fit_redirector(redirector, train_f, train_r, steps=200, batch_size=32)
+    result = fit_redirector(redirector, train_f, train_r, negatives=pool, steps=200, batch_size=32)
     with torch.no_grad():
         hit = (redirector(held_f.latents, held_f.timesteps, held_f.embeds).logit > 0).float().mean()
         ok = (redirector(held_r.latents, held_r.timesteps, held_r.embeds).logit <= 0).float().mean()

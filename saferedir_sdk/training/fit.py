@@ -14,6 +14,10 @@ lake" / "a girl by the lake") at the same seed and step. The pair supervises eve
   clipped to [0, 1]: how far the pair says to move.
 * **preservation**: on retain rows the predicted movement ``alpha * m`` should be zero, so a
   misfiring classifier moves benign prompts as little as possible.
+
+An optional unpaired **retain pool** (``negatives``: benign prompts unrelated to the concept, like
+the IGMU Church set's retain list) adds classification (label 0) and preservation terms, so the
+classifier learns what "not the concept" looks like beyond the paired neighbours.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ def redirector_losses(
     forget: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
+    negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     strength: float = 1.0,
     mask_tau: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    """All losses for a batch of pairs. ``forget`` and ``retain`` are (latents, timesteps, embeds)."""
+    """All losses for a batch of pairs. ``forget``, ``retain`` and the optional unpaired
+    ``negatives`` are (latents, timesteps, embeds)."""
     lat_f, t_f, e_f = forget
     lat_r, t_r, e_r = retain
     out_f = redirector(lat_f, t_f, e_f)
@@ -71,6 +77,10 @@ def redirector_losses(
     mask = F.binary_cross_entropy(out_f.mask.clamp(1e-6, 1 - 1e-6), mask_target)
     scale = F.mse_loss(out_f.alpha, alpha_target)
     preservation = (out_r.alpha.unsqueeze(-1) * out_r.mask).mean()
+    if negatives is not None:
+        out_n = redirector(*negatives)
+        classification = classification + F.binary_cross_entropy_with_logits(out_n.logit, torch.zeros_like(out_n.logit))
+        preservation = preservation + (out_n.alpha.unsqueeze(-1) * out_n.mask).mean()
     total = classification + redirection + mask + scale + preservation
     accuracy = 0.5 * ((out_f.logit > 0).float().mean() + (out_r.logit <= 0).float().mean())
     masked_cos = (cosine * mask_target).sum() / mask_target.sum().clamp_min(1.0)
@@ -86,11 +96,16 @@ def redirector_losses(
     }
 
 
+def _inputs(t: Trajectories, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return t.latents.to(device), t.timesteps.to(device), t.embeds.to(device)
+
+
 def fit_redirector(
     redirector: Redirector,
     forget: Trajectories,
     retain: Trajectories,
     *,
+    negatives: Trajectories | None = None,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -98,7 +113,8 @@ def fit_redirector(
     seed: int = 0,
     log_every: int = 50,
 ) -> FitResult:
-    """Train ``redirector`` in place on paired trajectories (row i of each is a pair)."""
+    """Train ``redirector`` in place on paired trajectories (row i of each is a pair), plus an
+    optional unpaired retain pool ``negatives``."""
     if len(forget) != len(retain):
         raise ValueError(f"forget and retain trajectories must pair up row by row: {len(forget)} vs {len(retain)}")
     generator = torch.Generator().manual_seed(seed)
@@ -112,10 +128,14 @@ def fit_redirector(
         index = torch.randint(0, n, (min(batch_size, n),), generator=generator)
         f = forget.select(index)
         r = retain.select(index)
+        neg = None
+        if negatives is not None:
+            neg = negatives.select(torch.randint(0, len(negatives), (min(batch_size, len(negatives)),), generator=generator))
         losses = redirector_losses(
             redirector,
-            (f.latents.to(device), f.timesteps.to(device), f.embeds.to(device)),
-            (r.latents.to(device), r.timesteps.to(device), r.embeds.to(device)),
+            _inputs(f, device),
+            _inputs(r, device),
+            negatives=_inputs(neg, device) if neg is not None else None,
             strength=strength,
         )
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,82 @@
+"""The plugin system: concept packs, adapter lookup and audit sinks through pluggy hooks."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from conftest import FORGET, RETAIN, generate
+
+from saferedir_sdk import AdapterNotFoundError, ConceptSpec, GuardBuildError, SafeRedirGuard, hookimpl
+from saferedir_sdk.cli import main
+from saferedir_sdk.plugins import describe_plugins, make_plugin_manager, registered_concepts
+
+
+def concept_pack(bundles):
+    """A third-party concept pack, exactly as an installed distribution's entry point would provide it."""
+    pack = types.ModuleType("acme_concepts")
+
+    @hookimpl
+    def saferedir_register_concepts():
+        return [ConceptSpec("acme-red", "custom", (bundles["red"],), "red things, acme's way")]
+
+    pack.saferedir_register_concepts = saferedir_register_concepts
+    return pack
+
+
+def test_entry_points_register_the_first_party_adapter():
+    pm = make_plugin_manager()
+    rows = {row["name"]: row for row in describe_plugins(pm)}
+    assert rows["sd"]["distribution"].startswith("saferedir-adapters")
+
+
+def test_policy_can_name_a_concept_from_a_plugin(pipe, write_policy, bundles, audit_records):
+    pm = make_plugin_manager()
+    pm.register(concept_pack(bundles), name="acme")
+    assert "acme-red" in registered_concepts(pm)
+    policy = write_policy([{"concept": "red", "category": "custom", "redirector": {"plugin": "acme-red"}}])
+    guard = SafeRedirGuard.from_policy(policy, plugin_manager=pm)
+    guard.wrap(pipe)
+    generate(pipe, prompts=[FORGET, RETAIN])
+    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+
+
+def test_unknown_plugin_concept_fails_closed(write_policy):
+    policy = write_policy([{"concept": "x", "category": "custom", "redirector": {"plugin": "not-installed"}}])
+    with pytest.raises(GuardBuildError, match="no installed plugin registers concept 'not-installed'"):
+        SafeRedirGuard.from_policy(policy, plugin_manager=make_plugin_manager())
+
+
+def test_plugin_audit_sink_receives_every_record(pipe, write_policy):
+    received = []
+    sink_plugin = types.ModuleType("siem")
+
+    @hookimpl
+    def saferedir_audit_sinks(settings):
+        return [received.append]
+
+    sink_plugin.saferedir_audit_sinks = saferedir_audit_sinks
+    pm = make_plugin_manager()
+    pm.register(sink_plugin, name="siem")
+    guard = SafeRedirGuard.from_policy(write_policy(), plugin_manager=pm)
+    guard.wrap(pipe)
+    generate(pipe)
+    generate(pipe, prompts=[RETAIN])
+    assert [r["outcome"] for r in received] == ["redirected", "ok"]
+    assert received[0]["request_id"] != received[1]["request_id"]
+
+
+def test_pipeline_without_adapter_is_a_typed_error(write_policy):
+    guard = SafeRedirGuard.from_policy(write_policy())
+
+    class NotAPipeline:
+        pass
+
+    with pytest.raises(AdapterNotFoundError, match="NotAPipeline"):
+        guard.wrap(NotAPipeline())
+
+
+def test_cli_lists_plugins(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "saferedir_adapters.sd" in out and "saferedir-adapters" in out

@@ -1,0 +1,142 @@
+"""Policy files: the shipped examples validate; mistakes give located, typed errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saferedir_sdk import PolicyError, load_policy
+from saferedir_sdk.cli import main
+from saferedir_sdk.policy import parse_policy, policy_json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """\
+version: 1
+name: t
+concepts:
+  - concept: nudity
+    category: nsfw
+    redirector: {plugin: nudity}
+"""
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "policies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_policies_validate(path):
+    loaded = load_policy(path)
+    assert loaded.policy.concepts and len(loaded.sha256) == 64
+
+
+def test_defaults_fill_unset_rule_fields():
+    policy = parse_policy(GOOD)
+    assert policy.fail_mode == "closed" and policy.audit.prompt_logging == "sha256"
+    rule = policy.effective_rules()[0]
+    assert (rule.action, rule.threshold, rule.strength, rule.replace_steps, rule.sticky, rule.apply_to_uncond) == (
+        "redirect", 0.5, 1.3, 1, True, False)
+
+
+def _error(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "p.yaml")
+    return info.value
+
+
+def test_typo_key_names_path_and_line():
+    err = _error(GOOD + "    treshold: 0.4\n")
+    assert [(i.loc, i.line) for i in err.issues] == [("concepts.0.treshold", 7)]
+    assert "unknown key" in str(err) and "p.yaml" in str(err)
+
+
+def test_wrong_type_names_path_and_line():
+    err = _error(GOOD + "    threshold: high\n")
+    assert err.issues[0].loc == "concepts.0.threshold" and err.issues[0].line == 7
+    assert "'high'" in str(err)
+
+
+def test_unknown_action_lists_the_allowed_ones():
+    err = _error(GOOD + "    action: erase\n")
+    assert err.issues[0].loc == "concepts.0.action"
+    assert "'redirect', 'block' or 'monitor'" in err.issues[0].message and "'erase'" in err.issues[0].message
+
+
+@pytest.mark.parametrize(
+    "text, loc",
+    [
+        (GOOD + "fail_mode: maybe\n", "fail_mode"),
+        (GOOD.replace("version: 1", "version: 2"), "version"),
+        (GOOD.replace("{plugin: nudity}", "{plugin: nudity, path: x.safetensors}"), "concepts.0.redirector"),
+        (GOOD.replace("{plugin: nudity}", "{plugin: nudity, sha256: abc}"), "concepts.0.redirector.sha256"),
+        (GOOD + "    window: {start: 5, stop: 2}\n", "concepts.0.window"),
+        (GOOD + "audit: {sinks: [syslog]}\n", "audit.sinks.0"),
+        (GOOD + "  - {concept: nudity, category: nsfw, redirector: {plugin: x}}\n", ""),
+        ("version: 1\nname: t\nconcepts: []\n", "concepts"),
+        (GOOD + "name: again\n", "name"),
+    ],
+)
+def test_each_mistake_is_located(text, loc):
+    assert loc in [i.loc for i in _error(text).issues]
+
+
+def test_yaml_syntax_error_gives_the_line():
+    err = _error("version: 1\nname: [oops\n")
+    assert err.issues[0].line is not None and "not valid YAML" in err.issues[0].message
+
+
+def test_missing_file_is_a_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "none.yaml")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    threshold=st.floats(0.01, 0.99),
+    strength=st.floats(0.05, 4.0),
+    replace_steps=st.integers(0, 50),
+    action=st.sampled_from(["redirect", "block", "monitor"]),
+    category=st.sampled_from(["nsfw", "artist_style", "object", "custom"]),
+)
+def test_any_valid_rule_round_trips_through_yaml(threshold, strength, replace_steps, action, category):
+    doc = {"version": 1, "name": "h", "concepts": [{
+        "concept": "c", "category": category, "redirector": {"plugin": "c"}, "action": action,
+        "threshold": threshold, "strength": strength, "replace_steps": replace_steps}]}
+    rule = parse_policy(json.dumps(doc)).effective_rules()[0]
+    assert (rule.threshold, rule.strength, rule.replace_steps, rule.action, rule.category) == (
+        threshold, strength, replace_steps, action, category)
+
+
+def test_json_schema_forbids_extra_keys():
+    schema = policy_json_schema()
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["ConceptRule"]["additionalProperties"] is False
+    assert schema["$defs"]["ConceptRule"]["properties"]["action"]["enum"] == ["redirect", "block", "monitor"]
+
+
+def test_cli_validate_ok_and_failures(tmp_path, capsys):
+    assert main(["validate", str(ROOT / "policies" / "corp.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    for text, needle in [
+        (GOOD + "    treshold: 0.4\n", "concepts.0.treshold (line 7): unknown key"),
+        (GOOD + "    threshold: high\n", "concepts.0.threshold (line 7)"),
+        (GOOD + "    action: erase\n", "concepts.0.action (line 7)"),
+    ]:
+        bad.write_text(text)
+        assert main(["validate", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert "INVALID" in err and str(bad) in err and needle in err
+
+
+def test_cli_validate_check_bundles_reports_unenforceable(capsys):
+    assert main(["validate", "--check-bundles", str(ROOT / "policies" / "corp.yaml")]) == 1
+    assert "no installed plugin registers concept 'nudity'" in capsys.readouterr().err
+
+
+def test_console_script_schema_is_json():
+    out = subprocess.run([sys.executable, "-m", "saferedir_sdk.cli", "policy", "schema"], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out)["title"] == "saferedir policy"
