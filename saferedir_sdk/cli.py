@@ -75,6 +75,56 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_backbone(name: str, device: str = "cpu"):
+    """A pipeline from a diffusers folder on disk, or a backbone a plugin ships (``shapes``)."""
+    from .plugins import default_plugin_manager
+
+    path = Path(name)
+    if path.is_dir():
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    pipe = default_plugin_manager().hook.saferedir_load_backbone(name=name, device=device)
+    if pipe is None:
+        raise SafeRedirError(f"backbone {name!r}: not a diffusers pipeline folder, and no installed plugin ships it")
+    return pipe
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .plugins import default_plugin_manager, registered_concepts
+    from .training import PromptPairs, TrainConfig, igmu_pairs, load_pairs, train_bundle
+
+    accelerator = Accelerator()
+    if args.pairs.startswith("plugin:"):
+        spec = registered_concepts(default_plugin_manager()).get(args.pairs.removeprefix("plugin:"))
+        if spec is None or not spec.recipe:
+            raise SafeRedirError(f"{args.pairs}: no installed plugin registers a concept with a prompt recipe by that name")
+        pairs = PromptPairs(list(spec.recipe), list(spec.retain_pool))
+    elif args.igmu:
+        pairs = igmu_pairs(args.pairs, args.retain_file, args.igmu)
+    else:
+        pairs = load_pairs(args.pairs)
+    cfg = TrainConfig(concept=args.concept, category=args.category, description=args.description,
+                      seeds=tuple(args.seeds), num_inference_steps=args.sampler_steps, guidance_scale=args.guidance,
+                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      hidden_dim=args.hidden_dim, patience=args.patience)
+    pipe = load_backbone(args.backbone, str(accelerator.device))
+    summary = train_bundle(pipe, pairs, cfg, args.out, cache_dir=None if args.no_cache else Path(args.cache),
+                           accelerator=accelerator, progress=not args.quiet)
+    if accelerator.is_main_process:
+        held = summary["heldout"]
+        print(json.dumps({"out": str(args.out), "sha256": summary.get("sha256"), "data": summary["data"],
+                          "heldout_accuracy": held.get("heldout_accuracy"),
+                          "heldout_accuracy_by_t": held.get("heldout_accuracy_by_t"),
+                          "heldout_masked_cosine": held.get("heldout_masked_cosine"),
+                          "seconds": summary["seconds"], "processes": summary["processes"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saferedir", description="SafeRedir policy-driven content safety for diffusers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins and the concepts they register")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("train", help="train a redirector bundle from prompt pairs on a real pipeline")
+    p.add_argument("--backbone", required=True, help="'shapes' (embedded) or a diffusers pipeline folder")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--category", default="custom", choices=["nsfw", "artist_style", "object", "custom"])
+    p.add_argument("--description", default="")
+    p.add_argument("--pairs", required=True, help="pairs file (.jsonl/.json/.csv), IGMU forget file, or plugin:NAME")
+    p.add_argument("--igmu", metavar="KEY", help="read --pairs/--retain-file as IGMU files and take concept KEY")
+    p.add_argument("--retain-file", help="IGMU retain file (with --igmu)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sampler-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
 
     # plugins add their own commands (the first-party adapters add `demo`), as pytest plugins add options
     from .plugins import default_plugin_manager

@@ -16,7 +16,9 @@ class ConceptSpec:
         bundles: trained bundle files, typically one per backbone; the guard uses the one whose
             backbone fingerprint matches the wrapped pipeline.
         description: one line for ``saferedir plugins``.
-        recipe: optional forget/retain prompt pairs a trainer can use for a new backbone.
+        recipe: optional forget/retain prompt pairs a trainer can use for a new backbone
+            (``saferedir train --pairs plugin:NAME``).
+        retain_pool: optional unpaired benign prompts for the same purpose.
     """
 
     name: str
@@ -24,3 +26,4 @@ class ConceptSpec:
     bundles: tuple[Path, ...]
     description: str = ""
     recipe: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    retain_pool: tuple[str, ...] = field(default_factory=tuple)

@@ -215,6 +215,8 @@ class SafeRedirGuard:
             raise PluginError(
                 f"no installed plugin registers concept '{ref.plugin}' (registered: {sorted(registry) or 'none'})"
             )
+        if not spec.bundles:
+            raise PluginError(f"plugin concept '{ref.plugin}' ships no trained bundle yet")
         bundles = []
         for path in spec.bundles:
             bundle = load_bundle(path)
@@ -223,7 +225,6 @@ class SafeRedirGuard:
         if not bundles:
             # re-raise the integrity error of the first file, naming it and both hashes
             load_bundle(spec.bundles[0], sha256=ref.sha256)
-            raise PluginError(f"plugin concept '{ref.plugin}' ships no bundles")
         return bundles
 
     # -- wrapping --------------------------------------------------------------------------------

@@ -57,3 +57,10 @@ def saferedir_add_commands(subparsers: Any) -> None:
     ``subparsers.add_parser(NAME, ...)`` and ``set_defaults(func=callable(args) -> exit code)``.
     The first-party adapters add ``demo`` this way.
     """
+
+
+@hookspec(firstresult=True)
+def saferedir_load_backbone(name: str, device: str) -> Any:
+    """Called by ``saferedir train --backbone NAME`` (and ``eval``) when NAME is not a folder on
+    disk. Return a ready pipeline for a backbone this plugin ships (e.g. ``"shapes"``), else None.
+    """

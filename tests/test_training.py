@@ -33,7 +33,7 @@ def test_trajectories_line_up_and_fit_lowers_every_loss(pipe):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from saferedir_sdk.cli import main
 
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4"]) == 0
+    assert main(["demo-mechanics", "--out", str(tmp_path / "demo"), "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "a red circle     redirected" in out and "a blue star      blocked" in out
     records = [json.loads(x) for x in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""``saferedir demo``: policy -> guard -> redirection -> audit, end to end, offline, in seconds.
+"""``saferedir demo-mechanics``: policy -> guard -> redirection -> audit, end to end, offline, in seconds.
 
 It runs on a tiny Stable Diffusion 1.x pipeline with random weights built from configs (see
 :mod:`saferedir_adapters.tiny`): its images are noise by construction, so the demo shows the
@@ -38,7 +38,7 @@ RETAIN_POOL = ["a tan circle", "a blue moon", "a green square", "a blue circle",
 DEMO_PROMPTS = ["a red circle", "a tan circle", "a blue star", "a blue moon"]
 
 POLICY = """\
-# written by `saferedir demo`: two concepts fitted on a tiny random-weights pipeline
+# written by `saferedir demo-mechanics`: two concepts fitted on a tiny random-weights pipeline
 version: 1
 name: demo-mechanics
 fail_mode: closed
@@ -98,7 +98,7 @@ def run_demo(out: Path, *, steps: int = 10) -> int:
     audit = out / "audit.jsonl"
     audit.unlink(missing_ok=True)
     start = time.perf_counter()
-    print("saferedir demo: tiny random-weights SD 1.x pipeline (images are noise by construction: mechanics only)")
+    print("saferedir demo-mechanics: tiny random-weights SD 1.x pipeline (images are noise by construction: mechanics only)")
     pipe = tiny_sd_pipeline(seed=0)
     fp = StableDiffusionAdapter().fingerprint(pipe)
     shas = {}
@@ -138,7 +138,7 @@ def run_demo(out: Path, *, steps: int = 10) -> int:
 
 @hookimpl
 def saferedir_add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="end-to-end demo: policy -> guard -> redirection -> audit")
-    p.add_argument("--out", default="saferedir-demo", help="output folder (default: saferedir-demo)")
+    p = subparsers.add_parser("demo-mechanics", help="the guard's mechanics on a tiny random-weights SD 1.x pipeline")
+    p.add_argument("--out", default="saferedir-demo-mechanics", help="output folder (default: saferedir-demo-mechanics)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     p.set_defaults(func=lambda args: run_demo(Path(args.out), steps=args.steps))

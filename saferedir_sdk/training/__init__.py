@@ -1,6 +1,22 @@
-"""Redirector training: trajectory collection from a real pipeline, losses, fitting."""
+"""Redirector training: trajectory collection from a real pipeline, losses, fitting, bundles."""
 
-from .fit import FitResult, fit_redirector, redirector_losses
+from .fit import FitResult, evaluate_redirector, fit_redirector, redirector_losses
+from .pairs import PairsError, PromptPairs, igmu_pairs, load_pairs
+from .trainer import TrainConfig, collect, train_bundle
 from .trajectories import Trajectories, record_trajectories
 
-__all__ = ["FitResult", "Trajectories", "fit_redirector", "record_trajectories", "redirector_losses"]
+__all__ = [
+    "FitResult",
+    "PairsError",
+    "PromptPairs",
+    "TrainConfig",
+    "Trajectories",
+    "collect",
+    "evaluate_redirector",
+    "fit_redirector",
+    "igmu_pairs",
+    "load_pairs",
+    "record_trajectories",
+    "redirector_losses",
+    "train_bundle",
+]

@@ -1,0 +1,115 @@
+"""``saferedir demo``: the Shapes backbone, unguarded and guarded by ``policies/demo.yaml``.
+
+Loads the shipped Shapes backbone (no training on a fresh machine), generates a small prompt set
+with fixed seeds unguarded and guarded, judges every image, and writes an image grid
+(prompt | unguarded | guarded), the audit log and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from saferedir_sdk import SafeRedirGuard
+
+from .judge import judge_images, load_judge
+from .pipeline import load_shapes_pipeline
+
+DEMO_PROMPTS = [
+    "a red circle",
+    "a striped blue square",
+    "a yellow star",
+    "a green triangle",
+    "a crimson striped star",
+    "a purple dotted cross",
+    "an orange plain circle",
+    "a banded green square",
+]
+STEPS, GUIDANCE, SEED = 20, 4.0, 2026
+DEFAULT_POLICY = Path("policies/demo.yaml")
+
+
+def _generate(pipe: Any, prompts: list[str]) -> np.ndarray:
+    images = pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    return (images * 255).round().astype(np.uint8)
+
+
+def _grid(prompts: list[str], left: np.ndarray, right: np.ndarray, labels: list[str], scale: int = 4) -> Image.Image:
+    cell = left.shape[1] * scale
+    text_w = 230
+    grid = Image.new("RGB", (text_w + 2 * cell + 30, 22 + len(prompts) * (cell + 6)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "prompt", fill="black")
+    draw.text((text_w, 4), "unguarded", fill="black")
+    draw.text((text_w + cell + 20, 4), "guarded", fill="black")
+    for i, prompt in enumerate(prompts):
+        y = 22 + i * (cell + 6)
+        draw.text((4, y + cell // 2 - 12), prompt, fill="black")
+        draw.text((4, y + cell // 2 + 2), labels[i], fill=(90, 90, 90))
+        for x, img in ((text_w, left[i]), (text_w + cell + 20, right[i])):
+            grid.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
+    return grid
+
+
+def run_demo(out: Path, policy: Path) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    start = time.perf_counter()
+    if not policy.is_file():
+        raise SystemExit(f"{policy}: policy not found (run from the repository root or pass --policy)")
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_shapes_pipeline()
+    judge = load_judge()
+    t_load = time.perf_counter() - start
+    print(f"saferedir demo: Shapes backbone (MiniLM text encoder + {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M "
+          f"parameter UNet), {len(DEMO_PROMPTS)} prompts, {STEPS} steps, guidance {GUIDANCE}, seed {SEED}")
+
+    t0 = time.perf_counter()
+    unguarded = _generate(pipe, DEMO_PROMPTS)
+    t_unguarded = time.perf_counter() - t0
+
+    guard = SafeRedirGuard.from_policy(policy)
+    audit_file = guard.audit.file
+    if audit_file is not None:
+        audit_file.unlink(missing_ok=True)
+    guard.wrap(pipe)
+    t0 = time.perf_counter()
+    guarded = _generate(pipe, DEMO_PROMPTS)
+    t_guarded = time.perf_counter() - t0
+    report = guard.last_report
+    guard.unwrap(pipe)
+
+    before, after = judge_images(judge, unguarded), judge_images(judge, guarded)
+    print(f"\n  {'prompt':<26} {'action':<11} {'triggered':<24} judge: unguarded -> guarded")
+    labels = []
+    for i, (prompt, sample) in enumerate(zip(DEMO_PROMPTS, report.samples)):
+        fired = ",".join(c.concept.removeprefix("shapes-") for c in sample.concepts if c.triggered) or "-"
+        b = f"{before['colour'][i]} {before['texture'][i]} {before['shape'][i]}"
+        a = f"{after['colour'][i]} {after['texture'][i]} {after['shape'][i]}"
+        labels.append(f"{sample.action}: {fired}")
+        print(f"  {prompt:<26} {sample.action:<11} {fired:<24} {b} -> {a}")
+    _grid(DEMO_PROMPTS, unguarded, guarded, labels).save(out / "grid.png")
+    if audit_file is not None and audit_file.is_file() and audit_file.resolve() != (out / "audit.jsonl").resolve():
+        shutil.copy(audit_file, out / "audit.jsonl")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    n = len(DEMO_PROMPTS)
+    print(f"\n  outcome {report.outcome}; {sum(s.action == 'redirected' for s in report.samples)} of {n} redirected")
+    print(f"  time: load {t_load:.1f} s, unguarded {t_unguarded / n:.3f} s/image, guarded {t_guarded / n:.3f} s/image "
+          f"(overhead x{t_guarded / t_unguarded:.2f})")
+    print(f"  wrote {out / 'grid.png'}, {out / 'audit.jsonl'}, {out / 'report.json'}")
+    return 0
+
+
+def add_demo_command(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="the Shapes backbone unguarded vs guarded by policies/demo.yaml")
+    p.add_argument("--out", default="saferedir-demo", help="output folder (default: saferedir-demo)")
+    p.add_argument("--policy", default=str(DEFAULT_POLICY), help="policy file (default: policies/demo.yaml)")
+    p.set_defaults(func=lambda args: run_demo(Path(args.out), Path(args.policy)))

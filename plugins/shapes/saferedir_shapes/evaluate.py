@@ -1,0 +1,139 @@
+"""Measure the Shapes backbone with the judge, at the demo's settings, on held-out seeds.
+
+    python -m saferedir_shapes.evaluate [--n 240] [--json results.json]
+
+Sets: seen phrasings (training vocabulary and pairs), unseen colour-shape pairs, and held-out
+synonyms of each attribute. Per set: judge accuracy per attribute, empty images, background
+brightness against training renders; and sampling speed (20 steps, batches of 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .judge import judge_images, load_judge
+from .pipeline import encode_text, load_shapes_pipeline
+from .world import (
+    COLOUR_WORDS,
+    SHAPE_WORDS,
+    TEXTURE_WORDS,
+    Attributes,
+    background_brightness,
+    make_prompt,
+    render,
+    sample_attributes,
+)
+
+STEPS = 20
+GUIDANCE = 4.0
+EVAL_SEED = 10_000  # held-out seeds: training never uses generator seeds at all; rendering uses 0
+
+
+def is_empty(img: np.ndarray) -> bool:
+    """No shape: fewer than 12 pixels differ clearly (> 60 in some channel) from the border colour."""
+    f = img.astype(np.float32)
+    border = np.concatenate([f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3)]).mean(axis=0)
+    return int((np.abs(f - border).max(axis=2) > 60).sum()) < 12
+
+
+def prompt_set(name: str, n: int, seed: int) -> tuple[list[str], list[Attributes]]:
+    rng = np.random.default_rng(seed)
+    split = "heldout_pairs" if name == "unseen_pairs" else "train"
+    heldout = {"heldout_colour": "colour", "heldout_shape": "shape", "heldout_texture": "texture"}.get(name)
+    attrs = [sample_attributes(rng, split=split) for _ in range(n)]
+    return [make_prompt(a, rng, heldout=heldout) for a in attrs], attrs
+
+
+def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 8) -> np.ndarray:
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        out.append(pipe(prompts[i:i + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=g,
+                        output_type="np").images)
+    return (np.concatenate(out) * 255).round().astype(np.uint8)
+
+
+def score(judge: Any, images: np.ndarray, attrs: list[Attributes]) -> dict[str, Any]:
+    pred = judge_images(judge, images)
+    truth = {"colour": [a.colour for a in attrs], "shape": [a.shape for a in attrs], "texture": [a.texture for a in attrs]}
+    acc = {k: round(float(np.mean([p == t for p, t in zip(pred[k], truth[k])])), 4) for k in truth}
+    return {"accuracy": acc, "empty": int(sum(is_empty(im) for im in images)),
+            "background": round(float(np.mean([background_brightness(im) for im in images])), 4), "pred": pred}
+
+
+def synonym_breakdown(pred: dict[str, list[str]], prompts: list[str], attrs: list[Attributes], attribute: str,
+                      table: dict[str, tuple[list[str], list[str]]]) -> dict[str, float]:
+    """Accuracy per held-out synonym (matched by the word appearing in the prompt)."""
+    result = {}
+    for value, (_, held) in table.items():
+        for word in held:
+            hits = [pred[attribute][i] == getattr(attrs[i], attribute) for i, p in enumerate(prompts)
+                    if getattr(attrs[i], attribute) == value and word in p]
+            if hits:
+                result[f"{word} ({value})"] = round(float(np.mean(hits)), 3)
+    return result
+
+
+def nearest_training_word(encoder: Any, tokenizer: Any, word: str, attribute: str,
+                          table: dict[str, tuple[list[str], list[str]]]) -> str:
+    """MiniLM's nearest training synonym (mean-pooled sentence embedding, cosine) to a held-out word."""
+    train = [(w, v) for v, (ws, _) in table.items() for w in ws]
+    frame = {"colour": "a {} circle", "shape": "a red {}", "texture": "a {} red circle"}[attribute]
+    texts = [frame.format(word)] + [frame.format(w) for w, _ in train]
+    states = encode_text(encoder, tokenizer, texts)
+    mask = tokenizer(texts, padding="max_length", max_length=states.shape[1], truncation=True,
+                     return_tensors="pt").attention_mask.unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    sims = pooled[1:] @ pooled[0]
+    best = int(sims.argmax())
+    return f"{train[best][0]} ({train[best][1]}, cos {float(sims[best]):.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=240, help="images per set")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    pipe = load_shapes_pipeline(args.weights)
+    judge = load_judge()
+    rng = np.random.default_rng(0)
+    renders = [render(sample_attributes(rng), rng) for _ in range(500)]
+    results: dict[str, Any] = {"settings": {"steps": STEPS, "guidance": GUIDANCE, "n": args.n},
+                               "training_render_background": round(float(np.mean([background_brightness(r) for r in renders])), 4)}
+    tables = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "texture": TEXTURE_WORDS}
+    for k, name in enumerate(["seen", "unseen_pairs", "heldout_colour", "heldout_shape", "heldout_texture"]):
+        prompts, attrs = prompt_set(name, args.n, seed=100 + k)
+        images = generate(pipe, prompts, EVAL_SEED + 1000 * k)
+        s = score(judge, images, attrs)
+        pred = s.pop("pred")
+        if name.startswith("heldout_"):
+            attribute = name.split("_")[1]
+            s["per_synonym"] = synonym_breakdown(pred, prompts, attrs, attribute, tables[attribute])
+            s["misses_nearest_training_word"] = {
+                w: nearest_training_word(pipe.text_encoder, pipe.tokenizer, w.split(" (")[0], attribute, tables[attribute])
+                for w, acc in s["per_synonym"].items() if acc < 0.7}
+        results[name] = s
+        print(name, json.dumps(s), flush=True)
+
+    prompts, _ = prompt_set("seen", 32, seed=999)
+    generate(pipe, prompts[:8], 1)  # warm-up
+    t0 = time.perf_counter()
+    generate(pipe, prompts, 2)
+    results["seconds_per_image_batch8_20steps"] = round((time.perf_counter() - t0) / len(prompts), 4)
+    results["threads"] = torch.get_num_threads()
+    print("speed", results["seconds_per_image_batch8_20steps"], "s/image", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The Shapes world: procedurally drawn shapes and the prompts that describe them.
+
+An image is one shape on a light background, at a random position and size, with a colour
+(6), a shape (5) and a texture (3). Prompts come from templates with several synonyms per
+attribute and varied word order. The vocabulary is split: held-out synonyms and held-out
+colour-shape pairs never appear in training and are kept for evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 32
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+TEXTURES = ["plain", "striped", "dotted"]
+
+RGB = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (35, 75, 215),
+    "yellow": (240, 205, 25),
+    "purple": (135, 45, 175),
+    "orange": (245, 130, 20),
+}
+
+# synonyms seen in training / held out for evaluation (the held-out ones never appear in training)
+COLOUR_WORDS = {
+    "red": (["red", "crimson", "scarlet", "ruby", "cherry red", "brick red"], ["blood red", "reddish", "rose"]),
+    "green": (["green", "emerald", "lime", "forest green", "olive green"], ["grass green", "greenish", "leafy green"]),
+    "blue": (["blue", "navy", "azure", "cobalt", "royal blue"], ["sky blue", "bluish", "ocean blue"]),
+    "yellow": (["yellow", "golden", "lemon", "canary", "mustard"], ["yellowish", "banana yellow", "butter yellow"]),
+    "purple": (["purple", "plum", "lilac", "mauve", "amethyst", "deep purple"], ["violet", "lavender", "dark purple"]),
+    "orange": (["orange", "apricot", "pumpkin", "carrot orange", "burnt orange"], ["tangerine", "orangish", "amber"]),
+}
+SHAPE_WORDS = {
+    "circle": (["circle", "disc", "round shape", "round disc"], ["disk", "sphere"]),
+    "square": (["square", "box", "tile", "block"], ["squared shape", "cube"]),
+    "triangle": (["triangle", "pyramid", "wedge"], ["triangular shape"]),
+    "star": (["star", "five-pointed star", "asterisk"], ["starburst", "star shape"]),
+    "cross": (["cross", "plus sign", "plus", "crucifix"], ["crosshair", "plus symbol"]),
+}
+TEXTURE_WORDS = {
+    "plain": (["plain", "solid", "flat", "uniform"], ["smooth", "simple", "unpatterned"]),
+    "striped": (["striped", "stripy", "banded", "pinstriped"], ["with stripes", "lined", "zebra-striped"]),
+    "dotted": (["dotted", "polka-dot", "spotted", "speckled"], ["with dots", "polka-dotted", "dotty"]),
+}
+# colour-shape pairs never drawn in training (every colour and shape still appears otherwise)
+HELDOUT_PAIRS = {("red", "triangle"), ("green", "star"), ("blue", "cross"), ("yellow", "circle"),
+                 ("purple", "square"), ("orange", "star")}
+
+TEMPLATES = [
+    "a {t} {c} {s}",
+    "{c} {s}, {t}",
+    "a {c} {s} that is {t}",
+    "an image of a {t} {c} {s}",
+    "{t} {s} in {c}",
+    "a {c} {t} {s} on a white background",
+    "a drawing of a {c} {s}, {t} pattern",
+    "{s}: {c}, {t}",
+]
+
+
+@dataclass(frozen=True)
+class Attributes:
+    colour: str
+    shape: str
+    texture: str
+
+    def labels(self) -> tuple[int, int, int]:
+        return COLOURS.index(self.colour), SHAPES.index(self.shape), TEXTURES.index(self.texture)
+
+
+def words(attribute: str, value: str, split: str) -> list[str]:
+    table = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "texture": TEXTURE_WORDS}[attribute]
+    train, held = table[value]
+    return train if split == "train" else held
+
+
+def make_prompt(a: Attributes, rng: np.random.Generator, *, split: str = "train", heldout: str | None = None) -> str:
+    """A prompt for ``a``. ``split="train"`` uses training synonyms only; ``heldout`` names one
+    attribute (colour|shape|texture) whose word is drawn from the held-out synonyms."""
+    pick = {}
+    for attr, value in (("colour", a.colour), ("shape", a.shape), ("texture", a.texture)):
+        pool = words(attr, value, "heldout" if heldout == attr else "train")
+        pick[attr] = pool[rng.integers(len(pool))]
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    if a.texture == "plain" and heldout != "texture" and rng.random() < 0.3:
+        template = ["a {c} {s}", "{c} {s}", "an image of a {c} {s}"][rng.integers(3)]
+    text = template.format(c=pick["colour"], s=pick["shape"], t=pick["texture"])
+    return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
+
+
+def sample_attributes(rng: np.random.Generator, *, split: str = "train") -> Attributes:
+    """Random attributes; ``split="train"`` never yields a held-out colour-shape pair, ``"heldout_pairs"``
+    only yields those."""
+    while True:
+        a = Attributes(COLOURS[rng.integers(6)], SHAPES[rng.integers(5)], TEXTURES[rng.integers(3)])
+        held = (a.colour, a.shape) in HELDOUT_PAIRS
+        if (split == "train") != held:
+            return a
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+_SS = 4  # supersampling factor
+
+
+def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float, angle: float) -> np.ndarray:
+    """Inside-mask of ``shape`` of radius ``r`` centred at 0 on coordinate grids ``x``, ``y``."""
+    if shape == "circle":
+        return x**2 + y**2 <= r**2
+    ca, sa = np.cos(angle), np.sin(angle)
+    u, v = ca * x + sa * y, -sa * x + ca * y
+    if shape == "square":
+        s = r * 0.85
+        return (np.abs(u) <= s) & (np.abs(v) <= s)
+    if shape == "triangle":  # equilateral, pointing up (rotated by angle)
+        inside = np.ones_like(x, dtype=bool)
+        for k in range(3):
+            theta = np.pi / 2 + angle + 2 * np.pi * k / 3
+            nx, ny = np.cos(theta), np.sin(theta)
+            inside &= (x * nx - y * ny) >= -r * 0.5
+        return inside
+    if shape == "star":
+        rho = np.sqrt(x**2 + y**2)
+        phi = np.arctan2(-y, x) - np.pi / 2 - angle
+        k = np.mod(phi, 2 * np.pi / 5) - np.pi / 5
+        inner = 0.42
+        # radius of the star boundary at angle k (linear between tip r and inner r*inner)
+        bound = r * (inner + (1 - inner) * (1 - np.abs(k) / (np.pi / 5)) ** 1.6)
+        return rho <= bound
+    if shape == "cross":
+        w = r * 0.34
+        return ((np.abs(u) <= w) & (np.abs(v) <= r)) | ((np.abs(v) <= w) & (np.abs(u) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(a: Attributes, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """One (size, size, 3) uint8 image of ``a`` on a light background."""
+    n = size * _SS
+    coords = (np.arange(n) + 0.5) / _SS
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    r = rng.uniform(0.26, 0.40) * size
+    margin = r + 1.0
+    cx, cy = rng.uniform(margin, size - margin, size=2)
+    angle = rng.uniform(-0.25, 0.25) if a.shape != "circle" else 0.0
+    x, y = xx - cx, yy - cy
+    mask = _shape_mask(a.shape, x, y, r, angle)
+
+    base = np.array(RGB[a.colour], dtype=np.float32) + rng.normal(0, 8, size=3)
+    light = base * 0.35 + 255 * 0.65  # tint used for stripes and dots
+    fill = np.broadcast_to(base, (n, n, 3)).copy()
+    if a.texture == "striped":
+        period = rng.uniform(4.0, 5.5)
+        theta = rng.uniform(0, np.pi)
+        phase = (x * np.cos(theta) + y * np.sin(theta)) / period
+        fill[np.mod(phase, 1.0) < 0.45] = light
+    elif a.texture == "dotted":
+        period = rng.uniform(4.5, 6.0)
+        ox, oy = rng.uniform(0, period, size=2)
+        dx = np.mod(x + ox, period) - period / 2
+        dy = np.mod(y + oy, period) - period / 2
+        fill[dx**2 + dy**2 <= (period * 0.27) ** 2] = light
+
+    background = np.array([rng.uniform(236, 250)] * 3, dtype=np.float32) + rng.normal(0, 2, size=3)
+    img = np.where(mask[..., None], fill, background)
+    img = img.reshape(size, _SS, size, _SS, 3).mean(axis=(1, 3))
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def background_brightness(img: np.ndarray) -> float:
+    """Mean brightness in [0, 1] of the border pixels (2 px), where no shape ever reaches."""
+    f = img.astype(np.float32) / 255.0
+    border = np.concatenate([f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3), f[:, :2].reshape(-1, 3), f[:, -2:].reshape(-1, 3)])
+    return float(border.mean())
+
+
+def add_artefacts(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What generated images show and renders do not: tinted and grainy backgrounds, blur,
+    colour shifts. Used to make the judge robust (it never sees a generated image in training)."""
+    f = img.astype(np.float32)
+    if rng.random() < 0.7:  # tint the whole image
+        f = f + rng.normal(0, 12, size=3)
+    if rng.random() < 0.5:  # darker/greyer background
+        bg = f.mean(axis=2, keepdims=True) > 200
+        f = np.where(bg, f - rng.uniform(0, 40), f)
+    if rng.random() < 0.5:  # blur (3x3 box, once or twice)
+        for _ in range(rng.integers(1, 3)):
+            p = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
+            f = sum(p[i:i + f.shape[0], j:j + f.shape[1]] for i in range(3) for j in range(3)) / 9.0
+    if rng.random() < 0.8:  # grain
+        f = f + rng.normal(0, rng.uniform(2, 14), size=f.shape)
+    if rng.random() < 0.3:  # contrast
+        f = (f - 128) * rng.uniform(0.8, 1.15) + 128
+    return np.clip(f, 0, 255).round().astype(np.uint8)
+
+
+# --- concept recipes: forget/retain pairs for the three stand-in concepts ------------------------
+
+CONCEPT_SWAPS = {
+    # concept: (attribute, value, neighbours the retain prompt swaps in, nearest first)
+    "red": ("colour", "red", ["orange", "purple", "yellow", "green", "blue"]),
+    "striped": ("texture", "striped", ["dotted", "plain"]),
+    "star": ("shape", "star", ["cross", "triangle", "circle", "square"]),
+}
+
+
+def concept_recipe(concept: str, n_pairs: int = 120, n_pool: int = 120, seed: int = 0) -> tuple[list[tuple[str, str]], list[str]]:
+    """Forget/retain pairs that differ only in the concept's word (same template and other words),
+    the retain side a near neighbour (the first two) most of the time; and a pool of unrelated
+    benign prompts. Training vocabulary and training colour-shape pairs only."""
+    attribute, value, neighbours = CONCEPT_SWAPS[concept]
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n_pairs:
+        a = sample_attributes(rng)
+        other = neighbours[rng.integers(2)] if rng.random() < 0.7 else neighbours[rng.integers(len(neighbours))]
+        forget = Attributes(**{**a.__dict__, attribute: value})
+        retain = Attributes(**{**a.__dict__, attribute: other})
+        if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
+            continue
+        state = rng.bit_generator.state
+        f = make_prompt(forget, rng)
+        rng.bit_generator.state = state  # same template and synonyms for the other attributes
+        r = make_prompt(retain, rng)
+        pairs.append((f, r))
+    pool = []
+    while len(pool) < n_pool:
+        a = sample_attributes(rng)
+        if getattr(a, attribute) != value:
+            pool.append(make_prompt(a, rng))
+    return pairs, pool

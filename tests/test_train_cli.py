@@ -1,0 +1,92 @@
+"""`saferedir train`: pairs files, trajectory cache, bundle with its training summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import FORGET, POOL, RED_PAIRS, RETAIN, generate
+
+from saferedir_sdk import SafeRedirGuard, load_bundle
+from saferedir_sdk.cli import main
+from saferedir_sdk.training import PairsError, igmu_pairs, load_pairs
+
+
+def test_pairs_formats(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"forget": "a red x", "retain": "a tan x"}\n{"retain": "a dog"}\n{"forget": "red"}\n')
+    p = load_pairs(jsonl)
+    assert p.pairs == [("a red x", "a tan x"), ("red", "a dog")] and p.retain_pool == ["a dog"]
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps({"pairs": [["a", "b"]], "forget": ["c"], "retain_pool": ["d"]}))
+    assert load_pairs(js).pairs == [("a", "b"), ("c", "d")]
+    csv = tmp_path / "p.csv"
+    csv.write_text("forget,retain\nred one,tan one\n,pool one\n")
+    assert load_pairs(csv).pairs == [("red one", "tan one")] and load_pairs(csv).retain_pool == ["pool one"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"forget": "x", "retain": "y"}\n{oops\n')
+    with pytest.raises(PairsError, match="bad.jsonl, line 2"):
+        load_pairs(bad)
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"forget": "x"}\n')
+    with pytest.raises(PairsError, match="retain pool"):
+        load_pairs(only)
+
+
+def test_igmu_files_pair_up(tmp_path):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (data / "igmu_forget.json").is_file():
+        pytest.skip("../shared/data not present")
+    nudity = igmu_pairs(data / "igmu_forget.json", data / "igmu_retain.json", "Nudity")
+    church = igmu_pairs(data / "igmu_forget.json", data / "igmu_retain.json", "Church")
+    assert len(nudity.pairs) == 250 and not nudity.retain_pool
+    assert len(church.pairs) == 50 and len(church.retain_pool) == 300
+
+
+def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_policy):
+    folder = tmp_path / "tiny-sd"
+    pipe.save_pretrained(folder)
+    pairs = tmp_path / "red.jsonl"
+    pairs.write_text("\n".join([json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2]
+                               + [json.dumps({"retain": p}) for p in POOL]))
+    out = tmp_path / "red.safetensors"
+    args = ["train", "--backbone", str(folder), "--concept", "red", "--pairs", str(pairs), "--out", str(out),
+            "--seeds", "0", "1", "--sampler-steps", "4", "--steps", "200", "--hidden-dim", "64",
+            "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0
+    bundle = load_bundle(out)
+    summary = bundle.training
+    assert summary["data"]["train_pairs"] + summary["data"]["heldout_pairs"] == 10
+    assert summary["heldout"]["heldout_accuracy"] >= 0.9
+    assert set(summary["heldout"]["heldout_accuracy_by_t"]) and summary["versions"]["torch"]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 5 and all(name.endswith(".safetensors") for name in cached)
+
+    guard = SafeRedirGuard.from_policy(write_policy([{"concept": "red", "category": "custom",
+                                                      "redirector": {"path": str(out)}}]))
+    guard.wrap(pipe)
+    generate(pipe, prompts=[FORGET, RETAIN])
+    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+
+    assert main(args) == 0  # second run: trajectories come from the cache
+    assert load_bundle(out).training["seconds"]["collect"] < summary["seconds"]["collect"]
+
+
+@pytest.mark.slow
+def test_train_under_accelerate_launch_with_two_processes(pipe, tmp_path):
+    folder = tmp_path / "tiny-sd"
+    pipe.save_pretrained(folder)
+    pairs = tmp_path / "red.jsonl"
+    pairs.write_text("\n".join(json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2))
+    out = tmp_path / "red.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saferedir_sdk.cli", "train",
+           "--backbone", str(folder), "--concept", "red", "--pairs", str(pairs), "--out", str(out), "--seeds", "0",
+           "--sampler-steps", "4", "--steps", "60", "--hidden-dim", "64", "--cache", str(tmp_path / "cache"), "--quiet"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert load_bundle(out).training["processes"] == 2
