@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.saferedir-installed
 
 .PHONY: demo test lint bench
 
-$(STAMP): pyproject.toml adapters/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml adapters/pyproject.toml plugins/shapes/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]' -e ./adapters
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]' -e ./adapters -e ./plugins/shapes
 	touch $(STAMP)
 
 demo: $(STAMP)

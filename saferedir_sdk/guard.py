@@ -312,11 +312,11 @@ class SafeRedirGuard:
                         f"request {ctx.request_id}: policy '{self.policy.name}' could not be enforced at denoiser "
                         f"call {ctx.steps - 1} and fail_mode is closed: {type(exc).__name__}: {exc}"
                     ) from exc
-                entry = {"concept": "*", "reason": f"denoiser call {ctx.steps - 1}: {type(exc).__name__}: {exc}"}
-                if not ctx.runtime_failures:
+                if not ctx.runtime_failures:  # the first failure is recorded; later steps pass through too
                     warnings.warn(f"saferedir: policy NOT enforced for request {ctx.request_id} (fail_mode: open): {exc}",
                                   stacklevel=2)
-                ctx.runtime_failures.append(entry)
+                    ctx.runtime_failures.append(
+                        {"concept": "*", "reason": f"from denoiser call {ctx.steps - 1}: {type(exc).__name__}: {exc}"})
                 return None
 
         return pre_hook

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,10 +84,12 @@ def test_train_under_accelerate_launch_with_two_processes(pipe, tmp_path):
     pairs = tmp_path / "red.jsonl"
     pairs.write_text("\n".join(json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2))
     out = tmp_path / "red.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saferedir_sdk.cli", "train",
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (huggingface/accelerate#2741);
+    # several CPU processes on one machine go through the torch.distributed launcher with ACCELERATE_USE_CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saferedir_sdk.cli", "train",
            "--backbone", str(folder), "--concept", "red", "--pairs", str(pairs), "--out", str(out), "--seeds", "0",
            "--sampler-steps", "4", "--steps", "60", "--hidden-dim", "64", "--cache", str(tmp_path / "cache"), "--quiet"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert load_bundle(out).training["processes"] == 2

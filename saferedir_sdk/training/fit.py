@@ -197,7 +197,7 @@ def fit_redirector(
     if progress and (accelerator is None or accelerator.is_main_process):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="fit redirector", unit="step")
+        bar = tqdm(total=steps, desc="fit redirector", unit="step", mininterval=2.0)
     start = time.perf_counter()
     n = len(forget)
     for step in range(steps):
@@ -222,7 +222,7 @@ def fit_redirector(
         optimizer.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(losses['total'].detach()):.4f}")
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.4f}", refresh=False)
         if step % log_every == 0 or step == steps - 1:
             result.history.append({"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}})
         if heldout is not None and ((step + 1) % eval_every == 0 or step == steps - 1):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .world import COLOURS, SHAPES, SIZE, TEXTURES, Attributes, add_artefacts, render
+from .world import COLOURS, SHAPES, TEXTURES, Attributes, add_artefacts, render
 
 WEIGHTS = Path(__file__).parent / "weights" / "judge.safetensors"
 HEADS = {"colour": COLOURS, "shape": SHAPES, "texture": TEXTURES}

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these UNet weights (e.g. the shipped EMA checkpoint) instead of random")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pool: {len(prompts)} renders + prompts encoded in {time.time() - start:.0f} s", flush=True)
 
     unet = new_unet().train()
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        unet.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()}, strict=True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python -m saferedir_shapes.train_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
               "params": params, "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in new_unet().config.items()
                                                 if not k.startswith("_")},
-              "scheduler": SCHEDULER_CONFIG, "seed": args.seed, "batch": args.batch, "pool": args.pool,
+              "scheduler": SCHEDULER_CONFIG, "seed": args.seed, "init": str(args.init) if args.init else None, "batch": args.batch, "pool": args.pool,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"unet: {params / 1e6:.2f} M parameters; {args.steps} steps at batch {args.batch}", flush=True)
     t_loop = time.time()

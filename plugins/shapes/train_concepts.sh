@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Trains the Shapes concept pack's three redirector bundles on the shipped Shapes backbone,
+# from the pack's own prompt recipes (saferedir_shapes.world.concept_recipe), and writes them
+# next to the backbone weights. Run from the repository root after `make demo` has set up .venv.
+#   bash plugins/shapes/train_concepts.sh
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+OUT=plugins/shapes/saferedir_shapes/weights
+for spec in red:nsfw striped:artist_style star:object; do
+  concept=${spec%%:*}
+  category=${spec##*:}
+  "$BIN/saferedir" train --backbone shapes --concept "$concept" --category "$category" \
+    --pairs "plugin:shapes-$concept" --out "$OUT/$concept.safetensors" \
+    --seeds 0 1 --sampler-steps 20 --guidance 4 --steps 1500 --hidden-dim 128 --patience 5 --seed 0 \
+    --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}"
+done

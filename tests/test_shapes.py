@@ -1,0 +1,80 @@
+"""The Shapes world: vocabulary split, renders, the shipped backbone, judge and concept pack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from saferedir_shapes import world
+from saferedir_shapes.judge import evaluate, judge_images, load_judge
+from saferedir_shapes.pipeline import load_shapes_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_heldout_vocabulary_never_appears_in_training_prompts():
+    rng = np.random.default_rng(0)
+    held = {w for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS) for _, ws in table.values() for w in ws}
+    train = {w for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS) for ws, _ in table.values() for w in ws}
+    assert not held & train
+    prompts = [world.make_prompt(world.sample_attributes(rng), rng) for _ in range(3000)]
+    for concept in world.CONCEPT_SWAPS:
+        pairs, pool = world.concept_recipe(concept)
+        prompts += [p for pair in pairs for p in pair] + pool
+    for word in held:
+        # whole-word match: held-out words never occur in training text
+        assert not any(f" {word} " in f" {p.replace(',', ' ').replace(':', ' ')} " for p in prompts), word
+    attrs = [world.sample_attributes(rng) for _ in range(3000)]
+    assert not any((a.colour, a.shape) in world.HELDOUT_PAIRS for a in attrs)
+
+
+def test_renders_have_light_clean_backgrounds():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a = world.sample_attributes(rng)
+        img = world.render(a, rng)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert world.background_brightness(img) > 0.9
+
+
+def test_judge_is_accurate_on_fresh_renders_with_artefacts():
+    accuracy = evaluate(load_judge(), n=600, seed=4242)
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return load_shapes_pipeline()
+
+
+def test_backbone_draws_the_named_colour_far_above_chance(shapes_pipe):
+    """The shipped backbone is still under-trained (README: Shapes figures); this guards against
+    regressions: canonical colour words, 24 images, judge colour accuracy well above chance (1/6)."""
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    prompts = [f"a {c} {s}" for c in colours for s in ("circle", "square", "cross", "triangle")]
+    images = shapes_pipe(prompts, num_inference_steps=20, guidance_scale=4.0,
+                         generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (24, 32, 32, 3)
+    seen = judge_images(load_judge(), images)
+    accuracy = np.mean([p.split()[1] == c for p, c in zip(prompts, seen["colour"])])
+    assert accuracy >= 0.5, accuracy
+
+
+def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):
+    from saferedir_sdk import SafeRedirGuard
+
+    prompts = ["a red circle", "a blue square"]
+    kwargs = dict(num_inference_steps=20, guidance_scale=4.0, output_type="np")
+    base = shapes_pipe(prompts, generator=torch.Generator().manual_seed(3), **kwargs).images
+    guard = SafeRedirGuard.from_policy(ROOT / "policies" / "demo.yaml")
+    guard.wrap(shapes_pipe)
+    try:
+        out = shapes_pipe(prompts, generator=torch.Generator().manual_seed(3), **kwargs).images
+    finally:
+        guard.unwrap(shapes_pipe)
+    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+    assert np.array_equal(out[1], base[1])
+    seen = judge_images(load_judge(), out)
+    assert seen["colour"][0] != "red" and seen["shape"][0] == "circle"
