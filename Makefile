@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml adapters/pyproject.toml plugins/shapes/pyproject.toml c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]' -e ./adapters -e ./plugins/shapes
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,diffusers]' -e ./adapters -e ./plugins/shapes
 	touch $(STAMP)
 
 demo: $(STAMP)
