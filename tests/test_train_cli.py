@@ -93,3 +93,20 @@ def test_train_under_accelerate_launch_with_two_processes(pipe, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert load_bundle(out).training["processes"] == 2
+
+
+def test_trajectory_cache_is_keyed_by_the_denoiser_weights(pipe, tmp_path):
+    import torch
+
+    from saferedir_sdk.training import TrainConfig, collect
+
+    cfg = TrainConfig(concept="red", seeds=(0,), num_inference_steps=2)
+    cache = tmp_path / "cache"
+    first = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
+    again = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
+    assert torch.equal(first.latents, again.latents) and len(list(cache.iterdir())) == 1
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(1.01)  # a retrained/fine-tuned denoiser, same text encoder
+    changed = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    assert not torch.equal(first.latents[-1], changed.latents[-1])

@@ -6,7 +6,8 @@
 1. **Collect** (main process): run the pipeline's own sampler on every forget, retain and pool
    prompt for several seeds and record (latent, timestep, conditional embeddings) at every
    denoiser call, exactly what the guard sees. Cached as safetensors, keyed by the backbone
-   fingerprint and the prompts and sampler settings, so training reruns without resampling.
+   fingerprint, a hash of the denoiser's weights, the prompts and the sampler settings, so
+   training reruns without resampling and a retrained denoiser never reuses stale trajectories.
 2. **Split** by pair: held-out pairs (and part of the pool) never reach the optimiser.
 3. **Fit** (:func:`~saferedir_sdk.training.fit.fit_redirector`), under ``accelerate`` if launched
    with it: each process draws its own batches, gradients are averaged; early stopping on the
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..bundle import ConceptInfo, save_bundle
+from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..redirector import Redirector, RedirectorConfig
 from .fit import fit_redirector
@@ -75,7 +77,9 @@ def collect(
 ) -> Trajectories:
     """Recorded trajectories of ``prompts`` (from the cache when present)."""
     pm = plugin_manager or default_plugin_manager()
-    fingerprint = find_adapter(pm, pipe).fingerprint(pipe).to_dict()
+    adapter = find_adapter(pm, pipe)
+    # the backbone fingerprint covers the text side; trajectories also depend on the denoiser's weights
+    fingerprint = {**adapter.fingerprint(pipe).to_dict(), "denoiser_sha256": module_sha256(adapter.denoiser(pipe))}
     path = cache_dir / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind)}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return Trajectories(**load_file(str(path)))
