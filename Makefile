@@ -20,7 +20,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check saferedir_sdk adapters tests
+	$(BIN)/ruff check saferedir_sdk adapters plugins tests benchmarks
 
+# the benchmarks (not part of `make test`): slow tests, the efficacy table, the I2P table
 bench: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m pytest -m slow
+	$(BIN)/python benchmarks/efficacy.py --out bench-out/eval
+	$(BIN)/python benchmarks/i2p_detection.py --out bench-out/i2p

@@ -111,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(concept=args.concept, category=args.category, description=args.description,
                       seeds=tuple(args.seeds), num_inference_steps=args.sampler_steps, guidance_scale=args.guidance,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      hidden_dim=args.hidden_dim, patience=args.patience)
+                      hidden_dim=args.hidden_dim, rank=args.rank, patience=args.patience)
     pipe = load_backbone(args.backbone, str(accelerator.device))
     summary = train_bundle(pipe, pairs, cfg, args.out, cache_dir=None if args.no_cache else Path(args.cache),
                            accelerator=accelerator, progress=not args.quiet)
@@ -122,6 +122,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           "heldout_accuracy_by_t": held.get("heldout_accuracy_by_t"),
                           "heldout_masked_cosine": held.get("heldout_masked_cosine"),
                           "seconds": summary["seconds"], "processes": summary["processes"]}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import METHODS, markdown_table, run_eval
+    from .plugins import default_plugin_manager
+
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise SafeRedirError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    pm = default_plugin_manager()
+    suite = pm.hook.saferedir_eval_suite(backbone=args.backbone)
+    if suite is None:
+        raise SafeRedirError(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite "
+                             "(prompt sets and a judge) for it")
+    if args.n:
+        suite = suite.limited(args.n)
+    if args.concepts:
+        missing = sorted(set(args.concepts) - {c.name for c in suite.concepts})
+        if missing:
+            raise SafeRedirError(f"--concepts: {missing} not in the {args.backbone} suite ({[c.name for c in suite.concepts]})")
+        suite.concepts = [c for c in suite.concepts if c.name in args.concepts]
+    pipe = load_backbone(args.backbone)
+    if "saferedir" in args.methods and not args.policy.is_file():
+        raise SafeRedirError(f"{args.policy}: policy not found (run from the repository root or pass --policy)")
+    results = run_eval(pipe, suite, policy=args.policy, methods=args.methods, out=args.out, batch_size=args.batch_size, seed=args.seed,
+                       progress=not args.quiet)
+    if results is not None:
+        print(markdown_table(results))
+        print(json.dumps(results["summary"], indent=2))
+        print(f"wrote {args.out}/results.json, results.md, erasure_vs_fidelity.png, examples.png")
     return 0
 
 
@@ -160,12 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--rank", type=int, default=64, help="rank of the token delta head")
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="efficacy benchmark: SafeRedir and the alternatives on a backbone's prompt sets")
+    p.add_argument("--backbone", default="shapes", help="a backbone whose plugin provides an evaluation suite")
+    p.add_argument("--out", type=Path, default=Path("saferedir-eval"))
+    p.add_argument("--policy", type=Path, default=Path("policies/demo.yaml"),
+                   help="SafeRedir policy; each suite concept is evaluated with its rule alone")
+    p.add_argument("--methods", nargs="+", default=["none", "negative_prompt", "sld_medium", "sld_max", "blocklist",
+                                                     "leace", "saferedir"])
+    p.add_argument("--concepts", nargs="+", help="only these concepts of the suite")
+    p.add_argument("--n", type=int, default=0, help="prompts per set (0: the suite's full sets)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_eval)
 
     # plugins add their own commands (the first-party adapters add `demo`), as pytest plugins add options
     from .plugins import default_plugin_manager

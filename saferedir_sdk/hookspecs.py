@@ -64,3 +64,11 @@ def saferedir_load_backbone(name: str, device: str) -> Any:
     """Called by ``saferedir train --backbone NAME`` (and ``eval``) when NAME is not a folder on
     disk. Return a ready pipeline for a backbone this plugin ships (e.g. ``"shapes"``), else None.
     """
+
+
+@hookspec(firstresult=True)
+def saferedir_eval_suite(backbone: str) -> Any:
+    """Called by ``saferedir eval --backbone NAME``. Return an
+    :class:`~saferedir_sdk.evaluation.EvalSuite` (prompt sets per concept, a judge, what each
+    alternative needs) for a backbone this plugin can judge, else None.
+    """

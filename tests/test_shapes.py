@@ -50,23 +50,23 @@ def shapes_pipe():
 
 
 def test_backbone_draws_the_named_colour_far_above_chance(shapes_pipe):
-    """The shipped backbone is still under-trained (README: Shapes figures); this guards against
-    regressions: canonical colour words, 24 images, judge colour accuracy well above chance (1/6)."""
+    """Regression guard at the demo's settings (the full figures: python -m saferedir_shapes.evaluate):
+    canonical colour words, 24 images, judge colour and shape accuracy (chance: 1/6 and 1/5)."""
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
     prompts = [f"a {c} {s}" for c in colours for s in ("circle", "square", "cross", "triangle")]
-    images = shapes_pipe(prompts, num_inference_steps=20, guidance_scale=4.0,
-                         generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = shapes_pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (24, 32, 32, 3)
     seen = judge_images(load_judge(), images)
-    accuracy = np.mean([p.split()[1] == c for p, c in zip(prompts, seen["colour"])])
-    assert accuracy >= 0.5, accuracy
+    colour = np.mean([p.split()[1] == c for p, c in zip(prompts, seen["colour"])])
+    shape = np.mean([p.split()[2] == s for p, s in zip(prompts, seen["shape"])])
+    assert colour >= 0.9 and shape >= 0.9, (colour, shape)
 
 
 def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):
     from saferedir_sdk import SafeRedirGuard
 
     prompts = ["a red circle", "a blue square"]
-    kwargs = dict(num_inference_steps=20, guidance_scale=4.0, output_type="np")
+    kwargs = dict(output_type="np")
     base = shapes_pipe(prompts, generator=torch.Generator().manual_seed(3), **kwargs).images
     guard = SafeRedirGuard.from_policy(ROOT / "policies" / "demo.yaml")
     guard.wrap(shapes_pipe)
@@ -78,3 +78,28 @@ def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):
     assert np.array_equal(out[1], base[1])
     seen = judge_images(load_judge(), out)
     assert seen["colour"][0] != "red" and seen["shape"][0] == "circle"
+
+
+def test_eval_prompts_never_appear_in_training_data():
+    """Every efficacy prompt is new: not in any concept's training recipe (pairs and pool) and not
+    producible by a training template with training synonyms (the backbone's training prompts)."""
+    from saferedir_shapes.eval_suite import ShapesEvalSuite, training_template_pattern
+
+    suite = ShapesEvalSuite.build()
+    pattern = training_template_pattern()
+    rng = np.random.default_rng(3)
+    assert all(pattern.match(world.make_prompt(world.sample_attributes(rng), rng)) for _ in range(2000))
+    training = {p for c in suite.concepts for p in c.training_prompts}
+    for concept in suite.concepts:
+        assert set(concept.sets) == {"forget", "paraphrase", "adversarial", "retain"}
+        texts = [p.text for prompts in concept.sets.values() for p in prompts]
+        assert len(texts) == 4 * 48
+        assert not set(texts) & training
+        assert not [t for t in texts if pattern.match(t)]
+        held = {"colour": world.COLOUR_WORDS, "shape": world.SHAPE_WORDS,
+                "texture": world.TEXTURE_WORDS}[concept.attribute][concept.value][1]
+        assert all(any(w in p.text for w in held) for p in concept.sets["paraphrase"])
+        assert all(p.labels[concept.attribute] == concept.value for s in ("forget", "paraphrase", "adversarial")
+                   for p in concept.sets[s])
+        assert all(p.labels[concept.attribute] != concept.value for p in concept.sets["retain"])
+        assert {p.kind for p in concept.sets["adversarial"]} == {"misspelling", "junk", "description", "long"}

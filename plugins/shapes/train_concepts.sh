@@ -11,6 +11,6 @@ for spec in red:nsfw striped:artist_style star:object; do
   category=${spec##*:}
   "$BIN/saferedir" train --backbone shapes --concept "$concept" --category "$category" \
     --pairs "plugin:shapes-$concept" --out "$OUT/$concept.safetensors" \
-    --seeds 0 1 --sampler-steps 20 --guidance 4 --steps 1500 --hidden-dim 128 --patience 5 --seed 0 \
+    --seeds 0 1 --sampler-steps 20 --guidance 1.5 --steps 2000 --hidden-dim 128 --rank 64 --patience 5 --seed 0 \
     --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}"
 done

@@ -8,10 +8,12 @@ lake" / "a girl by the lake") at the same seed and step. The pair supervises eve
 * **redirection** (1 - cosine): the redirected forget embedding ``E_f + delta`` (the engine's own
   formula, :func:`~saferedir_sdk.redirector.apply_redirection`) should point where the paired retain
   embedding ``E_r`` points, on the tokens that differ (weighted by the mask target).
-* **mask** (BCE): target 1 on tokens whose embedding moves by more than ``mask_tau`` of its norm
-  between ``E_f`` and ``E_r``, 0 elsewhere. It keeps the other tokens, hence fidelity.
-* **scale** (MSE): target ``alpha = mean |E_r - E_f| / (strength * |E_f|)`` over the masked tokens,
-  clipped to [0, 1]: how far the pair says to move.
+* **mask** (BCE with soft targets, less their entropy): 0 on tokens whose embedding moves by less than ``mask_tau`` of its
+  norm between ``E_f`` and ``E_r`` (it keeps them, hence fidelity); on the others the token's own
+  relative move ``|E_r - E_f| / |E_f|`` divided by ``strength * alpha``, so each token moves as far
+  as its pair says (a contextual encoder moves the concept word far and its neighbours a little).
+* **scale** (MSE): target ``alpha = max |E_r - E_f| / (strength * |E_f|)`` over the moved tokens,
+  clipped to [0, 1]: how far the pair says to move the token that moves most.
 * **preservation**: on retain rows the predicted movement ``alpha * m`` should be zero, so a
   misfiring classifier moves benign prompts as little as possible.
 
@@ -23,6 +25,7 @@ classifier learns what "not the concept" looks like beyond the paired neighbours
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +35,18 @@ from torch.nn import functional as F
 from ..redirector import Redirector, RedirectorOutput, apply_redirection
 from .trajectories import Trajectories
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def _targets(e_forget: torch.Tensor, e_retain: torch.Tensor, strength: float, mask_tau: float):
-    diff = (e_retain - e_forget).norm(dim=-1)  # (B, T)
-    norm = e_forget.norm(dim=-1).clamp_min(1e-6)
-    mask_target = (diff / norm > mask_tau).float()
-    weight = mask_target.sum(dim=1).clamp_min(1.0)
-    alpha_target = ((diff / norm * mask_target).sum(dim=1) / weight / strength).clamp(0.0, 1.0)
-    return mask_target, alpha_target
+    """Per pair: which tokens move (relative change > ``mask_tau``), the scale ``alpha`` (the largest
+    relative move, over ``strength``) and the soft mask (each moved token's relative move over
+    ``strength * alpha``), so that ``strength * alpha * mask`` reproduces every token's own move."""
+    rel = (e_retain - e_forget).norm(dim=-1) / e_forget.norm(dim=-1).clamp_min(1e-6)  # (B, T)
+    moved = (rel > mask_tau).float()
+    alpha_target = ((rel * moved).amax(dim=1) / strength).clamp(0.0, 1.0)
+    mask_target = (rel / (strength * alpha_target.clamp_min(1e-6)).unsqueeze(1)).clamp(0.0, 1.0) * moved
+    return moved, mask_target, alpha_target
 
 
 def redirector_losses(
@@ -50,34 +57,41 @@ def redirector_losses(
     negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     strength: float = 1.0,
     mask_tau: float = 0.05,
+    augment: Callable[[Batch], Batch] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All losses for a batch of pairs. ``forget``, ``retain`` and the optional unpaired
-    ``negatives`` are (latents, timesteps, embeds)."""
+    ``negatives`` are (latents, timesteps, embeds). ``augment`` perturbs a copy of every group for
+    the classification loss only: the redirection targets stay the clean pair."""
     groups = [forget, retain] + ([negatives] if negatives is not None else [])
+    if augment is not None:
+        groups += [augment(g) for g in groups]
     sizes = [g[2].shape[0] for g in groups]
     # one forward over all groups (one pass under DistributedDataParallel, and faster)
     out = redirector(*(torch.cat([g[i] for g in groups]) for i in range(3)))  # timesteps are (B,) per group
     parts = [RedirectorOutput(*(x.split(sizes)[k] for x in out)) for k in range(len(groups))]
     out_f, out_r = parts[0], parts[1]
     e_f, e_r = forget[2], retain[2]
-    classification = F.binary_cross_entropy_with_logits(out_f.logit, torch.ones_like(out_f.logit)) + (
-        F.binary_cross_entropy_with_logits(out_r.logit, torch.zeros_like(out_r.logit))
-    )
-    mask_target, alpha_target = _targets(e_f, e_r, strength, mask_tau)
+    labels = [1.0, 0.0] + ([0.0] if negatives is not None else [])
+    labels = labels * (2 if augment is not None else 1)
+    bce = [F.binary_cross_entropy_with_logits(p.logit, torch.full_like(p.logit, y)) for p, y in zip(parts, labels)]
+    classification = sum(bce) / (2 if augment is not None else 1)
+    moved, mask_target, alpha_target = _targets(e_f, e_r, strength, mask_tau)
     redirected = e_f + apply_redirection(e_f, out_f.direction, out_f.mask, out_f.alpha, strength)
     cosine = F.cosine_similarity(redirected, e_r, dim=-1)  # (B, T)
-    token_weight = mask_target + 1e-3
+    token_weight = moved + 1e-3
     redirection = ((1.0 - cosine) * token_weight).sum(dim=1).div(token_weight.sum(dim=1)).mean()
-    mask = F.binary_cross_entropy(out_f.mask.clamp(1e-6, 1 - 1e-6), mask_target)
+    # BCE against soft targets minus the targets' own entropy (= KL): zero at the optimum, so the
+    # held-out total that early stopping watches is not dominated by an irreducible constant
+    entropy = F.binary_cross_entropy(mask_target.clamp(1e-6, 1 - 1e-6), mask_target)
+    mask = F.binary_cross_entropy(out_f.mask.clamp(1e-6, 1 - 1e-6), mask_target) - entropy
     scale = F.mse_loss(out_f.alpha, alpha_target)
     preservation = (out_r.alpha.unsqueeze(-1) * out_r.mask).mean()
     if negatives is not None:
         out_n = parts[2]
-        classification = classification + F.binary_cross_entropy_with_logits(out_n.logit, torch.zeros_like(out_n.logit))
         preservation = preservation + (out_n.alpha.unsqueeze(-1) * out_n.mask).mean()
     total = classification + redirection + mask + scale + preservation
     accuracy = 0.5 * ((out_f.logit > 0).float().mean() + (out_r.logit <= 0).float().mean())
-    masked_cos = (cosine * mask_target).sum() / mask_target.sum().clamp_min(1.0)
+    masked_cos = (cosine * moved).sum() / moved.sum().clamp_min(1.0)
     return {
         "total": total,
         "classification": classification,
@@ -206,13 +220,16 @@ def fit_redirector(
         neg = None
         if negatives is not None and len(negatives):
             neg = negatives.select(torch.randint(0, len(negatives), (min(batch_size, len(negatives)),), generator=generator))
-        aug = lambda b: _augment(b, token_dropout, embed_noise, generator)  # noqa: E731
+        augment = None
+        if token_dropout > 0 or embed_noise > 0:
+            augment = lambda b: _augment(b, token_dropout, embed_noise, generator)  # noqa: E731
         losses = redirector_losses(
             redirector,
-            aug(_inputs(f, device)),
-            aug(_inputs(r, device)),
-            negatives=aug(_inputs(neg, device)) if neg is not None else None,
+            _inputs(f, device),
+            _inputs(r, device),
+            negatives=_inputs(neg, device) if neg is not None else None,
             strength=strength,
+            augment=augment,
         )
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:

@@ -61,7 +61,7 @@ class TrainConfig:
     eval_every: int = 100
     patience: int = 5
     hidden_dim: int = 128
-    rank: int = 16
+    rank: int = 64
     latent_pool: int = 16
     seed: int = 0
 

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from saferedir_sdk import SafeRedirGuard
 
 from .judge import judge_images, load_judge
-from .pipeline import load_shapes_pipeline
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_shapes_pipeline
 
 DEMO_PROMPTS = [
     "a red circle",
@@ -33,7 +33,7 @@ DEMO_PROMPTS = [
     "an orange plain circle",
     "a banded green square",
 ]
-STEPS, GUIDANCE, SEED = 20, 4.0, 2026
+STEPS, GUIDANCE, SEED = DEFAULT_STEPS, DEFAULT_GUIDANCE, 2026
 DEFAULT_POLICY = Path("policies/demo.yaml")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .judge import judge_images, load_judge
-from .pipeline import encode_text, load_shapes_pipeline
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, encode_text, load_shapes_pipeline
 from .world import (
     COLOUR_WORDS,
     SHAPE_WORDS,
@@ -30,8 +30,8 @@ from .world import (
     sample_attributes,
 )
 
-STEPS = 20
-GUIDANCE = 4.0
+STEPS = DEFAULT_STEPS
+GUIDANCE = DEFAULT_GUIDANCE
 EVAL_SEED = 10_000  # held-out seeds: training never uses generator seeds at all; rendering uses 0
 
 
@@ -50,11 +50,11 @@ def prompt_set(name: str, n: int, seed: int) -> tuple[list[str], list[Attributes
     return [make_prompt(a, rng, heldout=heldout) for a in attrs], attrs
 
 
-def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 8) -> np.ndarray:
+def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 8, guidance: float = GUIDANCE) -> np.ndarray:
     out = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
-        out.append(pipe(prompts[i:i + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=g,
+        out.append(pipe(prompts[i:i + batch], num_inference_steps=STEPS, guidance_scale=guidance, generator=g,
                         output_type="np").images)
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=240, help="images per set")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--sets", nargs="+", default=["seen", "unseen_pairs", "heldout_colour", "heldout_shape",
                                                        "heldout_texture"])
     parser.add_argument("--no-speed", action="store_true", help="skip the timing (measure it on an idle machine)")
@@ -108,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_judge()
     rng = np.random.default_rng(0)
     renders = [render(sample_attributes(rng), rng) for _ in range(500)]
-    results: dict[str, Any] = {"settings": {"steps": STEPS, "guidance": GUIDANCE, "n": args.n},
+    results: dict[str, Any] = {"settings": {"steps": STEPS, "guidance": args.guidance, "n": args.n},
                                "training_render_background": round(float(np.mean([background_brightness(r) for r in renders])), 4)}
     tables = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "texture": TEXTURE_WORDS}
     all_sets = ["seen", "unseen_pairs", "heldout_colour", "heldout_shape", "heldout_texture"]
     for name in args.sets:
         k = all_sets.index(name)
         prompts, attrs = prompt_set(name, args.n, seed=100 + k)
-        images = generate(pipe, prompts, EVAL_SEED + 1000 * k)
+        images = generate(pipe, prompts, EVAL_SEED + 1000 * k, guidance=args.guidance)
         s = score(judge, images, attrs)
         pred = s.pop("pred")
         if name.startswith("heldout_"):
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_speed:
         prompts, _ = prompt_set("seen", 32, seed=999)
-        generate(pipe, prompts[:8], 1)  # warm-up
+        generate(pipe, prompts[:8], 1, guidance=args.guidance)  # warm-up
         t0 = time.perf_counter()
-        generate(pipe, prompts, 2)
+        generate(pipe, prompts, 2, guidance=args.guidance)
         results["seconds_per_image_batch8_20steps"] = round((time.perf_counter() - t0) / len(prompts), 4)
         results["threads"] = torch.get_num_threads()
         print("speed", results["seconds_per_image_batch8_20steps"], "s/image", flush=True)

@@ -6,6 +6,7 @@ generated images. It plays the role NudeNet or a style classifier plays in the p
 
     python -m saferedir_shapes.judge --train        # trains and writes weights/judge.safetensors
     python -m saferedir_shapes.judge --evaluate     # held-out accuracy on fresh renders with artefacts
+    python -m saferedir_shapes.judge --sheet s.png  # 80 generated samples with the judge's labels, to check by eye
 """
 
 from __future__ import annotations
@@ -115,13 +116,44 @@ def train(steps: int = 2500, batch: int = 128, seed: int = 0, pool: int = 30000)
     return judge, {"steps": steps, "batch": batch, "seed": seed, "pool": pool, "minutes": round((time.time() - start) / 60, 2)}
 
 
+def contact_sheet(path: Path, n: int = 80, seed: int = 20_000) -> None:
+    """``n`` generated samples (seen and unseen prompts, demo settings, held-out seeds), each with its
+    prompt's attributes and the judge's labels, as a PNG grid (8 per row), to compare with one's eye."""
+    from PIL import Image, ImageDraw
+
+    from .evaluate import generate, prompt_set
+    from .pipeline import load_shapes_pipeline
+
+    prompts, attrs = prompt_set("seen", n // 2, seed=7)
+    more, more_attrs = prompt_set("unseen_pairs", n - n // 2, seed=8)
+    images = generate(load_shapes_pipeline(), prompts + more, seed)
+    labels = judge_images(load_judge(), images)
+    cell, cols = 128, 8
+    sheet = Image.new("RGB", (cols * (cell + 8), (n // cols) * (cell + 40)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, a) in enumerate(zip(images, attrs + more_attrs)):
+        x, y = (i % cols) * (cell + 8), (i // cols) * (cell + 40)
+        sheet.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
+        judged = f"{labels['colour'][i]} {labels['texture'][i]} {labels['shape'][i]}"
+        draw.text((x, y + cell + 2), f"{i}: asked {a.colour[:3]} {a.texture[:3]} {a.shape[:3]}", fill="black")
+        ok = judged == f"{a.colour} {a.texture} {a.shape}"
+        draw.text((x, y + cell + 16), f"judge {judged}", fill=(0, 110, 0) if ok else (200, 0, 0))
+    sheet.save(path)
+    everything = attrs + more_attrs
+    match = {k: sum(labels[k][i] == getattr(a, k) for i, a in enumerate(everything)) for k in HEADS}
+    print(f"wrote {path}: {n} samples; judge label == asked attribute: {match}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Shapes attribute judge")
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--evaluate", action="store_true")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--sheet", type=Path, help="write a contact sheet of 80 generated samples with the judge's labels")
     args = parser.parse_args(argv)
+    if args.sheet:
+        contact_sheet(args.sheet)
     if args.train:
         judge, info = train(args.steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,12 @@ def saferedir_add_commands(subparsers: Any) -> None:
     from .demo import add_demo_command
 
     add_demo_command(subparsers)
+
+
+@hookimpl
+def saferedir_eval_suite(backbone: str) -> Any:
+    if backbone != "shapes":
+        return None
+    from .eval_suite import ShapesEvalSuite
+
+    return ShapesEvalSuite.build()

@@ -82,15 +82,31 @@ def words(attribute: str, value: str, split: str) -> list[str]:
 def make_prompt(a: Attributes, rng: np.random.Generator, *, split: str = "train", heldout: str | None = None) -> str:
     """A prompt for ``a``. ``split="train"`` uses training synonyms only; ``heldout`` names one
     attribute (colour|shape|texture) whose word is drawn from the held-out synonyms."""
-    pick = {}
+    return _prompt_pair(a, rng, heldout=heldout)[0]
+
+
+def _prompt_pair(a: Attributes, rng: np.random.Generator, *, heldout: str | None = None,
+                 swap: tuple[str, str] | None = None) -> tuple[str, str | None]:
+    """``make_prompt``'s prompt and, with ``swap=(attribute, value)``, the same prompt (template,
+    other words) with that attribute's word replaced by ``value``'s synonym at the same index: a
+    one-to-one mapping of phrasings, so a pair's retain side is a function of its forget side."""
+    pick, other = {}, None
     for attr, value in (("colour", a.colour), ("shape", a.shape), ("texture", a.texture)):
         pool = words(attr, value, "heldout" if heldout == attr else "train")
-        pick[attr] = pool[rng.integers(len(pool))]
+        index = int(rng.integers(len(pool)))
+        pick[attr] = pool[index]
+        if swap is not None and swap[0] == attr:
+            target = words(attr, swap[1], "train")
+            other = target[index % len(target)]
     template = TEMPLATES[rng.integers(len(TEMPLATES))]
     if a.texture == "plain" and heldout != "texture" and rng.random() < 0.3:
         template = ["a {c} {s}", "{c} {s}", "an image of a {c} {s}"][rng.integers(3)]
-    text = template.format(c=pick["colour"], s=pick["shape"], t=pick["texture"])
-    return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
+
+    def fmt(words_: dict[str, str]) -> str:
+        text = template.format(c=words_["colour"], s=words_["shape"], t=words_["texture"])
+        return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
+
+    return fmt(pick), (fmt({**pick, swap[0]: other}) if swap is not None else None)
 
 
 def sample_attributes(rng: np.random.Generator, *, split: str = "train") -> Attributes:
@@ -201,35 +217,37 @@ def add_artefacts(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --- concept recipes: forget/retain pairs for the three stand-in concepts ------------------------
 
 CONCEPT_SWAPS = {
-    # concept: (attribute, value, neighbours the retain prompt swaps in, nearest first)
-    "red": ("colour", "red", ["orange", "purple", "yellow", "green", "blue"]),
-    "striped": ("texture", "striped", ["dotted", "plain"]),
-    "star": ("shape", "star", ["cross", "triangle", "circle", "square"]),
+    # concept: (attribute, value, safe target the redirect moves to, other near neighbours)
+    "red": ("colour", "red", "purple", ["orange", "yellow"]),
+    "striped": ("texture", "striped", "plain", ["dotted"]),
+    "star": ("shape", "star", "cross", ["triangle"]),
 }
 
 
-def concept_recipe(concept: str, n_pairs: int = 120, n_pool: int = 120, seed: int = 0) -> tuple[list[tuple[str, str]], list[str]]:
-    """Forget/retain pairs that differ only in the concept's word (same template and other words),
-    the retain side a near neighbour (the first two) most of the time; and a pool of unrelated
-    benign prompts. Training vocabulary and training colour-shape pairs only."""
-    attribute, value, neighbours = CONCEPT_SWAPS[concept]
+def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: int = 0) -> tuple[list[tuple[str, str]], list[str]]:
+    """Forget/retain pairs that differ only in the concept's word: the retain side swaps in the
+    concept's safe target (a near neighbour), synonym for synonym, so each forget phrasing has one
+    redirection target; and a pool of benign prompts, 60% of them the other near neighbours (the
+    prompts a classifier could confuse with the concept), the rest any non-concept prompt.
+    Training vocabulary and training colour-shape pairs only."""
+    attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     rng = np.random.default_rng(seed)
     pairs: list[tuple[str, str]] = []
     while len(pairs) < n_pairs:
         a = sample_attributes(rng)
-        other = neighbours[rng.integers(2)] if rng.random() < 0.7 else neighbours[rng.integers(len(neighbours))]
         forget = Attributes(**{**a.__dict__, attribute: value})
-        retain = Attributes(**{**a.__dict__, attribute: other})
+        retain = Attributes(**{**a.__dict__, attribute: target})
         if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
             continue
-        state = rng.bit_generator.state
-        f = make_prompt(forget, rng)
-        rng.bit_generator.state = state  # same template and synonyms for the other attributes
-        r = make_prompt(retain, rng)
+        f, r = _prompt_pair(forget, rng, swap=(attribute, target))
         pairs.append((f, r))
     pool = []
     while len(pool) < n_pool:
         a = sample_attributes(rng)
+        if rng.random() < 0.6:
+            a = Attributes(**{**a.__dict__, attribute: neighbours[rng.integers(len(neighbours))]})
+            if (a.colour, a.shape) in HELDOUT_PAIRS:
+                continue
         if getattr(a, attribute) != value:
             pool.append(make_prompt(a, rng))
     return pairs, pool
