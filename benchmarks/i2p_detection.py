@@ -4,7 +4,10 @@
 
 Trains (once; cached at ``--bundle``) a SafeRedir nudity redirector for the Shapes backbone's real
 MiniLM text encoder from the IGMU Nudity pairs (``../shared/data/igmu_*.json``; 20% of the pairs
-held out for measuring), then runs the guarded Shapes pipeline in ``monitor`` mode on:
+held out for measuring) plus an unpaired retain pool of ``--pool`` benign IGMU prompts of the other
+concepts (Van Gogh-style art prompts and the Church set's unrelated objects: benign for nudity, and
+closer to real prompts than the Nudity retain side alone; ``--pool 0`` trains on the pairs only),
+then runs the guarded Shapes pipeline in ``monitor`` mode on:
 
 * I2P prompts with ``nudity_percentage >= 50`` (all 134): detection rate;
 * I2P prompts with ``nudity_percentage == 0`` (a seeded sample of ``--zeros``): false-trigger rate;
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("bench-out/nudity-shapes.safetensors"))
     parser.add_argument("--zeros", type=int, default=600, help="I2P prompts with nudity 0 to sample (0: all)")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--pool", type=int, default=300, help="benign IGMU prompts of other concepts as a retain pool")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
     args = parser.parse_args(argv)
     from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SEQ_LEN, load_shapes_pipeline
@@ -91,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_shapes_pipeline()
     pairs = igmu_pairs(DATA / "igmu_forget.json", DATA / "igmu_retain.json", "Nudity")
     train_pairs, held_pairs = pairs.split(0.2, seed=0)
+    if args.pool:
+        forget_all = json.loads((DATA / "igmu_forget.json").read_text())
+        retain_all = json.loads((DATA / "igmu_retain.json").read_text())
+        flat = lambda d: [p for v in (d.values() if isinstance(d, dict) else [d]) for p in v]  # noqa: E731
+        benign = flat(forget_all["VanGogh"]) + flat(retain_all["VanGogh"]) + flat(retain_all["Church"])
+        train_pairs.retain_pool.extend(random.Random(1).sample(benign, min(args.pool, len(benign))))
     cfg = TrainConfig(concept="nudity", category="nsfw", description="IGMU Nudity pairs on the Shapes backbone's MiniLM",
                       seeds=(0, 1), num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
                       steps=args.steps, rank=64, seed=0)
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     beyond = [p for p in positives if blocklist.blocks(p)
               and not blocklist.blocks(pipe.tokenizer.decode(pipe.tokenizer(p, truncation=True, max_length=SEQ_LEN).input_ids))]
     results = {
+        "training": {"pairs": len(train_pairs.pairs), "retain_pool": len(train_pairs.retain_pool)},
         "sets": {k: len(v) for k, v in sets.items()},
         "rates": {m: rates(f) for m, f in flags.items()},
         "embedding_cosine_threshold": round(threshold, 4),

@@ -242,9 +242,9 @@ def run_eval(pipe: Any, suite: EvalSuite, *, policy: Path | None, methods: Seque
     evaluated with its own rule alone)."""
     state = None
     try:
-        from accelerate import PartialState
+        from accelerate import Accelerator
 
-        state = PartialState()
+        state = Accelerator().state  # as `saferedir train`: honours ACCELERATE_USE_CPU for CPU processes
     except ImportError:  # pragma: no cover - accelerate is in the diffusers extra
         pass
     main = state is None or state.is_main_process
@@ -350,8 +350,8 @@ def write_outputs(results: dict[str, Any], examples: dict[str, dict[str, np.ndar
     for method, s in results["summary"].items():
         ax.scatter(s["fidelity"], s["erasure"], s=60)
         ax.annotate(method, (s["fidelity"], s["erasure"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("fidelity (judge agreement with unguarded: kept attributes + retain prompts)")
-    ax.set_ylabel("erasure (1 - concept-present rate, forget/paraphrase/adversarial)")
+    ax.set_xlabel("fidelity\n(judge agreement with unguarded: kept attributes + retain prompts)")
+    ax.set_ylabel("erasure\n(1 - concept present: forget, paraphrase, adversarial)")
     ax.set_title(f"{results['backbone']}: erasure vs fidelity")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -359,7 +359,7 @@ def write_outputs(results: dict[str, Any], examples: dict[str, dict[str, np.ndar
     plt.close(fig)
     methods = results["methods"]
     keys = list(examples)
-    fig, axes = plt.subplots(len(keys), len(methods), figsize=(1.3 * len(methods), 1.45 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(methods), figsize=(2.0 * len(methods), 0.62 * len(keys) + 0.4), squeeze=False)
     for r, key in enumerate(keys):
         row = examples[key]
         strip = {m: np.concatenate(list(row[m][:4]), axis=1) for m in methods}

@@ -36,6 +36,7 @@ from .world import (
     TEXTURE_WORDS,
     Attributes,
     concept_recipe,
+    misspell,
     sample_attributes,
 )
 
@@ -74,23 +75,6 @@ def _fill(template: str, a: Attributes, rng: np.random.Generator, heldout: str |
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
 
-def _misspell(word: str, rng: np.random.Generator) -> str:
-    vocabulary = {w for t in TABLES.values() for ws, hs in t.values() for w in ws + hs}
-    for _ in range(20):
-        letters = [i for i, ch in enumerate(word) if ch.isalpha()]
-        i = letters[rng.integers(len(letters))]
-        kind = rng.integers(3)
-        if kind == 0 and i + 1 < len(word):
-            out = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-        elif kind == 1 and len(letters) > 3:
-            out = word[:i] + word[i + 1:]
-        else:
-            out = word[:i] + word[i] + word[i:]
-        if out != word and out not in vocabulary:
-            return out
-    return word + word[-1]
-
-
 def _concept_attributes(concept: str, rng: np.random.Generator) -> Attributes:
     attribute, value, _, _ = CONCEPT_SWAPS[concept]
     while True:
@@ -116,7 +100,7 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
         if kind == "misspelling":
             single = [w for w in TABLES[attribute][value][0] if w.isalpha()]  # the word that carries the concept
             word = single[rng.integers(len(single))]
-            text = _fill(template, a, rng, override={key: _misspell(word, rng)})
+            text = _fill(template, a, rng, override={key: misspell(word, rng)})
         elif kind == "junk":
             tokens = _fill(template, a, rng).split()
             for _ in range(2):

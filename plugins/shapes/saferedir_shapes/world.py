@@ -8,6 +8,7 @@ colour-shape pairs never appear in training and are kept for evaluation.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,14 +225,42 @@ CONCEPT_SWAPS = {
 }
 
 
+# robustness augmentation of the concept recipes: framings a real prompt wraps around its subject
+# (none of the efficacy suite's phrasings, no held-out word) and misspelt concept words
+TRAIN_WRAPPERS = ["digital art of {p}, highly detailed", "{p}, trending, sharp focus",
+                  "an illustration: {p}, minimal style", "concept art, {p}, soft light",
+                  "photo of {p} on a table, studio lighting"]
+
+
+def misspell(word: str, rng: np.random.Generator) -> str:
+    """One edit of ``word`` (swap two neighbours, drop or double a letter) that is no vocabulary word."""
+    vocabulary = {w for t in (COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS) for ws, hs in t.values() for w in ws + hs}
+    for _ in range(20):
+        letters = [i for i, ch in enumerate(word) if ch.isalpha()]
+        i = letters[rng.integers(len(letters))]
+        kind = rng.integers(3)
+        if kind == 0 and i + 1 < len(word):
+            out = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        elif kind == 1 and len(letters) > 3:
+            out = word[:i] + word[i + 1:]
+        else:
+            out = word[:i] + word[i] + word[i:]
+        if out != word and out not in vocabulary:
+            return out
+    return word + word[-1]
+
+
 def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: int = 0) -> tuple[list[tuple[str, str]], list[str]]:
     """Forget/retain pairs that differ only in the concept's word: the retain side swaps in the
     concept's safe target (a near neighbour), synonym for synonym, so each forget phrasing has one
     redirection target; and a pool of benign prompts, 60% of them the other near neighbours (the
     prompts a classifier could confuse with the concept), the rest any non-concept prompt.
+    Robustness: a quarter of the pairs and of the pool are wrapped in a framing (``TRAIN_WRAPPERS``),
+    and 15% of the forget prompts misspell the concept word (their retain side is spelt right).
     Training vocabulary and training colour-shape pairs only."""
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     rng = np.random.default_rng(seed)
+    single = [w for w in words(attribute, value, "train") if w.isalpha()]
     pairs: list[tuple[str, str]] = []
     while len(pairs) < n_pairs:
         a = sample_attributes(rng)
@@ -240,6 +269,13 @@ def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: in
         if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
             continue
         f, r = _prompt_pair(forget, rng, swap=(attribute, target))
+        if rng.random() < 0.15:
+            word = next((w for w in single if re.search(rf"\b{w}\b", f)), None)
+            if word is not None:
+                f = re.sub(rf"\b{word}\b", misspell(word, rng), f, count=1)
+        if rng.random() < 0.25:
+            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
+            f, r = wrapper.format(p=f), wrapper.format(p=r)
         pairs.append((f, r))
     pool = []
     while len(pool) < n_pool:
@@ -249,5 +285,8 @@ def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: in
             if (a.colour, a.shape) in HELDOUT_PAIRS:
                 continue
         if getattr(a, attribute) != value:
-            pool.append(make_prompt(a, rng))
+            text = make_prompt(a, rng)
+            if rng.random() < 0.25:
+                text = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))].format(p=text)
+            pool.append(text)
     return pairs, pool
