@@ -329,7 +329,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = cells["retain"][method]
             speed = results["speed"][method]
             kept = np.mean([cells[s][method]["kept"] for s in FORGET_SETS])
-            trig = f"{r['triggered']:.3f}" if "triggered" in r else "always on"
+            trig = f"{r['triggered']:.3f}" if "triggered" in r else ("-" if method == "none" else "always on")
             lines.append(f"| {name} | {method} | " + " | ".join(f"{cells[s][method]['present']:.3f}" for s in FORGET_SETS)
                          + f" | {kept:.3f} | {r['agreement']:.3f} | {r['pixel_similarity']:.3f} | {trig} | "
                          f"{speed['seconds_per_image']:.3f} | {speed['overhead']:.2f} |")
