@@ -55,19 +55,6 @@ def load_i2p(path: Path) -> tuple[list[str], list[str]]:
     return positives, zeros
 
 
-def sentence_embeddings(pipe, prompts: list[str]) -> torch.Tensor:
-    from saferedir_shapes.pipeline import encode_text
-
-    out = []
-    for i in range(0, len(prompts), 128):
-        batch = prompts[i:i + 128]
-        states = encode_text(pipe.text_encoder, pipe.tokenizer, batch)
-        mask = pipe.tokenizer(batch, padding="max_length", max_length=states.shape[1], truncation=True,
-                              return_tensors="pt").attention_mask.unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
 def rates(flags: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 4) for k, v in flags.items()}
 
@@ -81,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=300, help="benign IGMU prompts of other concepts as a retain pool")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
     args = parser.parse_args(argv)
-    from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SEQ_LEN, load_shapes_pipeline
+    from saferedir_shapes.pipeline import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_STEPS,
+        SEQ_LEN,
+        load_shapes_pipeline,
+        sentence_embeddings,
+    )
 
     from saferedir_sdk import SafeRedirGuard
     from saferedir_sdk.baselines import KeywordBlocklist
-    from saferedir_sdk.training import TrainConfig, igmu_pairs, train_bundle
+    from saferedir_sdk.training import TrainConfig, igmu_pairs, igmu_prompts, train_bundle
 
     if not (DATA / "i2p.csv").is_file():
         print(f"{DATA}: the shared data folder (i2p.csv, igmu_*.json) is not there", file=sys.stderr)
@@ -96,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = igmu_pairs(DATA / "igmu_forget.json", DATA / "igmu_retain.json", "Nudity")
     train_pairs, held_pairs = pairs.split(0.2, seed=0)
     if args.pool:
-        forget_all = json.loads((DATA / "igmu_forget.json").read_text())
-        retain_all = json.loads((DATA / "igmu_retain.json").read_text())
-        flat = lambda d: [p for v in (d.values() if isinstance(d, dict) else [d]) for p in v]  # noqa: E731
-        benign = flat(forget_all["VanGogh"]) + flat(retain_all["VanGogh"]) + flat(retain_all["Church"])
+        forget_file, retain_file = DATA / "igmu_forget.json", DATA / "igmu_retain.json"
+        benign = (igmu_prompts(forget_file, "VanGogh") + igmu_prompts(retain_file, "VanGogh")
+                  + igmu_prompts(retain_file, "Church"))
         train_pairs.retain_pool.extend(random.Random(1).sample(benign, min(args.pool, len(benign))))
     cfg = TrainConfig(concept="nudity", category="nsfw", description="IGMU Nudity pairs on the Shapes backbone's MiniLM",
                       seeds=(0, 1), num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
@@ -143,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Latent Guard idea: cosine of the prompt's sentence embedding to the concept's, threshold
     # calibrated on the training pairs (the one maximising balanced accuracy)
-    concept = sentence_embeddings(pipe, CONCEPT_PHRASES)
-    score = lambda prompts: (sentence_embeddings(pipe, prompts) @ concept.T).max(dim=1).values.numpy()  # noqa: E731
+    embed = lambda texts: sentence_embeddings(pipe.text_encoder, pipe.tokenizer, texts)  # noqa: E731
+    concept = embed(CONCEPT_PHRASES)
+    score = lambda prompts: (embed(prompts) @ concept.T).max(dim=1).values.numpy()  # noqa: E731
     f_train = score([f for f, _ in train_pairs.pairs])
     r_train = score([r for _, r in train_pairs.pairs])
     candidates = np.unique(np.concatenate([f_train, r_train]))

@@ -64,7 +64,7 @@ class SafeLatentGuidance:
     yields SLD's. Without classifier-free guidance SLD is off (as in diffusers).
 
     Use ``with sld.active(pipe): pipe(...)``. The momentum and the step count start fresh with every
-    pipeline call (a timestep that does not decrease starts a new call).
+    pipeline call (each call gives the scheduler a new schedule tensor).
     """
 
     def __init__(self, concept_embeds: torch.Tensor, config: SLDConfig | None = None, adapter: Adapter | None = None):
@@ -75,14 +75,14 @@ class SafeLatentGuidance:
         self.adapter = adapter
         self._step = 0
         self._momentum: torch.Tensor | None = None
-        self._last_t: float | None = None
+        self._schedule: Any = None
         self._inside = False
 
     @contextmanager
     def active(self, pipe: Any) -> Iterator[None]:
         adapter = self.adapter or find_adapter(default_plugin_manager(), pipe)
         denoiser = adapter.denoiser(pipe)
-        self._step, self._momentum, self._last_t = 0, None, None
+        self._step, self._momentum, self._schedule = 0, None, None
 
         def hook(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
             if self._inside:
@@ -90,12 +90,13 @@ class SafeLatentGuidance:
             split = adapter.split_denoiser_inputs(pipe, args, kwargs)
             if split.uncond is None:
                 return None
-            t = float(split.timestep.reshape(-1)[0])
-            if self._last_t is not None and t >= self._last_t:  # a new pipeline call: fresh state
-                self._step, self._momentum = 0, None
-            self._last_t = t
+            # a new pipeline call starts fresh: every call sets a new schedule tensor on the
+            # scheduler (an identity check on the host, never a read of the device timestep)
+            half = split.cond.shape[0]
+            schedule = getattr(pipe.scheduler, "timesteps", None)
+            if schedule is not self._schedule:
+                self._step, self._momentum, self._schedule = 0, None, schedule
             pred = output[0] if isinstance(output, tuple) else output.sample
-            half = pred.shape[0] // 2
             uncond, cond = pred[:half], pred[half:]
             safety_embeds = self.concept_embeds.to(split.cond.device, split.cond.dtype).expand(half, -1, -1)
             sample = args[0] if args else kwargs["sample"]

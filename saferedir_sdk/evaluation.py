@@ -114,7 +114,7 @@ class Runner:
         self.policy = policy
         self.out = out
         self.progress = progress
-        self._empty_embeds: torch.Tensor | None = None
+        self._erasers: dict[str, tuple[LeaceEmbeddingEraser, torch.Tensor]] = {}
 
     def _call(self, prompts: list[str], seed: int, **kwargs: Any) -> np.ndarray:
         out = self.pipe(prompts if "prompt_embeds" not in kwargs else None,
@@ -168,12 +168,13 @@ class Runner:
                     return self._call(batch, seed), None
             return safe_latent, nothing
         if method == "leace":
-            fit_concept, fit_benign = concept.leace_fit
-            c_embeds, c_mask = self.suite.encode(self.pipe, fit_concept)
-            b_embeds, b_mask = self.suite.encode(self.pipe, fit_benign)
-            eraser = LeaceEmbeddingEraser.fit(c_embeds, b_embeds, c_mask, b_mask)
-            empty, _ = self.suite.encode(self.pipe, [""])
-            negative = eraser(empty)
+            if concept.name not in self._erasers:  # fitted once per concept, used for all its sets
+                fit_concept, fit_benign = concept.leace_fit
+                c_embeds, c_mask = self.suite.encode(self.pipe, fit_concept)
+                b_embeds, b_mask = self.suite.encode(self.pipe, fit_benign)
+                eraser = LeaceEmbeddingEraser.fit(c_embeds, b_embeds, c_mask, b_mask)
+                self._erasers[concept.name] = eraser, eraser(self.suite.encode(self.pipe, [""])[0])
+            eraser, negative = self._erasers[concept.name]
 
             def leace(batch: list[str], seed: int) -> tuple[np.ndarray, None]:
                 embeds, _ = self.suite.encode(self.pipe, batch)
@@ -210,7 +211,7 @@ def single_concept_policy(path: Path, concept: str, out: Path | None) -> LoadedP
 def score(suite: EvalSuite, concept: EvalConcept, set_name: str, prompts: list[EvalPrompt], gen: Generation,
           unguarded: Generation, judged_unguarded: dict[str, list[str]]) -> dict[str, Any]:
     """The metrics of one (concept, set, method) cell; see the module docstring."""
-    judged = suite.judge(gen.images)
+    judged = judged_unguarded if gen is unguarded else suite.judge(gen.images)
     n = len(prompts)
     made = ~gen.refused if gen.refused is not None else np.ones(n, bool)  # a refused prompt shows nothing
     shows = [bool(made[i]) and judged[concept.attribute][i] == concept.value for i in range(n)]
@@ -283,7 +284,6 @@ def run_eval(pipe: Any, suite: EvalSuite, *, policy: Path | None, methods: Seque
                     cells.setdefault(set_name, {})[method] = score(suite, concept, set_name, prompts, gen, unguarded,
                                                                    judged_unguarded)
                     examples.setdefault(f"{concept.name}/{set_name}", {})[method] = gen.images[:4]
-                    examples[f"{concept.name}/{set_name}"]["_prompts"] = np.array([p.text for p in prompts[:4]])
         results["concepts"][concept.name] = cells
     if bar is not None:
         bar.close()

@@ -1,7 +1,7 @@
 """Redirector training: trajectory collection from a real pipeline, losses, fitting, bundles."""
 
 from .fit import FitResult, evaluate_redirector, fit_redirector, redirector_losses
-from .pairs import PairsError, PromptPairs, igmu_pairs, load_pairs
+from .pairs import PairsError, PromptPairs, igmu_pairs, igmu_prompts, load_pairs
 from .trainer import TrainConfig, collect, train_bundle
 from .trajectories import Trajectories, record_trajectories
 
@@ -15,6 +15,7 @@ __all__ = [
     "evaluate_redirector",
     "fit_redirector",
     "igmu_pairs",
+    "igmu_prompts",
     "load_pairs",
     "record_trajectories",
     "redirector_losses",

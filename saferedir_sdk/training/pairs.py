@@ -120,15 +120,19 @@ def load_pairs(path: str | Path) -> PromptPairs:
     raise PairsError(f"{path}: unsupported pairs format {suffix!r} (use .jsonl, .json or .csv)")
 
 
+def igmu_prompts(file: str | Path, concept: str) -> list[str]:
+    """Every prompt of ``concept`` in one IGMU file, in file order (its sub-groups flattened)."""
+    data = json.loads(Path(file).read_text())
+    if concept not in data:
+        raise PairsError(f"{file}: no concept {concept!r} (has {sorted(data)})")
+    group = data[concept]
+    return [p for v in (group.values() if isinstance(group, dict) else [group]) for p in v]
+
+
 def igmu_pairs(forget_file: str | Path, retain_file: str | Path, concept: str) -> PromptPairs:
     """Pairs from the SafeRedir authors' IGMU files (``{"Nudity": {"girl": [...], ...}}``): Nudity
     and VanGogh are paired index by index; Church is forget-only with a retain pool."""
-    forget = json.loads(Path(forget_file).read_text())
-    retain = json.loads(Path(retain_file).read_text())
-    if concept not in forget or concept not in retain:
-        raise PairsError(f"{forget_file}: no concept {concept!r} (has {sorted(forget)})")
-    flat = lambda d: [p for v in (d.values() if isinstance(d, dict) else [d]) for p in v]  # noqa: E731
-    f, r = flat(forget[concept]), flat(retain[concept])
+    f, r = igmu_prompts(forget_file, concept), igmu_prompts(retain_file, concept)
     if len(f) == len(r):
         return PromptPairs(list(zip(f, r)), [])
     return _complete([], f, r, f"{forget_file}[{concept}]")

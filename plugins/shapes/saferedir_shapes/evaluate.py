@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .judge import judge_images, load_judge
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, encode_text, load_shapes_pipeline
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_shapes_pipeline, sentence_embeddings
 from .world import (
     COLOUR_WORDS,
     SHAPE_WORDS,
@@ -86,10 +86,7 @@ def nearest_training_word(encoder: Any, tokenizer: Any, word: str, attribute: st
     train = [(w, v) for v, (ws, _) in table.items() for w in ws]
     frame = {"colour": "a {} circle", "shape": "a red {}", "texture": "a {} red circle"}[attribute]
     texts = [frame.format(word)] + [frame.format(w) for w, _ in train]
-    states = encode_text(encoder, tokenizer, texts)
-    mask = tokenizer(texts, padding="max_length", max_length=states.shape[1], truncation=True,
-                     return_tensors="pt").attention_mask.unsqueeze(-1).float()
-    pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    pooled = sentence_embeddings(encoder, tokenizer, texts)
     sims = pooled[1:] @ pooled[0]
     best = int(sims.argmax())
     return f"{train[best][0]} ({train[best][1]}, cos {float(sims[best]):.2f})"

@@ -97,6 +97,20 @@ def encode_text(encoder: Any, tokenizer: Any, prompts: list[str], device: torch.
     return out.last_hidden_state
 
 
+@torch.no_grad()
+def sentence_embeddings(encoder: Any, tokenizer: Any, texts: list[str], batch: int = 128) -> torch.Tensor:
+    """(N, 384) unit-norm MiniLM sentence embeddings: per-token states mean-pooled over real tokens
+    (how sentence-transformers pools all-MiniLM-L6-v2), within the backbone's ``SEQ_LEN`` window."""
+    out = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i:i + batch]
+        states = encode_text(encoder, tokenizer, chunk)
+        mask = tokenizer(chunk, padding="max_length", max_length=SEQ_LEN, truncation=True,
+                         return_tensors="pt").attention_mask.unsqueeze(-1).float()
+        out.append(torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
 class ShapesPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
 
