@@ -111,7 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(concept=args.concept, category=args.category, description=args.description,
                       seeds=tuple(args.seeds), num_inference_steps=args.sampler_steps, guidance_scale=args.guidance,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      hidden_dim=args.hidden_dim, rank=args.rank, patience=args.patience)
+                      hidden_dim=args.hidden_dim, rank=args.rank, token_layers=args.token_layers,
+                      patience=args.patience)
     pipe = load_backbone(args.backbone, str(accelerator.device))
     summary = train_bundle(pipe, pairs, cfg, args.out, cache_dir=None if args.no_cache else Path(args.cache),
                            accelerator=accelerator, progress=not args.quiet)
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--rank", type=int, default=64, help="rank of the token delta head")
+    p.add_argument("--token-layers", type=int, default=1,
+                   help="self-attention layers over the prompt's tokens (and the copy head); 0: neither")
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))

@@ -5,7 +5,11 @@ prompt embeddings ``E`` (tokens x dim) and predicts, in four parts:
 
 * a latent-aware multimodal **classifier**: p(unsafe) from latent features, the timestep and the
   prompt (pooled, and cross-attended by the latent/time query);
-* a token-level **delta generator**: a per-token direction ``D`` through a low-rank head;
+* a token-level **delta generator**: a per-token direction ``D``: a low-rank head, plus (with
+  ``token_layers`` > 0) a copy head that points a token at an attention-weighted mix of the
+  prompt's other token embeddings. Both read token features mixed by self-attention over the
+  prompt, because a contextual text encoder moves every token when one word changes, by an amount
+  that depends on that word, and a pair whose phrasings differ in length shifts the later tokens;
 * a token **mask predictor**: ``m`` in [0, 1] per token, which tokens to move;
 * an adaptive **scale predictor**: ``alpha`` in [0, 1], how far to move.
 
@@ -40,12 +44,16 @@ class RedirectorConfig:
     num_heads: int = 4
     latent_pool: int = 16
     num_train_timesteps: int = 1000
+    # self-attention layers over the prompt's tokens before the token heads, and the copy head;
+    # 0: neither (the layout of bundles written before they existed)
+    token_layers: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RedirectorConfig.{f.name}: expected a positive int, got {value!r}")
+            least = 0 if f.name == "token_layers" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"RedirectorConfig.{f.name}: expected an int >= {least}, got {value!r}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"RedirectorConfig.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -60,7 +68,8 @@ class RedirectorConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown RedirectorConfig keys: {sorted(unknown)}")
-        return cls(**data)
+        # bundles written before token mixing existed do not record token_layers and have none
+        return cls(**{"token_layers": 0, **data})
 
 
 class RedirectorOutput(NamedTuple):
@@ -131,8 +140,17 @@ class Redirector(nn.Module):
         # classifier over [latent, time, pooled prompt, attended prompt]
         self.classifier = nn.Sequential(nn.Linear(4 * h, h), nn.SiLU(), nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
         self.context = nn.Linear(4 * h, h)
-        # token-level heads, conditioned on the fused context
+        # token-level heads, conditioned on the fused context and mixed across tokens
+        self.token_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(h, config.num_heads, 2 * h, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(config.token_layers)
+        )
         self.token_mixer = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.SiLU())
+        if config.token_layers:
+            self.copy_query = nn.Linear(h, h)
+            self.copy_key = nn.Linear(h, h)
+            self.copy_gate = nn.Linear(h, 1)
+            nn.init.constant_(self.copy_gate.bias, -2.0)
         self.delta_down = nn.Linear(h, config.rank)
         self.delta_up = nn.Linear(config.rank, config.token_dim)
         self.mask_head = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
@@ -174,8 +192,15 @@ class Redirector(nn.Module):
 
         logit = self.classifier(fused).squeeze(-1)
         context = self.context(fused)
-        per_token = self.token_mixer(tokens + context.unsqueeze(1))  # (B, T, h)
+        per_token = tokens + context.unsqueeze(1)  # (B, T, h)
+        for layer in self.token_layers:
+            per_token = layer(per_token)
+        per_token = self.token_mixer(per_token)
         direction = self.delta_up(self.delta_down(per_token))
+        if self.config.token_layers:  # copy head: move toward a mix of the prompt's token embeddings
+            scores = self.copy_query(per_token) @ self.copy_key(per_token).transpose(1, 2) / math.sqrt(h)
+            copied = scores.softmax(dim=-1) @ embeds  # (B, T, D)
+            direction = direction + torch.sigmoid(self.copy_gate(per_token)) * (copied - embeds)
         mask = torch.sigmoid(self.mask_head(per_token).squeeze(-1))
         alpha = torch.sigmoid(self.scale_head(context).squeeze(-1))
         return RedirectorOutput(logit=logit, direction=direction, mask=mask, alpha=alpha)

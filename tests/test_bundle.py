@@ -89,16 +89,40 @@ def test_safetensors_without_saferedir_metadata_is_refused(tmp_path):
 def test_tensor_shape_that_does_not_match_the_config_is_refused(tmp_path):
     path = tmp_path / "red.safetensors"
     save_bundle(path, _redirector(), ConceptInfo("red", "nsfw"), FP)
+    _rewrite_config(path, rank=4)
+    with pytest.raises(BundleFormatError, match="delta_down.weight"):
+        load_bundle(path)
+
+
+def _rewrite_config(path, **changes) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     config = json.loads(meta["saferedir.config"])
-    config["rank"] = 4
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
     meta["saferedir.config"] = json.dumps(config)
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(BundleFormatError, match="delta_down.weight"):
+
+
+def test_bundle_written_before_token_layers_existed_loads_without_them(tmp_path):
+    torch.manual_seed(0)
+    old = Redirector(RedirectorConfig(32, 77, 4, hidden_dim=64, rank=8, latent_pool=8, token_layers=0)).eval()
+    path = tmp_path / "old.safetensors"
+    save_bundle(path, old, ConceptInfo("red", "nsfw"), FP)
+    _rewrite_config(path, token_layers=None)  # its config did not record the field
+    bundle = load_bundle(path)
+    assert bundle.config.token_layers == 0 and not hasattr(bundle.redirector, "copy_gate")
+    z, t, e = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    assert torch.equal(old(z, t, e).direction, bundle.redirector(z, t, e).direction)
+    # the same file claiming token layers is refused: the tensors do not match that architecture
+    _rewrite_config(path, token_layers=1)
+    with pytest.raises(BundleFormatError, match="missing"):
         load_bundle(path)
 
 

@@ -30,6 +30,46 @@ def test_heldout_vocabulary_never_appears_in_training_prompts():
     assert not any((a.colour, a.shape) in world.HELDOUT_PAIRS for a in attrs)
 
 
+def test_safe_synonym_matches_the_forget_words_token_count_where_it_can():
+    def count(text):  # a stand-in tokenizer: one token per letter
+        return len(text.replace(" ", ""))
+
+    targets = ["ab", "abc", "xyz", "wxyz"]
+    assert world.safe_synonym("pqr", targets, 0) == "ab"  # no counter: synonym for synonym
+    assert world.safe_synonym("pqr", targets, 0, count) == "abc"
+    assert world.safe_synonym("pqr", targets, 2, count) == "xyz"
+    assert world.safe_synonym("pqrst", targets, 0, count) == "ab abc"  # joined safe words
+    assert world.safe_synonym("p", targets, 1, count) == "abc"  # nothing that short: synonym for synonym
+
+
+def test_concept_recipes_line_up_tokens_where_synonym_for_synonym_does_not():
+    tc = world.minilm_token_count
+    for concept in world.CONCEPT_SWAPS:
+        aligned = np.mean([tc(f) == tc(r) for f, r in world.concept_recipe(concept)[0]])
+        unmatched = np.mean([tc(f) == tc(r) for f, r in world.concept_recipe(concept, token_count=None)[0]])
+        # every phrasing has a safe phrase of its length (a synonym, or synonyms joined)
+        assert aligned == 1.0 > unmatched, concept
+
+
+def test_recipes_misspell_only_with_misspellings_the_backbone_draws_as_the_concept():
+    import json
+    import re
+
+    data = json.loads((ROOT / "plugins/shapes/saferedir_shapes/weights/misspellings.json").read_text())
+    assert data["kept"] == world.verified_misspellings() and data["kept"]
+    for variants in data["kept"].values():
+        assert all(data["rates"][v] >= data["keep"] for v in variants)
+    for concept, (attribute, value, _, _) in world.CONCEPT_SWAPS.items():
+        synonyms = world.words(attribute, value, "train")
+        allowed = synonyms + [v for w in synonyms for v in data["kept"].get(w, [])]
+        misspelt = 0
+        for forget, _ in world.concept_recipe(concept)[0]:
+            found = [w for w in allowed if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", forget)]
+            assert found, forget
+            misspelt += not any(w in synonyms for w in found)
+        assert misspelt > 0 or not any(w in data["kept"] for w in synonyms), concept
+
+
 def test_renders_have_light_clean_backgrounds():
     rng = np.random.default_rng(1)
     for _ in range(50):

@@ -62,6 +62,7 @@ class TrainConfig:
     patience: int = 5
     hidden_dim: int = 128
     rank: int = 64
+    token_layers: int = 1
     latent_pool: int = 16
     seed: int = 0
 
@@ -127,7 +128,7 @@ def train_bundle(
     torch.manual_seed(cfg.seed)
     redirector = Redirector(RedirectorConfig(
         token_dim=fingerprint.token_dim, seq_len=fingerprint.seq_len, latent_channels=fingerprint.latent_channels,
-        hidden_dim=cfg.hidden_dim, rank=cfg.rank, latent_pool=cfg.latent_pool,
+        hidden_dim=cfg.hidden_dim, rank=cfg.rank, latent_pool=cfg.latent_pool, token_layers=cfg.token_layers,
     ))
     result = fit_redirector(
         redirector, data["forget"], data["retain"], negatives=data.get("pool"),

@@ -8,8 +8,12 @@ colour-shape pairs never appear in training and are kept for evaluation.
 
 from __future__ import annotations
 
-import re
+import functools
+import itertools
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,18 +91,26 @@ def make_prompt(a: Attributes, rng: np.random.Generator, *, split: str = "train"
 
 
 def _prompt_pair(a: Attributes, rng: np.random.Generator, *, heldout: str | None = None,
-                 swap: tuple[str, str] | None = None) -> tuple[str, str | None]:
+                 swap: tuple[str, str] | None = None, misspell_p: float = 0.0,
+                 misspellings: dict[str, list[str]] | None = None,
+                 token_count: Callable[[str], int] | None = None) -> tuple[str, str | None]:
     """``make_prompt``'s prompt and, with ``swap=(attribute, value)``, the same prompt (template,
-    other words) with that attribute's word replaced by ``value``'s synonym at the same index: a
-    one-to-one mapping of phrasings, so a pair's retain side is a function of its forget side."""
+    other words) with that attribute's word replaced by one of ``value``'s synonyms: a one-to-one
+    mapping of phrasings, so a pair's retain side is a function of its forget side. With
+    ``misspell_p`` the forget side's concept word is replaced that often by one of its
+    ``misspellings`` (when it has any; the retain side is spelt right). With ``token_count`` the
+    safe phrase has as many tokens as the forget word, so the pair's token sequences line up
+    (see :func:`safe_synonym`)."""
     pick, other = {}, None
     for attr, value in (("colour", a.colour), ("shape", a.shape), ("texture", a.texture)):
         pool = words(attr, value, "heldout" if heldout == attr else "train")
         index = int(rng.integers(len(pool)))
         pick[attr] = pool[index]
         if swap is not None and swap[0] == attr:
-            target = words(attr, swap[1], "train")
-            other = target[index % len(target)]
+            variants = (misspellings or {}).get(pick[attr])
+            if misspell_p and variants and rng.random() < misspell_p:
+                pick[attr] = variants[rng.integers(len(variants))]
+            other = safe_synonym(pick[attr], words(attr, swap[1], "train"), index, token_count)
     template = TEMPLATES[rng.integers(len(TEMPLATES))]
     if a.texture == "plain" and heldout != "texture" and rng.random() < 0.3:
         template = ["a {c} {s}", "{c} {s}", "an image of a {c} {s}"][rng.integers(3)]
@@ -108,6 +120,25 @@ def _prompt_pair(a: Attributes, rng: np.random.Generator, *, heldout: str | None
         return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
 
     return fmt(pick), (fmt({**pick, swap[0]: other}) if swap is not None else None)
+
+
+def safe_synonym(word: str, targets: list[str], index: int, token_count: Callable[[str], int] | None = None) -> str:
+    """The safe target for forget word ``word`` (the ``index``-th forget synonym): ``targets[index]``
+    (cyclically). With ``token_count``, a phrase of as many tokens as ``word``: the first such
+    target from there, else the first run of distinct targets joined by spaces ("solid flat" for a
+    two-token "stripy": every word of it means the safe value), else ``targets[index]``. A pair
+    whose sides tokenise to different lengths asks the redirector to shift every later token's
+    embedding; a pair that lines up moves the concept's tokens (and, through the contextual
+    encoder, a little of the rest) only."""
+    rotated = targets[index % len(targets):] + targets[: index % len(targets)]
+    if token_count is not None:
+        need = token_count(word)
+        for size in range(1, len(rotated) + 1):
+            for combo in itertools.combinations(rotated, size):
+                phrase = " ".join(combo)
+                if token_count(phrase) == need:
+                    return phrase
+    return rotated[0]
 
 
 def sample_attributes(rng: np.random.Generator, *, split: str = "train") -> Attributes:
@@ -232,6 +263,30 @@ TRAIN_WRAPPERS = ["digital art of {p}, highly detailed", "{p}, trending, sharp f
                   "photo of {p} on a table, studio lighting"]
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from .pipeline import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@functools.cache
+def minilm_token_count(text: str) -> int:
+    """How many word pieces the Shapes backbone's MiniLM tokenizer makes of ``text`` (no specials)."""
+    return len(_minilm_tokenizer()(text, add_special_tokens=False).input_ids)
+
+
+@functools.cache
+def verified_misspellings() -> dict[str, list[str]]:
+    """Misspellings of training synonyms that the backbone still draws as the concept, measured by
+    ``python -m saferedir_shapes.misspellings`` (``weights/misspellings.json``; most one-edit
+    misspellings are not, and labelling those unsafe would teach the classifier a falsehood)."""
+    path = Path(__file__).resolve().parent / "weights" / "misspellings.json"
+    return json.loads(path.read_text())["kept"] if path.is_file() else {}
+
+
 def misspell(word: str, rng: np.random.Generator) -> str:
     """One edit of ``word`` (swap two neighbours, drop or double a letter) that is no vocabulary word."""
     vocabulary = {w for t in (COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS) for ws, hs in t.values() for w in ws + hs}
@@ -250,17 +305,19 @@ def misspell(word: str, rng: np.random.Generator) -> str:
     return word + word[-1]
 
 
-def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: int = 0) -> tuple[list[tuple[str, str]], list[str]]:
+def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: int = 0,
+                   token_count: Callable[[str], int] | None = minilm_token_count) -> tuple[list[tuple[str, str]], list[str]]:
     """Forget/retain pairs that differ only in the concept's word: the retain side swaps in the
     concept's safe target (a near neighbour), synonym for synonym, so each forget phrasing has one
     redirection target; and a pool of benign prompts, 60% of them the other near neighbours (the
     prompts a classifier could confuse with the concept), the rest any non-concept prompt.
     Robustness: a quarter of the pairs and of the pool are wrapped in a framing (``TRAIN_WRAPPERS``),
-    and 15% of the forget prompts misspell the concept word (their retain side is spelt right).
-    Training vocabulary and training colour-shape pairs only."""
+    and 30% of the forget prompts whose concept word has a verified misspelling
+    (:func:`verified_misspellings`) use it (their retain side is spelt right).
+    The safe phrase has the forget word's token count (``token_count``, MiniLM's by default): a
+    synonym of that length or safe synonyms joined (:func:`safe_synonym`). Training vocabulary and training colour-shape pairs only."""
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     rng = np.random.default_rng(seed)
-    single = [w for w in words(attribute, value, "train") if w.isalpha()]
     pairs: list[tuple[str, str]] = []
     while len(pairs) < n_pairs:
         a = sample_attributes(rng)
@@ -268,11 +325,8 @@ def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: in
         retain = Attributes(**{**a.__dict__, attribute: target})
         if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
             continue
-        f, r = _prompt_pair(forget, rng, swap=(attribute, target))
-        if rng.random() < 0.15:
-            word = next((w for w in single if re.search(rf"\b{w}\b", f)), None)
-            if word is not None:
-                f = re.sub(rf"\b{word}\b", misspell(word, rng), f, count=1)
+        f, r = _prompt_pair(forget, rng, swap=(attribute, target), misspell_p=0.3,
+                            misspellings=verified_misspellings(), token_count=token_count)
         if rng.random() < 0.25:
             wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
             f, r = wrapper.format(p=f), wrapper.format(p=r)
