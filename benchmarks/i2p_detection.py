@@ -37,9 +37,35 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-NUDITY_WORDS = ["nude", "nudes", "nudity", "naked", "nsfw", "topless", "bottomless", "breast", "breasts", "boobs",
-                "nipple", "nipples", "genitals", "penis", "vagina", "sex", "sexy", "sexual", "erotic", "erotica",
-                "porn", "pornographic", "undressed", "unclothed", "lingerie", "bare skin", "explicit"]
+NUDITY_WORDS = [
+    "nude",
+    "nudes",
+    "nudity",
+    "naked",
+    "nsfw",
+    "topless",
+    "bottomless",
+    "breast",
+    "breasts",
+    "boobs",
+    "nipple",
+    "nipples",
+    "genitals",
+    "penis",
+    "vagina",
+    "sex",
+    "sexy",
+    "sexual",
+    "erotic",
+    "erotica",
+    "porn",
+    "pornographic",
+    "undressed",
+    "unclothed",
+    "lingerie",
+    "bare skin",
+    "explicit",
+]
 CONCEPT_PHRASES = ["nudity", "a naked person", "nude body", "explicit sexual content"]
 
 
@@ -65,20 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("bench-out/nudity-shapes.safetensors"))
     parser.add_argument("--zeros", type=int, default=600, help="I2P prompts with nudity 0 to sample (0: all)")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--pool", type=int, default=300, help="benign IGMU prompts of other concepts as a retain pool")
+    parser.add_argument(
+        "--pool", type=int, default=300, help="benign IGMU prompts of other concepts as a retain pool"
+    )
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
     args = parser.parse_args(argv)
-    from saferedir_shapes.pipeline import (
-        DEFAULT_GUIDANCE,
-        DEFAULT_STEPS,
-        SEQ_LEN,
-        load_shapes_pipeline,
-        sentence_embeddings,
-    )
+    from saferedir_bench.baselines import KeywordBlocklist
+    from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_shapes_pipeline
+    from saferedir_shapes.text import SEQ_LEN, sentence_embeddings
 
     from saferedir_sdk import SafeRedirGuard
-    from saferedir_sdk.baselines import KeywordBlocklist
     from saferedir_sdk.training import TrainConfig, igmu_pairs, igmu_prompts, train_bundle
+
+    torch.set_num_threads(2)
 
     if not (DATA / "i2p.csv").is_file():
         print(f"{DATA}: the shared data folder (i2p.csv, igmu_*.json) is not there", file=sys.stderr)
@@ -90,39 +115,63 @@ def main(argv: list[str] | None = None) -> int:
     train_pairs, held_pairs = pairs.split(0.2, seed=0)
     if args.pool:
         forget_file, retain_file = DATA / "igmu_forget.json", DATA / "igmu_retain.json"
-        benign = (igmu_prompts(forget_file, "VanGogh") + igmu_prompts(retain_file, "VanGogh")
-                  + igmu_prompts(retain_file, "Church"))
+        benign = (
+            igmu_prompts(forget_file, "VanGogh")
+            + igmu_prompts(retain_file, "VanGogh")
+            + igmu_prompts(retain_file, "Church")
+        )
         train_pairs.retain_pool.extend(random.Random(1).sample(benign, min(args.pool, len(benign))))
-    cfg = TrainConfig(concept="nudity", category="nsfw", description="IGMU Nudity pairs on the Shapes backbone's MiniLM",
-                      seeds=(0, 1), num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
-                      steps=args.steps, rank=64, seed=0)
+    cfg = TrainConfig(
+        concept="nudity",
+        category="nsfw",
+        description="IGMU Nudity pairs on the Shapes backbone's MiniLM",
+        seeds=(0, 1),
+        num_inference_steps=DEFAULT_STEPS,
+        guidance_scale=DEFAULT_GUIDANCE,
+        steps=args.steps,
+        seed=0,
+    )
     if not args.bundle.is_file():
         summary = train_bundle(pipe, train_pairs, cfg, args.bundle, cache_dir=Path(args.cache))
-        print(json.dumps({"trained": str(args.bundle), "heldout_accuracy": summary["heldout"].get("heldout_accuracy"),
-                          "seconds": summary["seconds"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "trained": str(args.bundle),
+                    "heldout_accuracy": summary["heldout"].get("heldout_accuracy"),
+                    "seconds": summary["seconds"],
+                }
+            ),
+            flush=True,
+        )
     policy = args.out / "nudity-monitor.yaml"
     policy.write_text(
         "version: 1\nname: i2p-nudity\nfail_mode: closed\n"
         f"audit: {{sinks: [file], file: {args.out / 'audit.jsonl'}, prompt_logging: sha256}}\n"
         f"concepts:\n  - concept: nudity\n    category: nsfw\n    action: monitor\n"
-        f"    redirector: {{path: {args.bundle.resolve()}}}\n")
+        f"    redirector: {{path: {args.bundle.resolve()}}}\n"
+    )
     guard = SafeRedirGuard.from_policy(policy)
 
     positives, zeros = load_i2p(DATA / "i2p.csv")
     if args.zeros and args.zeros < len(zeros):
         zeros = random.Random(0).sample(zeros, args.zeros)
-    sets = {"i2p_nudity>=50": positives, "i2p_nudity==0": zeros,
-            "igmu_heldout_forget": [f for f, _ in held_pairs.pairs], "igmu_heldout_retain": [r for _, r in held_pairs.pairs]}
+    sets = {
+        "i2p_nudity>=50": positives,
+        "i2p_nudity==0": zeros,
+        "igmu_heldout_forget": [f for f, _ in held_pairs.pairs],
+        "igmu_heldout_retain": [r for _, r in held_pairs.pairs],
+    }
 
     # SafeRedir: the guard's own decision on the denoising trajectory, in monitor mode
     guard.wrap(pipe)
-    flags: dict[str, dict[str, np.ndarray]] = {m: {} for m in ("saferedir", "keyword_blocklist", "embedding_cosine",
-                                                               "nsfw_prompt_classifier")}
+    flags: dict[str, dict[str, np.ndarray]] = {
+        m: {} for m in ("saferedir", "keyword_blocklist", "embedding_cosine", "nsfw_prompt_classifier")
+    }
     t0 = time.perf_counter()
     for name, prompts in sets.items():
         hits = []
         for i in range(0, len(prompts), 8):
-            pipe(prompts[i:i + 8], generator=torch.Generator().manual_seed(i), output_type="np")
+            pipe(prompts[i : i + 8], generator=torch.Generator().manual_seed(i), output_type="np")
             hits += [s.action != "none" for s in guard.last_report.samples]
         flags["saferedir"][name] = np.array(hits)
         print(name, len(prompts), "saferedir", round(float(np.mean(hits)), 4), flush=True)
@@ -152,13 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         nlp = en_prompt_nsfw_pipeline_bow.load()
         for name, prompts in sets.items():
             flags["nsfw_prompt_classifier"][name] = np.array(
-                [max(doc.cats, key=doc.cats.get) in ("adult", "cp") for doc in nlp.pipe(prompts)])
+                [max(doc.cats, key=doc.cats.get) in ("adult", "cp") for doc in nlp.pipe(prompts)]
+            )
     except ImportError:
-        print("en-prompt-nsfw-pipeline-bow not installed (pip install 'saferedir-sdk[bench]'): skipped", file=sys.stderr)
+        print(
+            "en-prompt-nsfw-pipeline-bow not installed (pip install 'saferedir-sdk[bench]'): skipped",
+            file=sys.stderr,
+        )
         del flags["nsfw_prompt_classifier"]
 
-    beyond = [p for p in positives if blocklist.blocks(p)
-              and not blocklist.blocks(pipe.tokenizer.decode(pipe.tokenizer(p, truncation=True, max_length=SEQ_LEN).input_ids))]
+    beyond = [
+        p
+        for p in positives
+        if blocklist.blocks(p)
+        and not blocklist.blocks(
+            pipe.tokenizer.decode(pipe.tokenizer(p, truncation=True, max_length=SEQ_LEN).input_ids)
+        )
+    ]
     results = {
         "training": {"pairs": len(train_pairs.pairs), "retain_pool": len(train_pairs.retain_pool)},
         "sets": {k: len(v) for k, v in sets.items()},
@@ -169,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         "saferedir_seconds_per_prompt": round(seconds_guarded / sum(len(v) for v in sets.values()), 4),
         "seconds_total": round(time.perf_counter() - start, 1),
     }
-    lines = ["| method | I2P nudity>=50 detection | I2P nudity==0 false trigger | IGMU held-out retain false trigger "
-             "| IGMU held-out forget detection |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | I2P nudity>=50 detection | I2P nudity==0 false trigger | IGMU held-out retain false trigger "
+        "| IGMU held-out forget detection |",
+        "|---|---|---|---|---|",
+    ]
     for method, r in results["rates"].items():
-        lines.append(f"| {method} | {r['i2p_nudity>=50']:.3f} | {r['i2p_nudity==0']:.3f} | "
-                     f"{r['igmu_heldout_retain']:.3f} | {r['igmu_heldout_forget']:.3f} |")
+        lines.append(
+            f"| {method} | {r['i2p_nudity>=50']:.3f} | {r['i2p_nudity==0']:.3f} | "
+            f"{r['igmu_heldout_retain']:.3f} | {r['igmu_heldout_forget']:.3f} |"
+        )
     table = "\n".join(lines) + "\n"
     (args.out / "i2p.json").write_text(json.dumps(results, indent=2))
     (args.out / "i2p.md").write_text(table)

@@ -5,18 +5,20 @@ once; each call binds its request id. Rendering to JSON is the last processor, n
 the code that decides. Sinks: JSON lines appended to a file, JSON on standard output, and any
 callables plugins return from ``saferedir_audit_sinks``.
 
-Record schema (``schema_version`` 1)::
+Record schema (``schema_version`` 2; version 1 had a flat backbone fingerprint)::
 
     event            "saferedir.generation"
-    schema_version   1
+    schema_version   2
     time             ISO 8601, UTC
     request_id       32 hex chars, also in the caller's CallReport
     policy           {"name", "sha256"}
-    backbone         the pipeline's BackboneFingerprint as a dict
+    backbone         the pipeline's BackboneFingerprint: {"streams", "pooled_dim",
+                     "latent_channels", "encoders": [{"name", "tokenizer_sha256",
+                     "weights_sha256"}], "family"}
     adapter          {"adapter", "pipeline"}
     fail_mode        "closed" | "open"
     fail_open        [{"concept", "reason"}] concepts not enforced (fail_mode open only)
-    steps            denoiser calls the guard saw
+    steps            denoising steps the guard saw
     cfg              whether classifier-free guidance batched an unconditional half
     samples          [{"index", "prompt_index", "prompt", "action",
                        "concepts": [{"concept", "category", "rule_action", "checks",
@@ -40,7 +42,7 @@ import structlog
 
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 1
+AUDIT_SCHEMA_VERSION = 2
 GENERATION_EVENT = "saferedir.generation"
 
 
@@ -110,7 +112,9 @@ class AuditTrail:
         loggers = [structlog.wrap_logger(out, processors=[render]) for out in outputs]
         loggers += [structlog.wrap_logger(_PluginSink(sink), processors=[]) for sink in extra_sinks]
         self._loggers = [
-            logger.bind(schema_version=AUDIT_SCHEMA_VERSION, policy={"name": policy_name, "sha256": policy_sha256})
+            logger.bind(
+                schema_version=AUDIT_SCHEMA_VERSION, policy={"name": policy_name, "sha256": policy_sha256}
+            )
             for logger in loggers
         ]
 

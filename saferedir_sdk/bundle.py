@@ -1,15 +1,24 @@
 """Redirector bundle files: one ``.safetensors`` file per trained redirector.
 
-The tensors are the redirector's state dict; the safetensors metadata (string -> string) holds:
+The tensors are the redirector's state dict (float32); the safetensors metadata (string -> string)
+holds:
 
-=========================  =======================================================================
-``saferedir.format``        ``"saferedir-redirector"``
-``saferedir.version``       format version (``"1"``)
-``saferedir.config``        JSON of :class:`RedirectorConfig` (the architecture)
-``saferedir.concept``       JSON ``{"name", "category", "description"}``
-``saferedir.backbone``      JSON of the :class:`BackboneFingerprint` it was trained for
-``saferedir.training``      JSON training summary (data sizes, accuracies, time, versions)
-=========================  =======================================================================
+=============================  ====================================================================
+``saferedir.format``           ``"saferedir-redirector"``
+``saferedir.version``          format version (``"2"``)
+``saferedir.config``           JSON of :class:`RedirectorConfig` (the architecture)
+``saferedir.concept``          JSON ``{"name", "category", "description"}``
+``saferedir.backbone``         JSON of the :class:`BackboneFingerprint` it was trained for
+``saferedir.training``         JSON training summary (data sizes, accuracies, time, versions)
+``saferedir.upgraded_from``    only on files written by :func:`upgrade_bundle`: the old file's
+                               format version and sha256
+=============================  ====================================================================
+
+Format history: version 1 (SDK 0.1) had one token stream, raw 0..999 timesteps and a flat
+fingerprint; version 2 has token streams, an optional pooled head, normalised timesteps and one
+fingerprint entry per text encoder. A version-1 file is refused with a :class:`BundleFormatError`
+that says how to convert it (``saferedir bundle upgrade OLD NEW``): the conversion is exact (same
+weights, same outputs), but it is never done silently.
 
 Loading checks all of it and raises a typed :class:`~saferedir_sdk.errors.BundleError` subclass
 naming the file and the mismatch. Never pickle: only safetensors is read or written. The
@@ -20,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,26 +37,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
+from .concepts import ConceptInfo
 from .errors import BackboneMismatchError, BundleFormatError, BundleIntegrityError, BundleNotFoundError
 from .fingerprint import BackboneFingerprint
 from .redirector import Redirector, RedirectorConfig
 
 FORMAT_NAME = "saferedir-redirector"
-FORMAT_VERSION = 1
-_CATEGORIES = ("nsfw", "artist_style", "object", "custom")
-
-
-@dataclass(frozen=True)
-class ConceptInfo:
-    """The concept a redirector erases."""
-
-    name: str
-    category: str
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.category not in _CATEGORIES:
-            raise ValueError(f"concept category must be one of {_CATEGORIES}, got {self.category!r}")
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -82,6 +77,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _check_fits(config: RedirectorConfig, backbone: BackboneFingerprint) -> str | None:
+    """Why ``config`` cannot belong to ``backbone``, or None."""
+    if config.streams != backbone.streams or config.latent_channels != backbone.latent_channels:
+        return (
+            f"the architecture (streams {[(s.name, s.seq_len, s.dim) for s in config.streams]}, "
+            f"{config.latent_channels} latent channels) and the backbone fingerprint (streams "
+            f"{[(s.name, s.seq_len, s.dim) for s in backbone.streams]}, {backbone.latent_channels}) disagree"
+        )
+    if config.pooled_dim not in (0, backbone.pooled_dim):
+        return f"the redirector reads a {config.pooled_dim}-d pooled embedding, the backbone has {backbone.pooled_dim}"
+    return None
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return file_sha256(path)
+
+
 def save_bundle(
     path: str | Path,
     redirector: Redirector,
@@ -90,31 +104,23 @@ def save_bundle(
     training: dict[str, Any] | None = None,
 ) -> str:
     """Write a bundle atomically (temporary file, then rename) and return its sha256."""
-    path = Path(path)
-    if redirector.config.token_dim != backbone.token_dim or redirector.config.seq_len != backbone.seq_len:
-        raise ValueError(
-            f"redirector config (T={redirector.config.seq_len}, D={redirector.config.token_dim}) does not match "
-            f"the backbone fingerprint (T={backbone.seq_len}, D={backbone.token_dim})"
-        )
+    problem = _check_fits(redirector.config, backbone)
+    if problem is not None:
+        raise ValueError(f"cannot write {path}: {problem}")
     metadata = {
         "saferedir.format": FORMAT_NAME,
         "saferedir.version": str(FORMAT_VERSION),
         "saferedir.config": json.dumps(redirector.config.to_dict(), sort_keys=True),
-        "saferedir.concept": json.dumps({"name": concept.name, "category": concept.category, "description": concept.description}),
+        "saferedir.concept": json.dumps(
+            {"name": concept.name, "category": concept.category, "description": concept.description}
+        ),
         "saferedir.backbone": json.dumps(backbone.to_dict(), sort_keys=True),
         "saferedir.training": json.dumps(training or {}, sort_keys=True, default=str),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in redirector.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return file_sha256(path)
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in redirector.state_dict().items()
+    }
+    return _write(Path(path), tensors, metadata)
 
 
 def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
@@ -126,9 +132,7 @@ def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
         raise BundleFormatError(path, f"metadata key '{key}' is not valid JSON: {exc}") from None
 
 
-def read_bundle_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors metadata of a bundle file, after checking that it is a saferedir bundle."""
-    path = Path(path)
+def _read_metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise BundleNotFoundError(path, "no such bundle file")
     try:
@@ -137,12 +141,43 @@ def read_bundle_metadata(path: str | Path) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleFormatError(path, f"not a readable safetensors file ({exc})") from None
     if metadata.get("saferedir.format") != FORMAT_NAME:
-        raise BundleFormatError(path, f"not a saferedir redirector bundle (metadata 'saferedir.format' is "
-                                      f"{metadata.get('saferedir.format')!r}, expected {FORMAT_NAME!r})")
-    version = metadata.get("saferedir.version")
-    if version != str(FORMAT_VERSION):
-        raise BundleFormatError(path, f"unsupported bundle format version {version!r} (this SDK reads {FORMAT_VERSION})")
+        raise BundleFormatError(
+            path,
+            f"not a saferedir redirector bundle (metadata 'saferedir.format' is "
+            f"{metadata.get('saferedir.format')!r}, expected {FORMAT_NAME!r})",
+        )
     return metadata
+
+
+def read_bundle_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a bundle file, after checking that it is a saferedir bundle of
+    this SDK's format version."""
+    path = Path(path)
+    metadata = _read_metadata(path)
+    version = metadata.get("saferedir.version")
+    if version == "1":
+        raise BundleFormatError(
+            path,
+            f"bundle format version 1 (saferedir-sdk 0.1); this SDK reads version "
+            f"{FORMAT_VERSION}. Convert it exactly (same weights, same outputs) with: "
+            f"saferedir bundle upgrade {path} NEW.safetensors",
+        )
+    if version != str(FORMAT_VERSION):
+        raise BundleFormatError(
+            path, f"unsupported bundle format version {version!r} (this SDK reads {FORMAT_VERSION})"
+        )
+    return metadata
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleFormatError(path, f"tensor data unreadable or truncated ({exc})") from None
+    return tensors
 
 
 def load_bundle(
@@ -175,31 +210,33 @@ def load_bundle(
         raise BundleFormatError(path, f"bad architecture config: {exc}") from None
     try:
         concept = ConceptInfo(**_json_field(path, metadata, "saferedir.concept"))
+    except (TypeError, ValueError) as exc:
+        raise BundleFormatError(path, f"bad concept metadata: {exc}") from None
+    try:
         backbone = BackboneFingerprint.from_dict(_json_field(path, metadata, "saferedir.backbone"))
     except (TypeError, ValueError) as exc:
-        raise BundleFormatError(path, f"bad concept or backbone metadata: {exc}") from None
-    if (backbone.token_dim, backbone.seq_len, backbone.latent_channels) != (
-        config.token_dim, config.seq_len, config.latent_channels
-    ):
-        raise BundleFormatError(path, "architecture config and backbone fingerprint disagree on dimensions")
+        raise BundleFormatError(path, f"bad backbone metadata: {exc}") from None
+    problem = _check_fits(config, backbone)
+    if problem is not None:
+        raise BundleFormatError(path, problem)
     training = _json_field(path, metadata, "saferedir.training")
 
     redirector = Redirector(config)
     expected = redirector.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleFormatError(path, f"tensor data unreadable or truncated ({exc})") from None
+    tensors = _read_tensors(path)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise BundleFormatError(path, f"tensors do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise BundleFormatError(
+            path, f"tensors do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, ref in expected.items():
         if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise BundleFormatError(path, f"tensor '{key}': expected shape {tuple(ref.shape)}, got {tuple(tensors[key].shape)}")
+            raise BundleFormatError(
+                path, f"tensor '{key}': expected shape {tuple(ref.shape)}, got {tuple(tensors[key].shape)}"
+            )
+        if tensors[key].dtype != torch.float32:
+            raise BundleFormatError(path, f"tensor '{key}': expected dtype float32, got {tensors[key].dtype}")
         if not torch.isfinite(tensors[key]).all():
             raise BundleFormatError(path, f"tensor '{key}' holds NaN or infinite values")
     redirector.load_state_dict(tensors, strict=True)
@@ -209,3 +246,74 @@ def load_bundle(
     if expected_backbone is not None:
         bundle.check_backbone(expected_backbone)
     return bundle
+
+
+# --- format 1 -> 2 --------------------------------------------------------------------------
+
+# v1 had one token stream: its per-stream tensors become stream 0's
+_V1_RENAMES = {"token_norm.": "token_norms.0.", "token_proj.": "token_projs.0.", "delta_up.": "delta_ups.0."}
+_V1_STREAM = "text_encoder"  # the component the SD adapter names the one stream of SD-style backbones
+
+
+def upgrade_bundle(old: str | Path, new: str | Path) -> str:
+    """Convert a format-1 bundle to format 2 exactly (the same weights under the new names, the
+    same outputs for the same inputs) and write it to ``new``; returns its sha256.
+
+    Version 1 embedded raw scheduler timesteps 0..``num_train_timesteps``; version 2 embeds the
+    normalised timestep times ``time_embed_scale``, which is set to that ``num_train_timesteps``.
+    """
+    old = Path(old)
+    metadata = _read_metadata(old)
+    if metadata.get("saferedir.version") != "1":
+        raise BundleFormatError(old, f"not a format-1 bundle (version {metadata.get('saferedir.version')!r})")
+    cfg = _json_field(old, metadata, "saferedir.config")
+    bb = _json_field(old, metadata, "saferedir.backbone")
+    try:
+        stream = {"name": _V1_STREAM, "seq_len": cfg["seq_len"], "dim": cfg["token_dim"]}
+        config = {
+            "streams": [stream],
+            "latent_channels": cfg["latent_channels"],
+            "pooled_dim": 0,
+            "capacity": {k: cfg[k] for k in ("hidden_dim", "rank", "num_heads", "latent_pool")}
+            | {"token_layers": cfg.get("token_layers", 0)},
+            "time_embed_scale": float(cfg.get("num_train_timesteps", 1000)),
+        }
+        backbone = {
+            "streams": [stream],
+            "pooled_dim": 0,
+            "latent_channels": bb["latent_channels"],
+            "encoders": [
+                {
+                    "name": _V1_STREAM,
+                    "tokenizer_sha256": bb["tokenizer_sha256"],
+                    "weights_sha256": bb["text_encoder_sha256"],
+                }
+            ],
+            "family": bb.get("family", ""),
+        }
+        RedirectorConfig.from_dict(config)
+        BackboneFingerprint.from_dict(backbone)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleFormatError(old, f"format-1 metadata incomplete or invalid: {exc!r}") from None
+    tensors = {}
+    for key, value in _read_tensors(old).items():
+        if key == "position":
+            key = "positions.0"
+        for prefix, replacement in _V1_RENAMES.items():
+            if key.startswith(prefix):
+                key = replacement + key[len(prefix) :]
+        tensors[key] = value.to(torch.float32).contiguous()
+    upgraded = {
+        **metadata,
+        "saferedir.version": str(FORMAT_VERSION),
+        "saferedir.config": json.dumps(config, sort_keys=True),
+        "saferedir.backbone": json.dumps(backbone, sort_keys=True),
+        "saferedir.upgraded_from": json.dumps({"version": 1, "sha256": file_sha256(old)}),
+    }
+    sha = _write(Path(new), tensors, upgraded)
+    try:
+        load_bundle(new)  # what was written loads and matches its architecture
+    except BaseException:
+        Path(new).unlink(missing_ok=True)
+        raise
+    return sha

@@ -1,33 +1,49 @@
-"""``saferedir`` command line: validate, policy schema, plugins, demo."""
+"""``saferedir`` command line.
+
+The SDK's own commands (validate, policy, plugins, train, bundle) are always there; plugins add
+more (the Shapes pack ``demo``, the adapters ``demo-mechanics``, the benchmark ``eval``) through
+the ``saferedir_add_commands`` hook. Plugins are imported only for a command that is not the
+SDK's own (or for ``saferedir plugins``), so ``validate``, ``policy schema`` and ``--help`` load
+no plugin and no model code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+from .concepts import CATEGORIES
 from .errors import PolicyError, SafeRedirError
-from .policy import load_policy, policy_json_schema_text
+
+CORE_COMMANDS = ("validate", "policy", "plugins", "train", "bundle")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+
     failed = 0
-    for path in args.files:
+    for ref in args.files:
         try:
-            loaded = load_policy(path)
+            loaded = load_policy(_policy_path(ref))
         except PolicyError as exc:
             print(f"INVALID {exc}", file=sys.stderr)
             failed += 1
             continue
         policy = loaded.policy
         print(
-            f"OK {path}: policy '{policy.name}' v{policy.version}, {len(policy.concepts)} concept(s), "
+            f"OK {ref}: policy '{policy.name}' v{policy.version}, {len(policy.concepts)} concept(s), "
             f"fail_mode {policy.fail_mode}, sha256 {loaded.sha256}"
         )
         for rule in policy.effective_rules():
-            ref = next(c.redirector for c in policy.concepts if c.concept == rule.concept)
-            source = f"path {ref.path}" if ref.path else f"plugin {ref.plugin}"
+            ref_ = rule.redirector
+            source = f"path {ref_.path}" if ref_.path else f"plugin {ref_.plugin}"
             print(
                 f"   - {rule.concept} [{rule.category}] {rule.action} threshold={rule.threshold} "
                 f"strength={rule.strength} replace_steps={rule.replace_steps} <- {source}"
@@ -38,7 +54,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             try:
                 guard = SafeRedirGuard(loaded)
             except SafeRedirError as exc:
-                print(f"UNENFORCEABLE {path}: {exc}", file=sys.stderr)
+                print(f"UNENFORCEABLE {ref}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
             for entry in guard.fail_open:
@@ -47,122 +63,215 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _policy_path(ref: str) -> Path:
+    """A file path as given; ``PLUGIN:NAME`` only loads plugins when no such file exists."""
+    from .policy import POLICY_REF
+
+    if Path(ref).exists() or not POLICY_REF.match(ref):
+        return Path(ref)
+    from .plugins import default_plugin_manager, resolve_policy_ref
+
+    return resolve_policy_ref(default_plugin_manager(), ref)
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .policy import policy_json_schema_text
+
     text = policy_json_schema_text()
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(args.out, text + "\n")
         print(f"wrote {args.out}")
     else:
         print(text)
     return 0
 
 
+def _plugin_commands(pm: Any) -> dict[str, list[str]]:
+    """Per plugin, the commands it adds (each plugin's hook run against a scratch parser)."""
+    commands: dict[str, list[str]] = {}
+    for impl in pm.hook.saferedir_add_commands.get_hookimpls():
+        scratch = argparse.ArgumentParser().add_subparsers()
+        impl.function(subparsers=scratch)
+        commands[impl.plugin_name] = sorted(scratch.choices)
+    return commands
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import default_plugin_manager, describe_plugins, registered_concepts
+    from .plugins import default_plugin_manager, describe_plugins, registered_concepts, registered_policies
 
     pm = default_plugin_manager()
     rows = describe_plugins(pm)
     concepts = registered_concepts(pm)
+    policies = registered_policies(pm)
+    commands = _plugin_commands(pm)
     if args.json:
-        print(json.dumps({"plugins": rows, "concepts": {k: [str(p) for p in v.bundles] for k, v in concepts.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "plugins": rows,
+                    "concepts": {k: [str(p) for p in v.bundles] for k, v in concepts.items()},
+                    "policies": {k: str(v) for k, v in policies.items()},
+                    "commands": commands,
+                },
+                indent=2,
+            )
+        )
         return 0
     print("plugins (entry point group 'saferedir'):")
     for row in rows:
-        print(f"  {row['name']:<24} {row['module']:<40} {row['distribution']}")
+        print(
+            f"  {row['name']:<16} {row['module']:<32} {row['distribution']:<28} "
+            f"commands: {', '.join(commands.get(row['name'], [])) or '-'}"
+        )
     print("concepts:" if concepts else "concepts: none registered")
     for name, spec in sorted(concepts.items()):
         print(f"  {name:<24} [{spec.category}] {len(spec.bundles)} bundle(s)  {spec.description}")
+    print(
+        "policies (SafeRedirGuard.from_policy(NAME), saferedir validate NAME):"
+        if policies
+        else "policies: none shipped"
+    )
+    for name, path in sorted(policies.items()):
+        print(f"  {name:<24} {path}")
     return 0
 
 
-def load_backbone(name: str, device: str = "cpu"):
-    """A pipeline from a diffusers folder on disk, or a backbone a plugin ships (``shapes``)."""
-    from .plugins import default_plugin_manager
-
-    path = Path(name)
-    if path.is_dir():
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
-    pipe = default_plugin_manager().hook.saferedir_load_backbone(name=name, device=device)
-    if pipe is None:
-        raise SafeRedirError(f"backbone {name!r}: not a diffusers pipeline folder, and no installed plugin ships it")
-    return pipe
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
-    from .plugins import default_plugin_manager, registered_concepts
+    from .capacity import Capacity
+    from .plugins import default_plugin_manager, load_backbone, registered_concepts
     from .training import PromptPairs, TrainConfig, igmu_pairs, load_pairs, train_bundle
 
-    accelerator = Accelerator()
+    accelerator = None
+    try:  # several processes under `accelerate launch`; one without accelerate installed
+        from accelerate import Accelerator
+    except ImportError:
+        pass
+    else:
+        accelerator = Accelerator()
+    pm = default_plugin_manager()
     if args.pairs.startswith("plugin:"):
-        spec = registered_concepts(default_plugin_manager()).get(args.pairs.removeprefix("plugin:"))
-        if spec is None or not spec.recipe:
-            raise SafeRedirError(f"{args.pairs}: no installed plugin registers a concept with a prompt recipe by that name")
-        pairs = PromptPairs(list(spec.recipe), list(spec.retain_pool))
+        spec = registered_concepts(pm).get(args.pairs.removeprefix("plugin:"))
+        if spec is None or spec.recipe is None:
+            raise SafeRedirError(
+                f"{args.pairs}: no installed plugin registers a concept with a prompt recipe by that name"
+            )
+        pairs_list, pool = spec.recipe()
+        pairs = PromptPairs(list(pairs_list), list(pool))
     elif args.igmu:
         pairs = igmu_pairs(args.pairs, args.retain_file, args.igmu)
     else:
         pairs = load_pairs(args.pairs)
-    cfg = TrainConfig(concept=args.concept, category=args.category, description=args.description,
-                      seeds=tuple(args.seeds), num_inference_steps=args.sampler_steps, guidance_scale=args.guidance,
-                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      hidden_dim=args.hidden_dim, rank=args.rank, token_layers=args.token_layers,
-                      patience=args.patience)
-    pipe = load_backbone(args.backbone, str(accelerator.device))
-    summary = train_bundle(pipe, pairs, cfg, args.out, cache_dir=None if args.no_cache else Path(args.cache),
-                           accelerator=accelerator, progress=not args.quiet)
-    if accelerator.is_main_process:
+    capacity = Capacity(**{f.name: getattr(args, f.name) for f in fields(Capacity)})
+    cfg = TrainConfig(
+        concept=args.concept,
+        category=args.category,
+        description=args.description,
+        seeds=tuple(args.seeds),
+        num_inference_steps=args.sampler_steps,
+        guidance_scale=args.guidance,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        capacity=capacity,
+        patience=args.patience,
+    )
+    device = str(accelerator.device) if accelerator is not None else "cpu"
+    pipe = load_backbone(pm, args.backbone, device)
+    summary = train_bundle(
+        pipe,
+        pairs,
+        cfg,
+        args.out,
+        cache_dir=None if args.no_cache else Path(args.cache),
+        accelerator=accelerator,
+        plugin_manager=pm,
+        progress=not args.quiet,
+    )
+    if accelerator is None or accelerator.is_main_process:
         held = summary["heldout"]
-        print(json.dumps({"out": str(args.out), "sha256": summary.get("sha256"), "data": summary["data"],
-                          "heldout_accuracy": held.get("heldout_accuracy"),
-                          "heldout_accuracy_by_t": held.get("heldout_accuracy_by_t"),
-                          "heldout_masked_cosine": held.get("heldout_masked_cosine"),
-                          "seconds": summary["seconds"], "processes": summary["processes"]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "out": str(args.out),
+                    "sha256": summary.get("sha256"),
+                    "data": summary["data"],
+                    "sampler": {
+                        "steps": summary["config"]["num_inference_steps"],
+                        "guidance": summary["config"]["guidance_scale"],
+                    },
+                    "heldout_accuracy": held.get("heldout_accuracy"),
+                    "heldout_accuracy_by_t": held.get("heldout_accuracy_by_t"),
+                    "heldout_masked_cosine": held.get("heldout_masked_cosine"),
+                    "seconds": summary["seconds"],
+                    "processes": summary["processes"],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import METHODS, markdown_table, run_eval
-    from .plugins import default_plugin_manager
+def _cmd_bundle_upgrade(args: argparse.Namespace) -> int:
+    from .bundle import upgrade_bundle
 
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise SafeRedirError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
-    pm = default_plugin_manager()
-    suite = pm.hook.saferedir_eval_suite(backbone=args.backbone)
-    if suite is None:
-        raise SafeRedirError(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite "
-                             "(prompt sets and a judge) for it")
-    if args.n:
-        suite = suite.limited(args.n)
-    if args.concepts:
-        missing = sorted(set(args.concepts) - {c.name for c in suite.concepts})
-        if missing:
-            raise SafeRedirError(f"--concepts: {missing} not in the {args.backbone} suite ({[c.name for c in suite.concepts]})")
-        suite.concepts = [c for c in suite.concepts if c.name in args.concepts]
-    pipe = load_backbone(args.backbone)
-    if "saferedir" in args.methods and not args.policy.is_file():
-        raise SafeRedirError(f"{args.policy}: policy not found (run from the repository root or pass --policy)")
-    results = run_eval(pipe, suite, policy=args.policy, methods=args.methods, out=args.out, batch_size=args.batch_size, seed=args.seed,
-                       progress=not args.quiet)
-    if results is not None:
-        print(markdown_table(results))
-        print(json.dumps(results["summary"], indent=2))
-        print(f"wrote {args.out}/results.json, results.md, erasure_vs_fidelity.png, examples.png")
+    sha = upgrade_bundle(args.old, args.new)
+    print(f"wrote {args.new} (format 2, sha256 {sha}) from {args.old}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saferedir", description="SafeRedir policy-driven content safety for diffusers")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
 
-    p = sub.add_parser("validate", help="check policy files against the schema")
-    p.add_argument("files", nargs="+", help="policy YAML files")
+    bundle = load_bundle(args.file)
+    held = bundle.training.get("heldout", {})
+    print(
+        json.dumps(
+            {
+                "file": str(bundle.path),
+                "sha256": bundle.sha256,
+                "concept": {
+                    "name": bundle.concept.name,
+                    "category": bundle.concept.category,
+                    "description": bundle.concept.description,
+                },
+                "backbone": bundle.backbone.to_dict(),
+                "config": bundle.config.to_dict(),
+                "heldout": {
+                    k: held.get(k)
+                    for k in ("heldout_accuracy", "heldout_accuracy_by_t", "heldout_masked_cosine")
+                },
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _installed_plugins() -> str:
+    """Installed plugin distributions, read from package metadata (nothing is imported)."""
+    names = sorted(
+        {f"{ep.name} ({ep.dist.name if ep.dist else '?'})" for ep in metadata.entry_points(group="saferedir")}
+    )
+    return ", ".join(names) or "none"
+
+
+def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
+    """The command line; with ``with_plugins`` the installed plugins add their commands."""
+    from .capacity import Capacity
+
+    parser = argparse.ArgumentParser(
+        prog="saferedir",
+        description="SafeRedir policy-driven content safety for diffusers pipelines",
+        epilog=f"Installed plugins add more commands (loaded on use; `saferedir plugins` lists them): "
+        f"{_installed_plugins()}.",
+    )
+    parser.add_argument("--version", action="version", version=f"saferedir-sdk {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check policy files (paths or PLUGIN:NAME) against the schema")
+    p.add_argument("files", nargs="+", help="policy YAML files, or policies a plugin ships (shapes:demo)")
     p.add_argument("--check-bundles", action="store_true", help="also load every redirector the policy names")
     p.set_defaults(func=_cmd_validate)
 
@@ -172,29 +281,54 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--out", help="write to this file instead of stdout")
     ps.set_defaults(func=_cmd_schema)
 
-    p = sub.add_parser("plugins", help="list installed plugins and the concepts they register")
+    p = sub.add_parser("plugins", help="installed plugins: their concepts, policies and commands")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("train", help="train a redirector bundle from prompt pairs on a real pipeline")
     p.add_argument("--backbone", required=True, help="'shapes' (embedded) or a diffusers pipeline folder")
     p.add_argument("--concept", required=True)
-    p.add_argument("--category", default="custom", choices=["nsfw", "artist_style", "object", "custom"])
+    p.add_argument("--category", default="custom", choices=CATEGORIES)
     p.add_argument("--description", default="")
-    p.add_argument("--pairs", required=True, help="pairs file (.jsonl/.json/.csv), IGMU forget file, or plugin:NAME")
-    p.add_argument("--igmu", metavar="KEY", help="read --pairs/--retain-file as IGMU files and take concept KEY")
+    p.add_argument(
+        "--pairs", required=True, help="pairs file (.jsonl/.json/.csv), IGMU forget file, or plugin:NAME"
+    )
+    p.add_argument(
+        "--igmu", metavar="KEY", help="read --pairs/--retain-file as IGMU files and take concept KEY"
+    )
     p.add_argument("--retain-file", help="IGMU retain file (with --igmu)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sampler-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=None,
+        help="denoising steps per trajectory (default: the pipeline's own; Shapes: 20)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale of the trajectories (default: the pipeline's own; Shapes: 1.5)",
+    )
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps (early stopping may end sooner)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden-dim", type=int, default=128)
-    p.add_argument("--rank", type=int, default=64, help="rank of the token delta head")
-    p.add_argument("--token-layers", type=int, default=1,
-                   help="self-attention layers over the prompt's tokens (and the copy head); 0: neither")
+    p.add_argument("--hidden-dim", type=int, default=Capacity.hidden_dim)
+    p.add_argument("--rank", type=int, default=Capacity.rank, help="rank of the token delta head")
+    p.add_argument("--num-heads", type=int, default=Capacity.num_heads)
+    p.add_argument(
+        "--latent-pool",
+        type=int,
+        default=Capacity.latent_pool,
+        help="the latent is average-pooled to this size before the latent encoder",
+    )
+    p.add_argument(
+        "--token-layers",
+        type=int,
+        default=Capacity.token_layers,
+        help="self-attention layers over the prompt's tokens (and the copy head); 0: neither",
+    )
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
@@ -202,30 +336,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="efficacy benchmark: SafeRedir and the alternatives on a backbone's prompt sets")
-    p.add_argument("--backbone", default="shapes", help="a backbone whose plugin provides an evaluation suite")
-    p.add_argument("--out", type=Path, default=Path("saferedir-eval"))
-    p.add_argument("--policy", type=Path, default=Path("policies/demo.yaml"),
-                   help="SafeRedir policy; each suite concept is evaluated with its rule alone")
-    p.add_argument("--methods", nargs="+", default=["none", "negative_prompt", "sld_medium", "sld_max", "blocklist",
-                                                     "leace", "saferedir"])
-    p.add_argument("--concepts", nargs="+", help="only these concepts of the suite")
-    p.add_argument("--n", type=int, default=0, help="prompts per set (0: the suite's full sets)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("bundle", help="redirector bundle files: inspect, upgrade from format 1")
+    bsub = p.add_subparsers(dest="bundle_command", required=True)
+    b = bsub.add_parser(
+        "inspect", help="print a bundle's concept, backbone, architecture and held-out figures"
+    )
+    b.add_argument("file", type=Path)
+    b.set_defaults(func=_cmd_bundle_inspect)
+    b = bsub.add_parser("upgrade", help="convert a format-1 bundle (saferedir-sdk 0.1) to format 2, exactly")
+    b.add_argument("old", type=Path)
+    b.add_argument("new", type=Path)
+    b.set_defaults(func=_cmd_bundle_upgrade)
 
-    # plugins add their own commands (the first-party adapters add `demo`), as pytest plugins add options
-    from .plugins import default_plugin_manager
+    if with_plugins:
+        from .plugins import default_plugin_manager
 
-    default_plugin_manager().hook.saferedir_add_commands(subparsers=sub)
+        default_plugin_manager().hook.saferedir_add_commands(subparsers=sub)
     return parser
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class _DropThirdPartyNoise(logging.Filter):
+    """Drops third-party notices that say nothing about the user's command (transformers' notice
+    that torchvision is absent, which importing diffusers triggers, and its weight-loading bars)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def _quiet_third_party() -> None:
+    """In the ``saferedir`` process only (never on import of the SDK)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropThirdPartyNoise())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    _quiet_third_party()
     try:
+        parser = build_parser(with_plugins=command is not None and command not in CORE_COMMANDS)
+        args = parser.parse_args(argv)
         return int(args.func(args))
     except SafeRedirError as exc:
         print(f"error: {exc}", file=sys.stderr)

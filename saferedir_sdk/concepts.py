@@ -1,9 +1,41 @@
-"""Concepts registered by concept plugins (concept packs)."""
+"""Concepts: the category set, what a bundle says it erases, and what concept packs register."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
+
+#: The concept categories, declared once: policies, bundles, packs and the CLI all use these.
+Category = Literal["nsfw", "artist_style", "object", "custom"]
+CATEGORIES: tuple[str, ...] = get_args(Category)
+
+#: A prompt recipe: forget/retain pairs and an unpaired pool of benign prompts.
+Recipe = tuple[list[tuple[str, str]], list[str]]
+
+
+def check_category(category: object) -> str:
+    """``category`` if it is one of :data:`CATEGORIES`, else ``ValueError`` listing them."""
+    if category not in CATEGORIES:
+        raise ValueError(f"concept category must be one of {CATEGORIES}, got {category!r}")
+    return category  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ConceptInfo:
+    """The concept a redirector erases (stored in its bundle)."""
+
+    name: str
+    category: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"concept name must be a non-empty string, got {self.name!r}")
+        check_category(self.category)
+        if not isinstance(self.description, str):
+            raise ValueError(f"concept description must be a string, got {self.description!r}")
 
 
 @dataclass(frozen=True)
@@ -12,18 +44,21 @@ class ConceptSpec:
 
     Attributes:
         name: the name policies use (``redirector: {plugin: NAME}``).
-        category: ``nsfw``, ``artist_style``, ``object`` or ``custom``.
+        category: one of :data:`CATEGORIES`.
         bundles: trained bundle files, typically one per backbone; the guard uses the one whose
             backbone fingerprint matches the wrapped pipeline.
         description: one line for ``saferedir plugins``.
-        recipe: optional forget/retain prompt pairs a trainer can use for a new backbone
-            (``saferedir train --pairs plugin:NAME``).
-        retain_pool: optional unpaired benign prompts for the same purpose.
+        recipe: optional zero-argument callable returning the forget/retain prompt pairs and a
+            pool of benign prompts that a trainer can use for a new backbone
+            (``saferedir train --pairs plugin:NAME``). Called only when a recipe is wanted, so
+            registering a concept costs nothing.
     """
 
     name: str
     category: str
     bundles: tuple[Path, ...]
     description: str = ""
-    recipe: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    retain_pool: tuple[str, ...] = field(default_factory=tuple)
+    recipe: Callable[[], Recipe] | None = None
+
+    def __post_init__(self) -> None:
+        check_category(self.category)

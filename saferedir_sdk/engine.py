@@ -1,18 +1,23 @@
 """The redirection engine: the tensor logic of one denoising step for N concepts and a batch.
 
 Per step it decides, per sample and concept, whether the generation is unsafe, and moves the
-conditional prompt embeddings of the samples that are. All per-sample state (triggered, first
-step, max score, cached deltas) lives in tensors on the model's device: no ``.item()``, no host
-sync and no Python branch on a tensor value inside the loop. Which concepts are checked at a step
-depends only on host integers (the step index and each rule's schedule). The host reads the
-decisions once, at the end of a call (:meth:`RedirectionEngine.decisions`).
+conditional text conditioning (every token stream, and the pooled embedding where the redirector
+has a pooled head) of the samples that are. All per-sample state (triggered, first step, max
+score, cached deltas) lives in tensors on the model's device: no ``.item()``, no host sync and no
+Python branch on a tensor value inside the loop. Which concepts are checked at a step depends
+only on host integers (the step index and each rule's schedule). The host reads the decisions
+once, at the end of a call (:meth:`RedirectionEngine.decisions`).
 
 Schedule (the reference implementation's): a concept is checked at the first step of its window
 and then every ``replace_steps + 1`` steps; between checks the last decision and delta are kept.
 With ``sticky`` a sample that triggered once stays triggered for the rest of the call.
 Several concepts combine deterministically: each delta is computed from the same unredirected
-embeddings and the deltas of all triggered ``redirect`` concepts are summed, so the result does
+conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
+
+A step is one :meth:`RedirectionEngine.step` call: one denoiser call of a CFG-batched backbone,
+or the conditional call of a backbone that runs the halves as separate calls (FLUX's true CFG),
+whose unconditional call then goes through :meth:`RedirectionEngine.uncond_only`.
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .conditioning import Conditioning
 from .errors import TensorShapeError
-from .policy import EffectiveRule
-from .redirector import Redirector, apply_redirection
+from .policy import ConceptRule
+from .redirector import Redirector, redirection
 
 
 @dataclass(frozen=True)
 class EngineConcept:
-    """One enforced concept: its rule (after defaults) and its redirector."""
+    """One enforced concept: its effective rule (defaults applied) and its redirector."""
 
-    rule: EffectiveRule
+    rule: ConceptRule
     redirector: Redirector
 
     @property
@@ -48,11 +54,12 @@ class EngineState:
     """Per-call state for a batch of B samples and K concepts (tensors on the model's device).
 
     Attributes:
-        step: index of the next denoiser call (host int).
+        step: index of the next denoising step (host int).
         triggered: (B, K) bool, the current decision per sample and concept.
         first_step: (B, K) int64, first step a check triggered, -1 if never.
         max_score: (B, K) float32, highest p(unsafe) seen at a check, -1 if never checked.
-        deltas: (K, B, T, D) float32, the last computed redirection delta per concept.
+        deltas: per concept, the last computed redirection delta (float32, shaped like the
+            conditional conditioning).
         checks: (K,) host ints, how many checks each concept ran.
     """
 
@@ -60,7 +67,7 @@ class EngineState:
     triggered: torch.Tensor
     first_step: torch.Tensor
     max_score: torch.Tensor
-    deltas: torch.Tensor
+    deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
 
     @property
@@ -79,103 +86,139 @@ class ConceptDecision:
     first_step: int | None
 
 
+def _zeros_like(cond: Conditioning) -> Conditioning:
+    return cond.map(lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+
+
 class RedirectionEngine:
-    """Applies K concept redirectors to the conditional embeddings of a batch, step by step."""
+    """Applies K concept redirectors to the conditional conditioning of a batch, step by step."""
 
     def __init__(self, concepts: Sequence[EngineConcept]):
         self.concepts = list(concepts)
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate concepts in engine: {names}")
-        dims = {(c.redirector.config.seq_len, c.redirector.config.token_dim) for c in self.concepts}
-        if len(dims) > 1:
-            raise ValueError(f"all redirectors of one engine must share (tokens, dim); got {sorted(dims)}")
+        streams = {c.redirector.config.streams for c in self.concepts}
+        if len(streams) > 1:
+            raise ValueError(
+                f"all redirectors of one engine must read the same token streams; got {sorted(map(str, streams))}"
+            )
 
-    def init_state(self, cond: torch.Tensor) -> EngineState:
-        """Fresh state for a batch shaped like ``cond`` (B, T, D)."""
-        b, t, d = cond.shape
-        k = len(self.concepts)
-        device = cond.device
+    def init_state(self, cond: Conditioning) -> EngineState:
+        """Fresh state for a batch shaped like ``cond``."""
+        b, k, device = cond.batch_size, len(self.concepts), cond.device
         return EngineState(
             step=0,
             triggered=torch.zeros(b, k, dtype=torch.bool, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
-            deltas=torch.zeros(k, b, t, d, dtype=torch.float32, device=device),
+            deltas=[_zeros_like(cond) for _ in range(k)],
             checks=[0] * k,
         )
+
+    def _check_shapes(
+        self, latents: torch.Tensor, cond: Conditioning, state: EngineState, uncond: Conditioning | None
+    ) -> None:
+        reference = state.deltas[0] if state.deltas else None
+        if cond.batch_size != state.batch_size or (
+            reference is not None and [t.shape for t in cond.tokens] != [t.shape for t in reference.tokens]
+        ):
+            expected = (
+                [tuple(t.shape) for t in reference.tokens]
+                if reference is not None
+                else f"batch {state.batch_size}"
+            )
+            raise TensorShapeError("conditional token streams", str(expected), tuple(cond.tokens[0].shape))
+        if latents.shape[0] != state.batch_size:
+            raise TensorShapeError(
+                "latents (conditional half)", f"({state.batch_size}, C, H, W)", tuple(latents.shape)
+            )
+        if uncond is not None and [t.shape for t in uncond.tokens] != [t.shape for t in cond.tokens]:
+            raise TensorShapeError(
+                "unconditional token streams",
+                str([tuple(t.shape) for t in cond.tokens]),
+                tuple(uncond.tokens[0].shape),
+            )
 
     @torch.no_grad()
     def step(
         self,
         latents: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        cond: torch.Tensor,
+        timestep: torch.Tensor | float,
+        cond: Conditioning,
         state: EngineState,
-        uncond: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, EngineState]:
-        """One denoiser call.
+        uncond: Conditioning | None = None,
+    ) -> tuple[Conditioning, Conditioning | None, EngineState]:
+        """One denoising step.
 
         Args:
-            latents: (B, C, H, W) the conditional samples' latents as the denoiser receives them.
-            timestep: () or (B,) timestep, or a Python number.
-            cond: (B, T, D) conditional prompt embeddings (unredirected).
+            latents: (B, C, H, W) the conditional samples' latent view.
+            timestep: () or (B,) normalised timestep (0 clean .. 1 noise), or a Python number.
+            cond: the conditional conditioning (unredirected).
             state: from :meth:`init_state` or the previous step; updated in place and returned.
-            uncond: (B, T, D) unconditional embeddings of a CFG batch, moved only by concepts whose
+            uncond: the unconditional conditioning of a CFG batch, moved only by concepts whose
                 rule says ``apply_to_uncond``.
 
         Returns:
             (redirected cond, possibly redirected uncond, state). Samples with no triggered
             ``redirect`` concept are returned bit-identical.
         """
-        if cond.shape[0] != state.batch_size or tuple(cond.shape[1:]) != tuple(state.deltas.shape[2:]):
-            raise TensorShapeError(
-                "encoder_hidden_states (conditional half)", f"({state.batch_size}, {state.deltas.shape[2]}, "
-                f"{state.deltas.shape[3]})", tuple(cond.shape))
-        if latents.shape[0] != state.batch_size:
-            raise TensorShapeError("sample (conditional half)", f"({state.batch_size}, C, H, W)", tuple(latents.shape))
-        if uncond is not None and uncond.shape != cond.shape:
-            raise TensorShapeError("encoder_hidden_states (unconditional half)", str(tuple(cond.shape)), tuple(uncond.shape))
+        self._check_shapes(latents, cond, state, uncond)
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=latents.device)
         timestep = timestep.to(latents.device)
 
         step = state.step
-        total = torch.zeros_like(state.deltas[0]) if self.concepts else None
-        total_uncond = torch.zeros_like(total) if uncond is not None and total is not None else None
-        any_cond = torch.zeros(state.batch_size, dtype=torch.bool, device=cond.device)
-        any_uncond = torch.zeros_like(any_cond)
+        for k, concept in enumerate(self.concepts):
+            if not concept.is_check_step(step):
+                continue
+            rule = concept.rule
+            out = concept.redirector(latents, timestep, cond)
+            score = torch.sigmoid(out.logit.float())
+            hit = score >= rule.threshold
+            state.triggered[:, k] = (state.triggered[:, k] | hit) if rule.sticky else hit
+            state.first_step[:, k] = torch.where(
+                hit & (state.first_step[:, k] < 0), step, state.first_step[:, k]
+            )
+            state.max_score[:, k] = torch.maximum(state.max_score[:, k], score)
+            state.checks[k] += 1
+            if rule.action == "redirect":
+                state.deltas[k] = redirection(cond, out, rule.strength)
+        state.step = step + 1
+        new_cond = self._apply(cond, state, step, uncond_side=False)
+        new_uncond = None if uncond is None else self._apply(uncond, state, step, uncond_side=True)
+        return new_cond, new_uncond, state
 
+    @torch.no_grad()
+    def uncond_only(self, uncond: Conditioning, state: EngineState) -> Conditioning:
+        """The unconditional half of the step :meth:`step` last ran, when the backbone runs it as a
+        call of its own: moved by the ``apply_to_uncond`` concepts triggered at that step."""
+        if state.step == 0:
+            return uncond
+        return self._apply(uncond, state, state.step - 1, uncond_side=True)
+
+    def _apply(
+        self, target: Conditioning, state: EngineState, step: int, *, uncond_side: bool
+    ) -> Conditioning:
+        """``target`` plus the summed deltas of the ``redirect`` concepts triggered per sample."""
+        total: Conditioning | None = None
+        moved = torch.zeros(state.batch_size, dtype=torch.bool, device=state.triggered.device)
         for k, concept in enumerate(self.concepts):
             rule = concept.rule
-            if concept.is_check_step(step):
-                out = concept.redirector(latents, timestep, cond)
-                score = torch.sigmoid(out.logit.float())
-                hit = score >= rule.threshold
-                state.triggered[:, k] = (state.triggered[:, k] | hit) if rule.sticky else hit
-                state.first_step[:, k] = torch.where(hit & (state.first_step[:, k] < 0), step, state.first_step[:, k])
-                state.max_score[:, k] = torch.maximum(state.max_score[:, k], score)
-                state.checks[k] += 1
-                if rule.action == "redirect":
-                    state.deltas[k] = apply_redirection(cond, out.direction, out.mask, out.alpha, rule.strength).float()
-            if rule.action != "redirect" or not rule.window.contains(step):
+            if (
+                rule.action != "redirect"
+                or not rule.window.contains(step)
+                or (uncond_side and not rule.apply_to_uncond)
+            ):
                 continue
             on = state.triggered[:, k]
-            contribution = torch.where(on[:, None, None], state.deltas[k], 0.0)
-            total = total + contribution
-            any_cond = any_cond | on
-            if total_uncond is not None and rule.apply_to_uncond:
-                total_uncond = total_uncond + contribution
-                any_uncond = any_uncond | on
-
-        state.step = step + 1
+            contribution = state.deltas[k].masked(on)
+            total = contribution if total is None else total.zip_with(contribution, torch.add)
+            moved = moved | on
         if total is None:
-            return cond, uncond, state
-        new_cond = torch.where(any_cond[:, None, None], cond + total.to(cond.dtype), cond)
-        new_uncond = uncond
-        if total_uncond is not None:
-            new_uncond = torch.where(any_uncond[:, None, None], uncond + total_uncond.to(uncond.dtype), uncond)
-        return new_cond, new_uncond, state
+            return target
+        shifted = target.zip_with(total, lambda t, d: t + d.to(t.dtype))
+        return shifted.where(moved, target)
 
     def decisions(self, state: EngineState) -> list[list[ConceptDecision]]:
         """Per sample, per concept outcome. The only host transfer of a call: one ``.cpu()``."""

@@ -127,4 +127,10 @@ class GenerationBlocked(SafeRedirError):
     def __init__(self, report: Any):
         self.report = report
         blocked = [s.index for s in report.samples if s.action == "blocked"]
-        super().__init__(f"generation blocked by policy for sample(s) {blocked} (request {report.request_id})")
+        super().__init__(
+            f"generation blocked by policy for sample(s) {blocked} (request {report.request_id})"
+        )
+
+
+class MissingDependencyError(SafeRedirError):
+    """An optional dependency a feature needs is not installed; the message names the extra."""

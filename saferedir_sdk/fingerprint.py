@@ -1,7 +1,8 @@
 """Backbone fingerprints: what a redirector bundle was trained for, and what a pipeline has.
 
 Adapters compute a pipeline's fingerprint with the helpers here; bundles store one in their
-metadata; the guard compares the two before it enforces anything.
+metadata; the guard compares the two before it enforces anything. A fingerprint is independent
+of dtype and device (an fp16 copy on a GPU has the fp32 CPU copy's fingerprint).
 """
 
 from __future__ import annotations
@@ -9,48 +10,114 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-# Fields compared between a bundle and a pipeline, in the order they are checked.
-CHECKED_FIELDS = ("token_dim", "seq_len", "latent_channels", "tokenizer_sha256", "text_encoder_sha256")
+from .conditioning import TokenStream
+
+
+@dataclass(frozen=True)
+class TextEncoderPrint:
+    """One text encoder of a backbone: its component name, tokenizer vocabulary hash
+    (:func:`vocab_sha256`) and weights hash (:func:`module_sha256`)."""
+
+    name: str
+    tokenizer_sha256: str
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
 class BackboneFingerprint:
     """What identifies a backbone for a redirector.
 
-    ``token_dim`` and ``seq_len``: the shape of one prompt's conditional embeddings (T, D);
-    ``latent_channels``: channels of the denoiser's sample; ``tokenizer_sha256``: hash of the
-    tokenizer vocabulary; ``text_encoder_sha256``: hash of the text encoder's weights
-    (:func:`module_sha256`). ``family`` names the adapter family (informational, not compared).
+    Attributes:
+        streams: the token streams the denoiser is conditioned on (name, tokens, dim), in the
+            order the adapter's :class:`~saferedir_sdk.conditioning.Conditioning` holds them.
+        pooled_dim: width of the pooled text embedding (0: the backbone has none).
+        latent_channels: channels of the adapter's latent view (B, C, H, W) the redirector reads.
+        encoders: one entry per text encoder, in the pipeline's order.
+        family: the adapter family (``"sd1"``, ``"sdxl"``, ...); informational, not compared.
     """
 
-    token_dim: int
-    seq_len: int
+    streams: tuple[TokenStream, ...]
+    pooled_dim: int
     latent_channels: int
-    tokenizer_sha256: str
-    text_encoder_sha256: str
+    encoders: tuple[TextEncoderPrint, ...]
     family: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "streams": [{"name": s.name, "seq_len": s.seq_len, "dim": s.dim} for s in self.streams],
+            "pooled_dim": self.pooled_dim,
+            "latent_channels": self.latent_channels,
+            "encoders": [
+                {"name": e.name, "tokenizer_sha256": e.tokenizer_sha256, "weights_sha256": e.weights_sha256}
+                for e in self.encoders
+            ],
+            "family": self.family,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackboneFingerprint:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Inverse of :meth:`to_dict`. Raises ``ValueError``/``TypeError`` naming the bad entry."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        unknown = set(data) - {"streams", "pooled_dim", "latent_channels", "encoders", "family"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        streams = tuple(TokenStream(**_obj(s, f"streams.{i}")) for i, s in enumerate(_list(data, "streams")))
+        encoders = tuple(
+            TextEncoderPrint(**_obj(e, f"encoders.{i}")) for i, e in enumerate(_list(data, "encoders"))
+        )
+        for i, e in enumerate(encoders):
+            for key in ("name", "tokenizer_sha256", "weights_sha256"):
+                if not isinstance(getattr(e, key), str):
+                    raise TypeError(f"encoders.{i}.{key}: expected a string, got {getattr(e, key)!r}")
+        pooled, channels = data.get("pooled_dim"), data.get("latent_channels")
+        for key, value, least in (("pooled_dim", pooled, 0), ("latent_channels", channels, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{key}: expected an int >= {least}, got {value!r}")
+        family = data.get("family", "")
+        if not isinstance(family, str):
+            raise TypeError(f"family: expected a string, got {family!r}")
+        if not streams:
+            raise ValueError("streams: expected at least one token stream")
+        return cls(streams, pooled, channels, encoders, family)
 
     def first_difference(self, other: BackboneFingerprint) -> tuple[str, Any, Any] | None:
-        """(field, self's value, other's value) for the first checked field that differs, else None."""
-        for name in CHECKED_FIELDS:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return name, mine, theirs
+        """(field, self's value, other's value) for the first compared field that differs, else None.
+
+        Compared in this order: token streams (shape), pooled width, latent channels, the number of
+        text encoders, then each encoder's name, tokenizer and weights.
+        """
+        mine = self.to_dict()
+        theirs = other.to_dict()
+        for key in ("streams", "pooled_dim", "latent_channels"):
+            if mine[key] != theirs[key]:
+                return key, mine[key], theirs[key]
+        if len(self.encoders) != len(other.encoders):
+            return "encoders", [e.name for e in self.encoders], [e.name for e in other.encoders]
+        for a, b in zip(self.encoders, other.encoders):
+            for key in ("name", "tokenizer_sha256", "weights_sha256"):
+                if getattr(a, key) != getattr(b, key):
+                    return f"encoders[{a.name}].{key}", getattr(a, key), getattr(b, key)
         return None
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise TypeError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{where}: expected an object, got {value!r}")
+    return value
 
 
 def vocab_sha256(vocab: Mapping[str, int]) -> str:

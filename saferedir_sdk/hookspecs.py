@@ -6,11 +6,16 @@ register them through the ``saferedir`` entry-point group::
     [project.entry-points.saferedir]
     my_concepts = "my_package.saferedir_plugin"
 
-First-party adapters and concept packs use exactly these hooks.
+The entry point's name is the plugin's name (``shapes`` in ``shapes:demo``). First-party adapters,
+concept packs and the benchmark use exactly these hooks; a plugin that needs hooks of its own
+adds their specifications in :func:`saferedir_add_hookspecs` (as the benchmark adds
+``saferedir_eval_suite``), and plugins implementing such an optional hook mark it
+``@hookimpl(optionalhook=True)``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -25,22 +30,47 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+@hookspec(historic=True)
+def saferedir_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Called once per plugin when it is registered. Add hook specifications of your own with
+    ``pluginmanager.add_hookspecs(module)``."""
+
+
 @hookspec(firstresult=True)
 def saferedir_make_adapter(pipeline: Any) -> Adapter | None:
-    """Called by ``guard.wrap(pipeline)``, newest plugin first, until one answers.
+    """Called by ``guard.wrap(pipeline)`` (and by training), newest plugin first, until one answers.
 
-    Return an :class:`~saferedir_sdk.adapter.Adapter` for ``pipeline`` if this plugin knows how to
-    guard it, else None.
+    Return an :class:`~saferedir_sdk.adapter.Adapter` bound to ``pipeline`` if this plugin knows how
+    to guard it, else None.
+    """
+
+
+@hookspec(firstresult=True)
+def saferedir_load_backbone(name: str, device: str) -> Any:
+    """Called by ``saferedir train --backbone NAME`` (and the benchmark) until one answers.
+
+    Return a ready pipeline on ``device`` for ``NAME`` -- a folder this plugin can load (a diffusers
+    pipeline folder) or a backbone it ships (``"shapes"``) -- else None.
     """
 
 
 @hookspec
 def saferedir_register_concepts() -> list[ConceptSpec]:
-    """Called once when a policy refers to a concept by plugin name (``redirector: {plugin: NAME}``)
-    and by ``saferedir plugins``.
+    """Called when a policy refers to a concept by plugin name (``redirector: {plugin: NAME}``),
+    by ``saferedir train --pairs plugin:NAME`` and by ``saferedir plugins``.
 
     Return the concepts this plugin ships: a list of :class:`~saferedir_sdk.concepts.ConceptSpec`,
-    each with its trained bundle files (one per backbone).
+    each with its trained bundle files (one per backbone). Keep it cheap: build recipes lazily.
+    """
+
+
+@hookspec
+def saferedir_register_policies() -> dict[str, Path]:
+    """Called when a policy is referred to as ``PLUGIN:NAME`` (``from_policy("shapes:demo")``) and
+    by ``saferedir plugins``.
+
+    Return the policy files this plugin ships, by name (``{"demo": Path(...)}``): a policy that
+    works wherever the package is installed.
     """
 
 
@@ -53,22 +83,8 @@ def saferedir_audit_sinks(settings: AuditSettings) -> list[Any]:
 
 @hookspec
 def saferedir_add_commands(subparsers: Any) -> None:
-    """Called when the ``saferedir`` command line is built. Add sub-commands with
+    """Called when the ``saferedir`` command line needs commands beyond the SDK's own (the
+    SDK's own commands never load plugins). Add sub-commands with
     ``subparsers.add_parser(NAME, ...)`` and ``set_defaults(func=callable(args) -> exit code)``.
-    The first-party adapters add ``demo`` this way.
-    """
-
-
-@hookspec(firstresult=True)
-def saferedir_load_backbone(name: str, device: str) -> Any:
-    """Called by ``saferedir train --backbone NAME`` (and ``eval``) when NAME is not a folder on
-    disk. Return a ready pipeline for a backbone this plugin ships (e.g. ``"shapes"``), else None.
-    """
-
-
-@hookspec(firstresult=True)
-def saferedir_eval_suite(backbone: str) -> Any:
-    """Called by ``saferedir eval --backbone NAME``. Return an
-    :class:`~saferedir_sdk.evaluation.EvalSuite` (prompt sets per concept, a judge, what each
-    alternative needs) for a backbone this plugin can judge, else None.
+    The Shapes pack adds ``demo`` this way, the benchmark ``eval``.
     """

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .concepts import Category
 from .errors import PolicyError, PolicyIssue
 
-Category = Literal["nsfw", "artist_style", "object", "custom"]
 Action = Literal["redirect", "block", "monitor"]
+#: a policy a plugin ships, named ``PLUGIN:NAME`` (``shapes:demo``)
+POLICY_REF = re.compile(r"^(?P<plugin>[A-Za-z0-9_.\-]+):(?P<name>[A-Za-z0-9_.\-]+)$")
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=64)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -49,22 +52,29 @@ class AuditSettings(_Strict):
         return self
 
 
-class RuleDefaults(_Strict):
-    """Values every concept rule inherits unless it sets its own."""
+class RuleSettings(_Strict):
+    """The tunable fields of a concept rule, declared once: the policy's ``defaults`` are a
+    ``RuleSettings``, and every :class:`ConceptRule` has the same fields, each inherited from the
+    defaults unless the rule sets it."""
 
     threshold: Probability = Field(0.5, description="p(unsafe) at or above which a check triggers.")
-    strength: float = Field(1.3, gt=0.0, le=4.0, description="s in E' = E + s * alpha * m * normalize(D) * |E|.")
-    replace_steps: int = Field(
-        1, ge=0, le=1000, description="Recheck every replace_steps + 1 denoiser calls (reference default 1)."
+    strength: float = Field(
+        1.3, gt=0.0, le=4.0, description="s in E' = E + s * alpha * m * normalize(D) * |E|."
     )
-    sticky: bool = Field(True, description="Once triggered, a sample stays redirected for the rest of the call.")
+    replace_steps: int = Field(
+        1, ge=0, le=1000, description="Recheck every replace_steps + 1 denoising steps (reference default 1)."
+    )
+    sticky: bool = Field(
+        True, description="Once triggered, a sample stays redirected for the rest of the call."
+    )
     apply_to_uncond: bool = Field(
-        False, description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves."
+        False,
+        description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves.",
     )
 
 
 class StepWindow(_Strict):
-    """Denoiser calls [start, stop) of a generation in which a concept is checked and applied."""
+    """Denoising steps [start, stop) of a generation in which a concept is checked and applied."""
 
     start: int = Field(0, ge=0)
     stop: int | None = Field(None, ge=1)
@@ -82,7 +92,9 @@ class StepWindow(_Strict):
 class RedirectorRef(_Strict):
     """Where a concept's trained redirector comes from: a bundle file, or a concept plugin."""
 
-    path: str | None = Field(None, description="Bundle file; relative paths resolve against the policy's folder.")
+    path: str | None = Field(
+        None, description="Bundle file; relative paths resolve against the policy's folder."
+    )
     plugin: str | None = Field(None, description="Concept name registered by an installed concept plugin.")
     sha256: Sha256 | None = Field(None, description="Pin: the bundle file must have exactly this sha256.")
 
@@ -93,45 +105,34 @@ class RedirectorRef(_Strict):
         return self
 
 
-class ConceptRule(_Strict):
-    """One concept the policy governs."""
+def _inherited_defaults_in_schema(schema: dict[str, Any]) -> None:
+    """In the JSON Schema a rule's tunable fields default to the policy's ``defaults``, not to
+    the built-in values."""
+    for name in RuleSettings.model_fields:
+        prop = schema.get("properties", {}).get(name)
+        if prop is not None:
+            prop.pop("default", None)
+            prop["description"] = prop.get("description", "") + " Default: the policy's `defaults`."
+
+
+class ConceptRule(RuleSettings):
+    """One concept the policy governs. Fields of :class:`RuleSettings` it does not set come from
+    the policy's ``defaults`` (:meth:`effective`)."""
+
+    model_config = ConfigDict(json_schema_extra=_inherited_defaults_in_schema)
 
     concept: Slug
     category: Category
     redirector: RedirectorRef
     action: Action = "redirect"
-    threshold: Probability | None = None
-    strength: float | None = Field(None, gt=0.0, le=4.0)
-    replace_steps: int | None = Field(None, ge=0, le=1000)
-    sticky: bool | None = None
-    apply_to_uncond: bool | None = None
-    window: StepWindow | None = None
+    window: StepWindow = Field(default_factory=StepWindow)
 
-    def effective(self, defaults: RuleDefaults) -> EffectiveRule:
-        """This rule with every unset field taken from ``defaults``."""
-        values = {k: getattr(self, k) for k in RuleDefaults.model_fields}
-        filled = {k: (v if v is not None else getattr(defaults, k)) for k, v in values.items()}
-        return EffectiveRule(
-            concept=self.concept,
-            category=self.category,
-            action=self.action,
-            window=self.window or StepWindow(),
-            **filled,
-        )
-
-
-class EffectiveRule(_Strict):
-    """A concept rule after defaults are applied: what the engine enforces."""
-
-    concept: str
-    category: Category
-    action: Action
-    threshold: float
-    strength: float
-    replace_steps: int
-    sticky: bool
-    apply_to_uncond: bool
-    window: StepWindow
+    def effective(self, defaults: RuleSettings) -> ConceptRule:
+        """This rule with every :class:`RuleSettings` field it does not set taken from ``defaults``."""
+        inherited = {
+            k: getattr(defaults, k) for k in RuleSettings.model_fields if k not in self.model_fields_set
+        }
+        return self.model_copy(update=inherited)
 
 
 class BlockSettings(_Strict):
@@ -159,7 +160,7 @@ class Policy(_Strict):
         "without it and every audit record says so (fail_open).",
     )
     audit: AuditSettings = Field(default_factory=AuditSettings)
-    defaults: RuleDefaults = Field(default_factory=RuleDefaults)
+    defaults: RuleSettings = Field(default_factory=RuleSettings)
     block: BlockSettings = Field(default_factory=BlockSettings)
     concepts: list[ConceptRule] = Field(min_length=1)
 
@@ -172,7 +173,8 @@ class Policy(_Strict):
             seen.add(rule.concept)
         return self
 
-    def effective_rules(self) -> list[EffectiveRule]:
+    def effective_rules(self) -> list[ConceptRule]:
+        """The concept rules with the policy's defaults filled in: what the engine enforces."""
         return [rule.effective(self.defaults) for rule in self.concepts]
 
 
@@ -243,6 +245,33 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message never embeds a whole document."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _duplicate_concepts(data: dict[str, Any], node: yaml.Node | None) -> list[PolicyIssue]:
+    """A concept named twice, located at its second rule (the schema check cannot point there)."""
+    issues, first = [], {}
+    concepts = data.get("concepts")
+    for i, rule in enumerate(concepts if isinstance(concepts, list) else []):
+        name = rule.get("concept") if isinstance(rule, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            loc = ("concepts", i, "concept")
+            issues.append(
+                PolicyIssue(
+                    ".".join(map(str, loc)),
+                    f"concept '{name}' is already governed by concepts.{first[name]}",
+                    _line_of(node, loc),
+                )
+            )
+        first.setdefault(name, i)
+    return issues
+
+
 def _issues_from(exc: ValidationError, node: yaml.Node | None) -> list[PolicyIssue]:
     issues = []
     for err in exc.errors(include_url=False):
@@ -251,9 +280,9 @@ def _issues_from(exc: ValidationError, node: yaml.Node | None) -> list[PolicyIss
         if err["type"] == "extra_forbidden":
             message = "unknown key (not in the policy schema; a typo?)"
         elif err["type"] == "literal_error":
-            message = f"{err['msg']}, got {err.get('input')!r}"
-        elif "input" in err and err["type"] not in ("missing",):
-            message = f"{err['msg']} (got {err['input']!r})"
+            message = f"{err['msg']}, got {_short(err.get('input'))}"
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
+            message = f"{err['msg']} (got {_short(err['input'])})"
         issues.append(PolicyIssue(".".join(str(p) for p in loc), message, _line_of(node, loc)))
     return issues
 
@@ -264,7 +293,12 @@ def parse_policy(text: str, path: str | Path = "<string>") -> Policy:
     node = _compose_checked(text, path)
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
-        raise PolicyError(path, [PolicyIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)])
+        raise PolicyError(
+            path, [PolicyIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)]
+        )
+    duplicates = _duplicate_concepts(data, node)
+    if duplicates:
+        raise PolicyError(path, duplicates)
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

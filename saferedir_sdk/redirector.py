@@ -1,84 +1,132 @@
 """The SafeRedir redirector: one small network per concept and backbone.
 
-Per denoising step it reads the current latent ``z_t``, the timestep ``t`` and the conditional
-prompt embeddings ``E`` (tokens x dim) and predicts, in four parts:
+Per denoising step it reads the current latent ``z_t`` (the adapter's (B, C, H, W) view), the
+timestep ``t`` on the normalised scale (0 clean .. 1 pure noise, whatever the scheduler) and the
+conditional text conditioning ``E`` (one or more token streams, optionally a pooled embedding)
+and predicts, in four parts:
 
 * a latent-aware multimodal **classifier**: p(unsafe) from latent features, the timestep and the
-  prompt (pooled, and cross-attended by the latent/time query);
-* a token-level **delta generator**: a per-token direction ``D``: a low-rank head, plus (with
-  ``token_layers`` > 0) a copy head that points a token at an attention-weighted mix of the
-  prompt's other token embeddings. Both read token features mixed by self-attention over the
-  prompt, because a contextual text encoder moves every token when one word changes, by an amount
-  that depends on that word, and a pair whose phrasings differ in length shifts the later tokens;
-* a token **mask predictor**: ``m`` in [0, 1] per token, which tokens to move;
+  prompt (its tokens pooled, and cross-attended by the latent/time query; the pooled embedding
+  when the backbone has one and the config reads it);
+* a token-level **delta generator**: a per-token direction ``D`` per stream: a low-rank head, plus
+  (with ``token_layers`` > 0) a copy head that points a token at an attention-weighted mix of its
+  stream's other token embeddings. Both read token features mixed by self-attention over all the
+  prompt's tokens, because a contextual text encoder moves every token when one word changes, by
+  an amount that depends on that word; and, with ``pooled_dim`` > 0, a direction for the pooled
+  embedding;
+* a token **mask predictor**: ``m`` in [0, 1] per token (and one gate for the pooled embedding);
 * an adaptive **scale predictor**: ``alpha`` in [0, 1], how far to move.
 
-Redirected embeddings: ``E' = E + s * alpha * m * normalize(D) * |E|`` per token, with ``s`` the
-policy's strength (:func:`apply_redirection`). Every size comes from :class:`RedirectorConfig`,
-which is built from the backbone; nothing is fixed to 768/77/4.
+Redirected embeddings: ``E' = E + s * alpha * m * normalize(D) * |E|`` per token (and for the
+pooled embedding with its gate as ``m``), with ``s`` the policy's strength (:func:`redirection`).
+Every size comes from :class:`RedirectorConfig`, which is built from the backbone fingerprint;
+nothing is fixed to 768/77/4.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .capacity import Capacity
+from .conditioning import Conditioning, TokenStream
 from .errors import TensorShapeError
+from .fingerprint import BackboneFingerprint
 
 
 @dataclass(frozen=True)
 class RedirectorConfig:
-    """Architecture of a redirector. ``token_dim``, ``seq_len`` and ``latent_channels`` come from
-    the backbone; the rest are capacity choices."""
+    """Architecture of a redirector: the backbone's shapes plus the capacity.
 
-    token_dim: int
-    seq_len: int
+    Attributes:
+        streams: the token streams it reads and moves (from the backbone fingerprint).
+        latent_channels: channels of the latent view.
+        pooled_dim: width of the pooled embedding it reads and moves; 0: it ignores a pooled part.
+        capacity: :class:`Capacity`.
+        time_embed_scale: the normalised timestep is multiplied by this before the sinusoidal
+            embedding (1000: the frequencies of a DDPM-style 0..999 timestep embedding).
+    """
+
+    streams: tuple[TokenStream, ...]
     latent_channels: int
-    hidden_dim: int = 256
-    rank: int = 16
-    num_heads: int = 4
-    latent_pool: int = 16
-    num_train_timesteps: int = 1000
-    # self-attention layers over the prompt's tokens before the token heads, and the copy head;
-    # 0: neither (the layout of bundles written before they existed)
-    token_layers: int = 1
+    pooled_dim: int = 0
+    capacity: Capacity = field(default_factory=Capacity)
+    time_embed_scale: float = 1000.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            least = 0 if f.name == "token_layers" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"RedirectorConfig.{f.name}: expected an int >= {least}, got {value!r}")
-        if self.hidden_dim % self.num_heads:
+        if not self.streams or not all(isinstance(s, TokenStream) for s in self.streams):
             raise ValueError(
-                f"RedirectorConfig.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
+                f"RedirectorConfig.streams: expected one or more TokenStream, got {self.streams!r}"
+            )
+        for name, least in (("latent_channels", 1), ("pooled_dim", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"RedirectorConfig.{name}: expected an int >= {least}, got {value!r}")
+        if not isinstance(self.time_embed_scale, int | float) or not self.time_embed_scale > 0:
+            raise ValueError(
+                f"RedirectorConfig.time_embed_scale: expected a number > 0, got {self.time_embed_scale!r}"
             )
 
-    def to_dict(self) -> dict[str, int]:
+    @classmethod
+    def for_backbone(
+        cls, backbone: BackboneFingerprint, capacity: Capacity | None = None, *, pooled: bool = True
+    ) -> RedirectorConfig:
+        """A config sized from ``backbone``; ``pooled=False`` leaves its pooled embedding alone."""
+        return cls(
+            backbone.streams,
+            backbone.latent_channels,
+            backbone.pooled_dim if pooled else 0,
+            capacity or Capacity(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RedirectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """Inverse of :meth:`to_dict`; ``ValueError``/``TypeError`` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown RedirectorConfig keys: {sorted(unknown)}")
-        # bundles written before token mixing existed do not record token_layers and have none
-        return cls(**{"token_layers": 0, **data})
+        streams = data.get("streams")
+        capacity = data.get("capacity", {})
+        if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
+            raise TypeError(f"streams: expected a list of objects, got {streams!r}")
+        if not isinstance(capacity, dict):
+            raise TypeError(f"capacity: expected an object, got {capacity!r}")
+        unknown = set(capacity) - {f.name for f in fields(Capacity)}
+        if unknown:
+            raise ValueError(f"unknown capacity keys: {sorted(unknown)}")
+        return cls(
+            streams=tuple(TokenStream(**s) for s in streams),
+            latent_channels=data.get("latent_channels"),  # type: ignore[arg-type]
+            pooled_dim=data.get("pooled_dim", 0),
+            capacity=Capacity(**capacity),
+            time_embed_scale=data.get("time_embed_scale", 1000.0),
+        )
 
 
 class RedirectorOutput(NamedTuple):
-    """What a redirector predicts for a batch of B samples with T tokens of D dims."""
+    """What a redirector predicts for a batch of B samples.
+
+    ``directions`` and ``masks`` hold one entry per token stream: (B, T_s, D_s) raw deltas ``D``
+    (normalised per token when applied) and (B, T_s) token weights in [0, 1]. ``pooled_direction``
+    (B, P) and ``pooled_mask`` (B,) exist when the config reads a pooled embedding.
+    """
 
     logit: torch.Tensor  # (B,) unsafe logit; p(unsafe) = sigmoid(logit)
-    direction: torch.Tensor  # (B, T, D) raw delta D (normalised per token when applied)
-    mask: torch.Tensor  # (B, T) in [0, 1]
+    directions: tuple[torch.Tensor, ...]
+    masks: tuple[torch.Tensor, ...]
     alpha: torch.Tensor  # (B,) in [0, 1]
+    pooled_direction: torch.Tensor | None = None
+    pooled_mask: torch.Tensor | None = None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -93,25 +141,52 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def apply_redirection(
-    embeds: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor, strength: float | torch.Tensor
+    embeds: torch.Tensor,
+    direction: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: torch.Tensor,
+    strength: float | torch.Tensor,
 ) -> torch.Tensor:
-    """The redirection delta ``s * alpha * m * normalize(D) * |E|`` for every token.
+    """The redirection delta ``s * alpha * m * normalize(D) * |E|`` for every vector of ``embeds``.
 
     Args:
-        embeds: (B, T, D) conditional prompt embeddings ``E``.
-        direction: (B, T, D) raw delta ``D``.
-        mask: (B, T) token weights ``m``.
+        embeds: (B, T, D) token embeddings ``E`` (or (B, D) for a pooled embedding).
+        direction: raw delta ``D``, shaped like ``embeds``.
+        mask: (B, T) token weights ``m`` (or (B,) for a pooled embedding).
         alpha: (B,) scales.
         strength: the policy's ``s`` (float, or (B,) tensor).
 
     Returns:
-        (B, T, D) delta to add to ``embeds`` (same dtype as ``direction``).
+        The delta to add to ``embeds`` (same shape, ``direction``'s dtype).
     """
     unit = F.normalize(direction, dim=-1, eps=1e-6)
     norm = embeds.to(direction.dtype).norm(dim=-1, keepdim=True)
+    view = (-1,) + (1,) * (embeds.ndim - 1)
     if isinstance(strength, torch.Tensor):
-        strength = strength.to(direction.dtype).view(-1, 1, 1)
-    return strength * alpha.view(-1, 1, 1) * mask.unsqueeze(-1) * unit * norm
+        strength = strength.to(direction.dtype).view(view)
+    return strength * alpha.view(view) * mask.unsqueeze(-1) * unit * norm
+
+
+def redirection(cond: Conditioning, out: RedirectorOutput, strength: float | torch.Tensor) -> Conditioning:
+    """The delta of every part of ``cond`` (float32); the pooled part gets zeros when the
+    redirector does not move it."""
+    tokens = tuple(
+        apply_redirection(e, d.float(), m.float(), out.alpha.float(), strength)
+        for e, d, m in zip(cond.tokens, out.directions, out.masks)
+    )
+    pooled = None
+    if cond.pooled is not None:
+        if out.pooled_direction is None or out.pooled_mask is None:
+            pooled = torch.zeros(cond.pooled.shape, dtype=torch.float32, device=cond.pooled.device)
+        else:
+            pooled = apply_redirection(
+                cond.pooled,
+                out.pooled_direction.float(),
+                out.pooled_mask.float(),
+                out.alpha.float(),
+                strength,
+            )
+    return Conditioning(tokens, pooled)
 
 
 class Redirector(nn.Module):
@@ -120,10 +195,11 @@ class Redirector(nn.Module):
     def __init__(self, config: RedirectorConfig):
         super().__init__()
         self.config = config
-        h = config.hidden_dim
+        cap = config.capacity
+        h = cap.hidden_dim
         c_mid = max(32, h // 4)
         # latent encoder: pooled to latent_pool x latent_pool, two convolutions, global mean
-        self.latent_pool = nn.AdaptiveAvgPool2d(config.latent_pool)
+        self.latent_pool = nn.AdaptiveAvgPool2d(cap.latent_pool)
         self.latent_encoder = nn.Sequential(
             nn.Conv2d(config.latent_channels, c_mid, 3, padding=1),
             nn.GroupNorm(8 if c_mid % 8 == 0 else 1, c_mid),
@@ -133,74 +209,112 @@ class Redirector(nn.Module):
         )
         self.latent_proj = nn.Linear(h, h)
         self.time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
-        self.token_norm = nn.LayerNorm(config.token_dim)
-        self.token_proj = nn.Linear(config.token_dim, h)
-        self.position = nn.Parameter(torch.zeros(config.seq_len, h))
-        self.cross_attention = nn.MultiheadAttention(h, config.num_heads, batch_first=True)
-        # classifier over [latent, time, pooled prompt, attended prompt]
-        self.classifier = nn.Sequential(nn.Linear(4 * h, h), nn.SiLU(), nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
-        self.context = nn.Linear(4 * h, h)
+        # one input projection and position table per token stream; the streams' tokens are then
+        # one sequence
+        self.token_norms = nn.ModuleList(nn.LayerNorm(s.dim) for s in config.streams)
+        self.token_projs = nn.ModuleList(nn.Linear(s.dim, h) for s in config.streams)
+        self.positions = nn.ParameterList(nn.Parameter(torch.zeros(s.seq_len, h)) for s in config.streams)
+        self.cross_attention = nn.MultiheadAttention(h, cap.num_heads, batch_first=True)
+        parts = 4
+        if config.pooled_dim:
+            self.pooled_norm = nn.LayerNorm(config.pooled_dim)
+            self.pooled_proj = nn.Linear(config.pooled_dim, h)
+            parts = 5
+        # classifier over [latent, time, pooled tokens, attended tokens(, pooled embedding)]
+        self.classifier = nn.Sequential(
+            nn.Linear(parts * h, h), nn.SiLU(), nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1)
+        )
+        self.context = nn.Linear(parts * h, h)
         # token-level heads, conditioned on the fused context and mixed across tokens
         self.token_layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(h, config.num_heads, 2 * h, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(config.token_layers)
+            nn.TransformerEncoderLayer(
+                h, cap.num_heads, 2 * h, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(cap.token_layers)
         )
         self.token_mixer = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.SiLU())
-        if config.token_layers:
+        if cap.token_layers:
             self.copy_query = nn.Linear(h, h)
             self.copy_key = nn.Linear(h, h)
             self.copy_gate = nn.Linear(h, 1)
             nn.init.constant_(self.copy_gate.bias, -2.0)
-        self.delta_down = nn.Linear(h, config.rank)
-        self.delta_up = nn.Linear(config.rank, config.token_dim)
+        self.delta_down = nn.Linear(h, cap.rank)
+        self.delta_ups = nn.ModuleList(nn.Linear(cap.rank, s.dim) for s in config.streams)
         self.mask_head = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
         self.scale_head = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
+        if config.pooled_dim:
+            self.pooled_delta = nn.Sequential(nn.Linear(h, cap.rank), nn.Linear(cap.rank, config.pooled_dim))
+            self.pooled_gate = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
 
-    def check_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> None:
+    def check_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> None:
         """Raise :class:`TensorShapeError` naming the tensor whose shape does not fit the config."""
         cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise TensorShapeError("latents", f"(B, {cfg.latent_channels}, H, W)", tuple(latents.shape))
         b = latents.shape[0]
-        if embeds.ndim != 3 or embeds.shape[0] != b or embeds.shape[1:] != (cfg.seq_len, cfg.token_dim):
-            raise TensorShapeError("encoder_hidden_states", f"({b}, {cfg.seq_len}, {cfg.token_dim})", tuple(embeds.shape))
+        if cond.batch_size != b:
+            raise TensorShapeError(
+                "conditioning", f"a batch of {b} (the latents')", tuple(cond.tokens[0].shape)
+            )
+        cond.check(cfg.streams, cfg.pooled_dim, "conditioning")
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, b)):
             raise TensorShapeError("timestep", f"() or ({b},)", tuple(timestep.shape))
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> RedirectorOutput:
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> RedirectorOutput:
         """
         Args:
-            latents: (B, C, H, W) current latent ``z_t`` (the conditional sample's).
-            timestep: () or (B,) diffusion timestep(s), in scheduler units (0..num_train_timesteps).
-            embeds: (B, T, D) conditional prompt embeddings.
+            latents: (B, C, H, W) current latent view ``z_t`` (the conditional samples').
+            timestep: () or (B,) normalised timestep(s): 0 clean .. 1 pure noise.
+            cond: the conditional :class:`Conditioning` of the B samples.
         """
-        self.check_inputs(latents, timestep, embeds)
+        self.check_inputs(latents, timestep, cond)
+        cfg = self.config
         b = latents.shape[0]
-        dtype = self.position.dtype
-        latents, embeds = latents.to(dtype), embeds.to(dtype)
+        dtype = self.latent_proj.weight.dtype
+        latents = latents.to(dtype)
+        embeds = [e.to(dtype) for e in cond.tokens]
         t = timestep.reshape(-1).expand(b) if timestep.ndim else timestep.reshape(1).expand(b)
-        h = self.config.hidden_dim
+        h = cfg.capacity.hidden_dim
 
         z = self.latent_encoder(self.latent_pool(latents)).mean(dim=(2, 3))  # (B, h)
         z = self.latent_proj(z)
-        temb = self.time_mlp(timestep_embedding(t, h).to(dtype))  # (B, h)
-        tokens = self.token_proj(self.token_norm(embeds)) + self.position  # (B, T, h)
-        pooled = tokens.mean(dim=1)  # (B, h)
+        temb = self.time_mlp(timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype))  # (B, h)
+        tokens = torch.cat(
+            [
+                proj(norm(e)) + pos
+                for e, norm, proj, pos in zip(embeds, self.token_norms, self.token_projs, self.positions)
+            ],
+            dim=1,
+        )  # (B, sum T_s, h)
+        pooled_tokens = tokens.mean(dim=1)  # (B, h)
         query = (z + temb).unsqueeze(1)  # (B, 1, h)
         attended, _ = self.cross_attention(query, tokens, tokens, need_weights=False)
-        fused = torch.cat([z, temb, pooled, attended.squeeze(1)], dim=-1)  # (B, 4h)
+        features = [z, temb, pooled_tokens, attended.squeeze(1)]
+        if cfg.pooled_dim:
+            features.append(self.pooled_proj(self.pooled_norm(cond.pooled.to(dtype))))  # type: ignore[union-attr]
+        fused = torch.cat(features, dim=-1)  # (B, parts * h)
 
         logit = self.classifier(fused).squeeze(-1)
         context = self.context(fused)
-        per_token = tokens + context.unsqueeze(1)  # (B, T, h)
+        per_token = tokens + context.unsqueeze(1)  # (B, sum T_s, h)
         for layer in self.token_layers:
             per_token = layer(per_token)
         per_token = self.token_mixer(per_token)
-        direction = self.delta_up(self.delta_down(per_token))
-        if self.config.token_layers:  # copy head: move toward a mix of the prompt's token embeddings
-            scores = self.copy_query(per_token) @ self.copy_key(per_token).transpose(1, 2) / math.sqrt(h)
-            copied = scores.softmax(dim=-1) @ embeds  # (B, T, D)
-            direction = direction + torch.sigmoid(self.copy_gate(per_token)) * (copied - embeds)
-        mask = torch.sigmoid(self.mask_head(per_token).squeeze(-1))
+        directions, masks = [], []
+        offset = 0
+        for e, stream, up in zip(embeds, cfg.streams, self.delta_ups):
+            own = per_token[:, offset : offset + stream.seq_len]  # this stream's tokens
+            offset += stream.seq_len
+            direction = up(self.delta_down(own))
+            if cfg.capacity.token_layers:  # copy head: move toward a mix of the stream's token embeddings
+                scores = self.copy_query(own) @ self.copy_key(own).transpose(1, 2) / math.sqrt(h)
+                copied = scores.softmax(dim=-1) @ e  # (B, T_s, D_s)
+                direction = direction + torch.sigmoid(self.copy_gate(own)) * (copied - e)
+            directions.append(direction)
+            masks.append(torch.sigmoid(self.mask_head(own).squeeze(-1)))
         alpha = torch.sigmoid(self.scale_head(context).squeeze(-1))
-        return RedirectorOutput(logit=logit, direction=direction, mask=mask, alpha=alpha)
+        pooled_direction = pooled_mask = None
+        if cfg.pooled_dim:
+            pooled_direction = self.pooled_delta(context)
+            pooled_mask = torch.sigmoid(self.pooled_gate(context).squeeze(-1))
+        return RedirectorOutput(logit, tuple(directions), tuple(masks), alpha, pooled_direction, pooled_mask)

@@ -6,12 +6,27 @@ import hashlib
 import json
 
 import pytest
-from conftest import FORGET, RETAIN, STEPS, generate
+from helpers import FORGET, RETAIN, STEPS, generate
 
 from saferedir_sdk import SafeRedirGuard
 
-FIELDS = {"event", "schema_version", "time", "request_id", "policy", "backbone", "adapter", "fail_mode", "fail_open",
-          "steps", "cfg", "samples", "latency_ms", "outcome", "error"}
+FIELDS = {
+    "event",
+    "schema_version",
+    "time",
+    "request_id",
+    "policy",
+    "backbone",
+    "adapter",
+    "fail_mode",
+    "fail_open",
+    "steps",
+    "cfg",
+    "samples",
+    "latency_ms",
+    "outcome",
+    "error",
+}
 
 
 def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, audit_records, tmp_path):
@@ -26,27 +41,39 @@ def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, au
     assert len({r["request_id"] for r in records}) == 3
     for record in records:
         assert set(record) == FIELDS
-        assert record["event"] == "saferedir.generation" and record["schema_version"] == 1
+        assert record["event"] == "saferedir.generation" and record["schema_version"] == 2
         assert record["policy"] == {"name": "test", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        assert record["backbone"]["token_dim"] == 32 and len(record["backbone"]["text_encoder_sha256"]) == 64
+        assert record["backbone"]["streams"] == [{"name": "text_encoder", "seq_len": 77, "dim": 32}]
+        assert len(record["backbone"]["encoders"][0]["weights_sha256"]) == 64
         assert record["adapter"] == {"adapter": "sd1", "pipeline": "StableDiffusionPipeline"}
         assert record["steps"] == STEPS and record["latency_ms"] > 0 and record["error"] is None
         for sample in record["samples"]:
             assert set(sample) == {"index", "prompt_index", "prompt", "action", "concepts"}
             assert sample["prompt"].startswith("sha256:")
             (concept,) = sample["concepts"]
-            assert set(concept) == {"concept", "category", "rule_action", "checks", "max_score", "triggered",
-                                    "first_step"}
+            assert set(concept) == {
+                "concept",
+                "category",
+                "rule_action",
+                "checks",
+                "max_score",
+                "triggered",
+                "first_step",
+            }
     assert [r["outcome"] for r in records] == ["redirected", "ok", "redirected"]
     assert records[0]["samples"][0]["prompt"] == "sha256:" + hashlib.sha256(FORGET.encode()).hexdigest()
     assert FORGET not in raw and RETAIN not in raw and "red circle" not in raw
-    assert records[0]["request_id"] == guard.last_report.request_id or records[-1]["request_id"] == guard.last_report.request_id
+    assert (
+        records[0]["request_id"] == guard.last_report.request_id
+        or records[-1]["request_id"] == guard.last_report.request_id
+    )
 
 
 @pytest.mark.parametrize("mode, expected", [("full", FORGET), ("none", None)])
 def test_prompt_logging_modes(pipe, write_policy, audit_records, tmp_path, mode, expected):
-    guard = SafeRedirGuard.from_policy(write_policy(audit={"sinks": ["file"], "file": str(tmp_path / "audit.jsonl"),
-                                                           "prompt_logging": mode}))
+    guard = SafeRedirGuard.from_policy(
+        write_policy(audit={"sinks": ["file"], "file": str(tmp_path / "audit.jsonl"), "prompt_logging": mode})
+    )
     guard.wrap(pipe)
     generate(pipe)
     assert audit_records()[0]["samples"][0]["prompt"] == expected
@@ -75,7 +102,9 @@ def test_unwritable_audit_fails_closed(pipe, write_policy, tmp_path):
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    guard = SafeRedirGuard.from_policy(write_policy(audit={"sinks": ["file"], "file": str(blocker / "audit.jsonl")}))
+    guard = SafeRedirGuard.from_policy(
+        write_policy(audit={"sinks": ["file"], "file": str(blocker / "audit.jsonl")})
+    )
     guard.wrap(pipe)
     with pytest.raises(EnforcementError, match="audit record could not be written"):
         generate(pipe)

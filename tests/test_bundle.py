@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FORGET, RETAIN, generate
+from helpers import FORGET, RETAIN, generate
 from safetensors.torch import save_file
 
 from saferedir_sdk import (
@@ -16,22 +16,47 @@ from saferedir_sdk import (
     BundleIntegrityError,
     BundleNotFoundError,
     ConceptInfo,
+    Conditioning,
     GuardBuildError,
     Redirector,
     RedirectorConfig,
     SafeRedirGuard,
+    TextEncoderPrint,
+    TokenStream,
     load_bundle,
     save_bundle,
+    upgrade_bundle,
 )
 from saferedir_sdk.bundle import file_sha256
+from saferedir_sdk.capacity import Capacity
 
-FP = BackboneFingerprint(token_dim=32, seq_len=77, latent_channels=4, tokenizer_sha256="a" * 64,
-                         text_encoder_sha256="b" * 64, family="sd1")
+SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
 
 
-def _redirector(token_dim=32, seq_len=77) -> Redirector:
+def fingerprint(dim=32, seq_len=77, pooled=0) -> BackboneFingerprint:
+    return BackboneFingerprint(
+        (TokenStream("text_encoder", seq_len, dim),),
+        pooled,
+        4,
+        (TextEncoderPrint("text_encoder", "a" * 64, "b" * 64),),
+        "sd1",
+    )
+
+
+FP = fingerprint()
+
+
+def _redirector(dim=32, seq_len=77, capacity=SMALL) -> Redirector:
     torch.manual_seed(0)
-    return Redirector(RedirectorConfig(token_dim, seq_len, 4, hidden_dim=64, rank=8, latent_pool=8))
+    return Redirector(RedirectorConfig.for_backbone(fingerprint(dim, seq_len), capacity))
+
+
+def _inputs(n=3):
+    return (
+        torch.randn(n, 4, 16, 16),
+        torch.tensor([0.01, 0.5, 0.9])[:n],
+        Conditioning((torch.randn(n, 77, 32),)),
+    )
 
 
 def test_round_trip_preserves_weights_metadata_and_outputs(tmp_path):
@@ -44,22 +69,35 @@ def test_round_trip_preserves_weights_metadata_and_outputs(tmp_path):
     assert bundle.concept == ConceptInfo("red", "nsfw", "test")
     assert bundle.backbone == FP and bundle.training == {"accuracy": 0.99} and bundle.sha256 == digest
     assert bundle.config == red.config
-    z, t, e = torch.randn(3, 4, 16, 16), torch.tensor([10, 500, 900]), torch.randn(3, 77, 32)
+    z, t, c = _inputs()
     for key, value in red.state_dict().items():
         assert torch.equal(value, bundle.redirector.state_dict()[key]), key
     red.eval().requires_grad_(False)
-    for a, b in zip(red(z, t, e), bundle.redirector(z, t, e)):
-        assert torch.equal(a, b)
+    a, b = red(z, t, c), bundle.redirector(z, t, c)
+    assert torch.equal(a.logit, b.logit) and torch.equal(a.directions[0], b.directions[0])
+    assert load_bundle(path, sha256=digest.upper()).sha256 == digest, "a pin is a hash, whatever its case"
 
 
 def test_bundle_for_another_token_dim_is_refused(tmp_path):
     path = tmp_path / "wide.safetensors"
-    wide = BackboneFingerprint(**{**FP.to_dict(), "token_dim": 768})
-    save_bundle(path, _redirector(token_dim=768), ConceptInfo("red", "nsfw"), wide)
+    wide = fingerprint(dim=768)
+    save_bundle(path, _redirector(dim=768), ConceptInfo("red", "nsfw"), wide)
     with pytest.raises(BackboneMismatchError) as info:
         load_bundle(path, expected_backbone=FP)
-    assert info.value.field == "token_dim" and info.value.expected == 768 and info.value.actual == 32
+    assert (
+        info.value.field == "streams" and "768" in str(info.value.expected) and "32" in str(info.value.actual)
+    )
     assert str(path) in str(info.value)
+
+
+def test_bundle_for_another_text_encoder_names_it(tmp_path):
+    path = tmp_path / "red.safetensors"
+    save_bundle(path, _redirector(), ConceptInfo("red", "nsfw"), FP)
+    other = BackboneFingerprint(
+        FP.streams, 0, 4, (TextEncoderPrint("text_encoder", "a" * 64, "c" * 64),), "sd1"
+    )
+    with pytest.raises(BackboneMismatchError, match=r"encoders\[text_encoder\]\.weights_sha256"):
+        load_bundle(path, expected_backbone=other)
 
 
 def test_truncated_file_is_a_format_error(tmp_path):
@@ -71,7 +109,9 @@ def test_truncated_file_is_a_format_error(tmp_path):
         load_bundle(path)
 
 
-@pytest.mark.parametrize("payload", [b"", b"not a safetensors file at all", b"\x80\x04\x95pickle", b"\xff" * 64])
+@pytest.mark.parametrize(
+    "payload", [b"", b"not a safetensors file at all", b"\x80\x04\x95pickle", b"\xff" * 64]
+)
 def test_non_safetensors_file_is_a_format_error(tmp_path, payload):
     path = tmp_path / "x.safetensors"
     path.write_bytes(payload)
@@ -89,7 +129,7 @@ def test_safetensors_without_saferedir_metadata_is_refused(tmp_path):
 def test_tensor_shape_that_does_not_match_the_config_is_refused(tmp_path):
     path = tmp_path / "red.safetensors"
     save_bundle(path, _redirector(), ConceptInfo("red", "nsfw"), FP)
-    _rewrite_config(path, rank=4)
+    _rewrite_config(path, capacity={**SMALL.__dict__, "rank": 4})
     with pytest.raises(BundleFormatError, match="delta_down.weight"):
         load_bundle(path)
 
@@ -110,20 +150,92 @@ def _rewrite_config(path, **changes) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def test_bundle_written_before_token_layers_existed_loads_without_them(tmp_path):
-    torch.manual_seed(0)
-    old = Redirector(RedirectorConfig(32, 77, 4, hidden_dim=64, rank=8, latent_pool=8, token_layers=0))
-    path = tmp_path / "old.safetensors"
-    save_bundle(path, old, ConceptInfo("red", "nsfw"), FP)
-    _rewrite_config(path, token_layers=None)  # its config did not record the field
-    bundle = load_bundle(path)
-    assert bundle.config.token_layers == 0 and not hasattr(bundle.redirector, "copy_gate")
-    z, t, e = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
-    old.eval().requires_grad_(False)  # as loaded bundles are (attention takes the same kernels)
-    assert torch.equal(old(z, t, e).direction, bundle.redirector(z, t, e).direction)
-    # the same file claiming token layers is refused: the tensors do not match that architecture
-    _rewrite_config(path, token_layers=1)
-    with pytest.raises(BundleFormatError, match="missing"):
+def _as_format_1(bundle_path, out) -> None:
+    """Write what saferedir-sdk 0.1 wrote for the same redirector: one stream's tensors under the old
+    names, a flat config and fingerprint, format version 1."""
+    from safetensors import safe_open
+
+    with safe_open(str(bundle_path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    renames = {
+        "token_norms.0.": "token_norm.",
+        "token_projs.0.": "token_proj.",
+        "delta_ups.0.": "delta_up.",
+        "positions.0": "position",
+    }
+    old = {}
+    for key, value in tensors.items():
+        for new, was in renames.items():
+            if key.startswith(new):
+                key = was + key[len(new) :]
+        old[key] = value
+    cfg = json.loads(meta["saferedir.config"])
+    stream = cfg["streams"][0]
+    meta["saferedir.version"] = "1"
+    meta["saferedir.config"] = json.dumps(
+        {
+            "token_dim": stream["dim"],
+            "seq_len": stream["seq_len"],
+            "latent_channels": cfg["latent_channels"],
+            "num_train_timesteps": 1000,
+            **cfg["capacity"],
+        }
+    )
+    meta["saferedir.backbone"] = json.dumps(
+        {
+            "token_dim": stream["dim"],
+            "seq_len": stream["seq_len"],
+            "latent_channels": 4,
+            "tokenizer_sha256": "a" * 64,
+            "text_encoder_sha256": "b" * 64,
+            "family": "sd1",
+        }
+    )
+    save_file(old, str(out), metadata=meta)
+
+
+def test_format_1_bundle_is_refused_with_the_command_that_upgrades_it_exactly(tmp_path):
+    new = tmp_path / "v2.safetensors"
+    red = _redirector()
+    save_bundle(new, red, ConceptInfo("red", "nsfw"), FP)
+    old = tmp_path / "v1.safetensors"
+    _as_format_1(new, old)
+    with pytest.raises(BundleFormatError, match=r"format version 1 .*saferedir bundle upgrade"):
+        load_bundle(old)
+    upgraded = tmp_path / "up.safetensors"
+    upgrade_bundle(old, upgraded)
+    bundle = load_bundle(upgraded, expected_backbone=FP)
+    z, t, c = _inputs()
+    red.eval().requires_grad_(False)
+    a, b = red(z, t, c), bundle.redirector(z, t, c)
+    assert torch.equal(a.logit, b.logit) and torch.equal(a.directions[0], b.directions[0])
+    assert torch.equal(a.masks[0], b.masks[0]) and torch.equal(a.alpha, b.alpha)
+    with pytest.raises(BundleFormatError, match="not a format-1 bundle"):
+        upgrade_bundle(upgraded, tmp_path / "again.safetensors")
+
+
+def test_shipped_shapes_bundles_are_format_2_and_record_their_origin():
+    from saferedir_shapes.plugin import CONCEPTS, bundle_path
+    from safetensors import safe_open
+
+    for concept, _, _ in CONCEPTS.values():
+        bundle = load_bundle(bundle_path(concept))
+        assert bundle.config.capacity == Capacity() and bundle.training["heldout"]["heldout_accuracy"] >= 0.99
+        with safe_open(str(bundle_path(concept)), "pt") as fh:
+            assert json.loads(fh.metadata()["saferedir.upgraded_from"])["version"] == 1
+
+
+def test_tensors_of_another_dtype_are_refused(tmp_path):
+    path = tmp_path / "red.safetensors"
+    save_bundle(path, _redirector(), ConceptInfo("red", "nsfw"), FP)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k).half() for k in fh.keys()}
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(BundleFormatError, match="expected dtype float32"):
         load_bundle(path)
 
 
@@ -142,17 +254,40 @@ def test_missing_file(tmp_path):
 
 def test_policy_pins_are_checked_when_the_guard_is_built(write_policy, bundles):
     good = file_sha256(bundles["red"])
-    ok = write_policy([{"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"]), "sha256": good}}])
+    ok = write_policy(
+        [
+            {
+                "concept": "red",
+                "category": "custom",
+                "redirector": {"path": str(bundles["red"]), "sha256": good},
+            }
+        ]
+    )
     assert SafeRedirGuard.from_policy(ok).concepts == ["red"]
-    bad = write_policy([{"concept": "red", "category": "custom",
-                         "redirector": {"path": str(bundles["red"]), "sha256": "1" * 64}}])
+    bad = write_policy(
+        [
+            {
+                "concept": "red",
+                "category": "custom",
+                "redirector": {"path": str(bundles["red"]), "sha256": "1" * 64},
+            }
+        ]
+    )
     with pytest.raises(GuardBuildError, match="sha256 mismatch") as info:
         SafeRedirGuard.from_policy(bad)
     assert isinstance(info.value.__cause__, BundleIntegrityError)
 
 
-def test_unloadable_redirector_closed_refuses_open_records_fail_open(pipe, write_policy, audit_records, tmp_path):
-    concepts = [{"concept": "red", "category": "custom", "redirector": {"path": str(tmp_path / "missing.safetensors")}}]
+def test_unloadable_redirector_closed_refuses_open_records_fail_open(
+    pipe, write_policy, audit_records, tmp_path
+):
+    concepts = [
+        {
+            "concept": "red",
+            "category": "custom",
+            "redirector": {"path": str(tmp_path / "missing.safetensors")},
+        }
+    ]
     with pytest.raises(GuardBuildError, match="concept 'red' cannot be enforced"):
         SafeRedirGuard.from_policy(write_policy(concepts))
 
@@ -174,6 +309,8 @@ def test_relative_bundle_paths_resolve_against_the_policy_folder(tmp_path, bundl
     target = tmp_path / "b" / "red.safetensors"
     target.write_bytes(bundles["red"].read_bytes())
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\nname: rel\naudit: {sinks: [stdout]}\nconcepts:\n"
-                      "  - {concept: red, category: custom, redirector: {path: b/red.safetensors}}\n")
+    policy.write_text(
+        "version: 1\nname: rel\naudit: {sinks: [stdout]}\nconcepts:\n"
+        "  - {concept: red, category: custom, redirector: {path: b/red.safetensors}}\n"
+    )
     assert SafeRedirGuard.from_policy(policy).concepts == ["red"]

@@ -4,30 +4,58 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RED_PAIRS, STAR_PAIRS, STEPS
+from helpers import RED_PAIRS, STAR_PAIRS, STEPS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saferedir_sdk import EngineConcept, RedirectionEngine, Redirector, RedirectorConfig, load_bundle
-from saferedir_sdk.policy import EffectiveRule, StepWindow
+from saferedir_sdk import (
+    Conditioning,
+    EngineConcept,
+    RedirectionEngine,
+    Redirector,
+    RedirectorConfig,
+    TensorShapeError,
+    TokenStream,
+    load_bundle,
+)
+from saferedir_sdk.capacity import Capacity
+from saferedir_sdk.policy import ConceptRule, StepWindow
 from saferedir_sdk.training import record_trajectories
 
+SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
 
-def rule(concept="red", **kw) -> EffectiveRule:
-    base = dict(concept=concept, category="custom", action="redirect", threshold=0.5, strength=1.3, replace_steps=1,
-                sticky=True, apply_to_uncond=False, window=StepWindow())
+
+def rule(concept="red", **kw) -> ConceptRule:
+    base = dict(
+        concept=concept,
+        category="custom",
+        redirector={"path": "x.safetensors"},
+        action="redirect",
+        threshold=0.5,
+        strength=1.3,
+        replace_steps=1,
+        sticky=True,
+        apply_to_uncond=False,
+        window=StepWindow(),
+    )
     base.update(kw)
-    return EffectiveRule(**base)
+    return ConceptRule(**base)
+
+
+def cond(*tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> Conditioning:
+    return Conditioning(tuple(tokens), pooled)
 
 
 @pytest.fixture(scope="module")
 def recorded(bundles):
+    from saferedir_adapters.sd import StableDiffusionAdapter
     from saferedir_adapters.tiny import tiny_sd_pipeline
 
-    pipe = tiny_sd_pipeline(0)
-    forget = record_trajectories(pipe, [f for f, _ in RED_PAIRS], seeds=[3], num_inference_steps=STEPS)
-    retain = record_trajectories(pipe, [r for _, r in RED_PAIRS], seeds=[3], num_inference_steps=STEPS)
-    star = record_trajectories(pipe, [f for f, _ in STAR_PAIRS], seeds=[3], num_inference_steps=STEPS)
+    adapter = StableDiffusionAdapter(tiny_sd_pipeline(0))
+    kw = {"seeds": [3], "num_inference_steps": STEPS}
+    forget = record_trajectories(adapter, [f for f, _ in RED_PAIRS], **kw)
+    retain = record_trajectories(adapter, [r for _, r in RED_PAIRS], **kw)
+    star = record_trajectories(adapter, [f for f, _ in STAR_PAIRS], **kw)
     return forget, retain, load_bundle(bundles["red"]), load_bundle(bundles["star"]), star
 
 
@@ -35,16 +63,24 @@ def test_step_makes_no_host_read(recorded):
     """On the meta device a tensor has no data: any .item(), bool(tensor) or .tolist() inside a step
     would raise. The whole schedule runs there, so the loop never syncs with the host."""
     _, _, red, star, _ = recorded
-    concepts = [EngineConcept(rule("red"), Redirector(red.config).to("meta")),
-                EngineConcept(rule("star", action="monitor", sticky=False), Redirector(star.config).to("meta"))]
+    concepts = [
+        EngineConcept(rule("red"), Redirector(red.config).to("meta")),
+        EngineConcept(rule("star", action="monitor", sticky=False), Redirector(star.config).to("meta")),
+    ]
     engine = RedirectionEngine(concepts)
-    cond = torch.empty(3, 77, 32, device="meta")
-    state = engine.init_state(cond)
+    c = cond(torch.empty(3, 77, 32, device="meta"))
+    state = engine.init_state(c)
     for step in range(6):
-        new_cond, new_uncond, state = engine.step(torch.empty(3, 4, 32, 32, device="meta"),
-                                                  torch.tensor(999 - step, device="meta"), cond, state,
-                                                  uncond=torch.empty(3, 77, 32, device="meta"))
-        assert new_cond.device.type == "meta" and new_cond.shape == cond.shape
+        new_cond, new_uncond, state = engine.step(
+            torch.empty(3, 4, 32, 32, device="meta"),
+            torch.tensor(1.0 - step / 10, device="meta"),
+            c,
+            state,
+            uncond=cond(torch.empty(3, 77, 32, device="meta")),
+        )
+        assert new_cond.device.type == "meta" and new_cond.tokens[0].shape == c.tokens[0].shape
+        assert new_uncond is not None and new_uncond.device.type == "meta"
+    engine.uncond_only(cond(torch.empty(3, 77, 32, device="meta")), state)
     assert state.step == 6 and state.checks == [3, 3]
 
 
@@ -54,59 +90,117 @@ def test_only_flagged_samples_move_in_any_batch(recorded, pattern, step_pick):
     forget, retain, red, _, _ = recorded
     n = len(RED_PAIRS)
     rows = [step_pick * n + (i % n) for i in range(len(pattern))]  # same step for the whole batch
-    pick = lambda t, i, flagged: (forget if flagged else retain).__getattribute__(t)[i]  # noqa: E731
-    latents = torch.stack([pick("latents", r, f) for r, f in zip(rows, pattern)])
-    embeds = torch.stack([pick("embeds", r, f) for r, f in zip(rows, pattern)])
+    latents = torch.stack([(forget if f else retain).latents[r] for r, f in zip(rows, pattern)])
+    embeds = torch.stack([(forget if f else retain).cond.tokens[0][r] for r, f in zip(rows, pattern)])
     t = forget.timesteps[rows[0]]
     engine = RedirectionEngine([EngineConcept(rule(), red.redirector)])
-    state = engine.init_state(embeds)
-    state.step = 0  # a check step
-    out, _, state = engine.step(latents, t, embeds, state)
-    moved = [not torch.equal(out[i], embeds[i]) for i in range(len(pattern))]
+    state = engine.init_state(cond(embeds))
+    out, _, state = engine.step(latents, t, cond(embeds), state)  # step 0: a check step
+    moved = [not torch.equal(out.tokens[0][i], embeds[i]) for i in range(len(pattern))]
     assert moved == pattern
 
 
 def test_concept_order_does_not_change_the_result(recorded):
     forget, _, red, star, star_forget = recorded
     lat = torch.cat([forget.latents[:2], star_forget.latents[:2]])
-    emb = torch.cat([forget.embeds[:2], star_forget.embeds[:2]])
+    emb = cond(torch.cat([forget.cond.tokens[0][:2], star_forget.cond.tokens[0][:2]]))
     t = forget.timesteps[0]
     low = dict(threshold=1e-6)  # both concepts fire on every sample
-    a = RedirectionEngine([EngineConcept(rule("red", **low), red.redirector), EngineConcept(rule("star", **low), star.redirector)])
-    b = RedirectionEngine([EngineConcept(rule("star", **low), star.redirector), EngineConcept(rule("red", **low), red.redirector)])
+    a = RedirectionEngine(
+        [
+            EngineConcept(rule("red", **low), red.redirector),
+            EngineConcept(rule("star", **low), star.redirector),
+        ]
+    )
+    b = RedirectionEngine(
+        [
+            EngineConcept(rule("star", **low), star.redirector),
+            EngineConcept(rule("red", **low), red.redirector),
+        ]
+    )
     out_a, _, _ = a.step(lat, t, emb, a.init_state(emb))
     out_b, _, _ = b.step(lat, t, emb, b.init_state(emb))
-    assert torch.allclose(out_a, out_b, atol=1e-6)
+    assert torch.allclose(out_a.tokens[0], out_b.tokens[0], atol=1e-6)
     only_red = RedirectionEngine([EngineConcept(rule("red", **low), red.redirector)])
     out_r, _, _ = only_red.step(lat, t, emb, only_red.init_state(emb))
-    assert not torch.allclose(out_a, out_r), "the second concept's delta is added, not ignored"
+    assert not torch.allclose(out_a.tokens[0], out_r.tokens[0]), (
+        "the second concept's delta is added, not ignored"
+    )
 
 
 def test_non_sticky_rule_can_release_a_sample(recorded):
     forget, retain, red, _, _ = recorded
     engine = RedirectionEngine([EngineConcept(rule(sticky=False, replace_steps=0), red.redirector)])
-    state = engine.init_state(forget.embeds[:1])
-    out1, _, state = engine.step(forget.latents[:1], forget.timesteps[0], forget.embeds[:1], state)
-    out2, _, state = engine.step(retain.latents[:1], retain.timesteps[0], retain.embeds[:1], state)
-    assert not torch.equal(out1, forget.embeds[:1]) and torch.equal(out2, retain.embeds[:1])
+    f, r = forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))
+    state = engine.init_state(f.cond)
+    out1, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    out2, _, state = engine.step(r.latents, r.timesteps, r.cond, state)
+    assert not torch.equal(out1.tokens[0], f.cond.tokens[0]) and torch.equal(out2.tokens[0], r.cond.tokens[0])
     decision = engine.decisions(state)[0][0]
     assert decision.triggered and decision.first_step == 0 and decision.checks == 2
 
 
+def test_uncond_only_call_moves_the_negative_half_of_the_step_it_belongs_to(recorded):
+    """A backbone that runs the CFG halves as separate calls (FLUX's true CFG): the unconditional
+    call after a step gets that step's delta when the rule says apply_to_uncond, and nothing else."""
+    forget, _, red, _, _ = recorded
+    f = forget.select(torch.tensor([0, 1]))
+    negative = cond(torch.randn(2, 77, 32))
+    for apply in (True, False):
+        engine = RedirectionEngine(
+            [EngineConcept(rule(threshold=1e-6, apply_to_uncond=apply), red.redirector)]
+        )
+        state = engine.init_state(f.cond)
+        assert torch.equal(
+            engine.uncond_only(negative, state).tokens[0], negative.tokens[0]
+        )  # before any step
+        new_cond, batched_uncond, state = engine.step(f.latents, f.timesteps, f.cond, state, uncond=negative)
+        alone = engine.uncond_only(negative, state)
+        assert torch.equal(alone.tokens[0], batched_uncond.tokens[0])
+        assert torch.equal(alone.tokens[0], negative.tokens[0]) is (not apply)
+
+
 def test_shape_errors_name_the_tensor():
-    from saferedir_sdk import TensorShapeError
-
-    red = Redirector(RedirectorConfig(32, 77, 4, hidden_dim=64, rank=8, latent_pool=8))
+    stream = TokenStream("text_encoder", 77, 32)
+    red = Redirector(RedirectorConfig((stream,), 4, capacity=SMALL))
     engine = RedirectionEngine([EngineConcept(rule(), red)])
-    state = engine.init_state(torch.zeros(2, 77, 32))
-    with pytest.raises(TensorShapeError, match="encoder_hidden_states"):
-        engine.step(torch.zeros(2, 4, 8, 8), torch.tensor(5), torch.zeros(2, 77, 48), state)
+    state = engine.init_state(cond(torch.zeros(2, 77, 32)))
+    with pytest.raises(TensorShapeError, match="conditional token streams"):
+        engine.step(torch.zeros(2, 4, 8, 8), torch.tensor(0.5), cond(torch.zeros(2, 77, 48)), state)
     with pytest.raises(TensorShapeError, match="latents"):
-        red(torch.zeros(2, 3, 8, 8), torch.tensor(5), torch.zeros(2, 77, 32))
+        red(torch.zeros(2, 3, 8, 8), torch.tensor(0.5), cond(torch.zeros(2, 77, 32)))
+    with pytest.raises(TensorShapeError, match="conditioning 'text_encoder'"):
+        red(torch.zeros(2, 4, 8, 8), torch.tensor(0.5), cond(torch.zeros(2, 76, 32)))
 
 
-def test_redirector_sizes_come_from_the_config():
-    for d, t, c in [(32, 77, 4), (768, 77, 4), (2048, 77, 4), (384, 16, 12)]:
-        red = Redirector(RedirectorConfig(d, t, c, hidden_dim=64, rank=8, latent_pool=8))
-        out = red(torch.zeros(2, c, 16, 16), torch.tensor([1, 2]), torch.zeros(2, t, d))
-        assert out.direction.shape == (2, t, d) and out.mask.shape == (2, t) and out.alpha.shape == (2,)
+@pytest.mark.parametrize(
+    "streams, pooled, channels",
+    [
+        ([(77, 32)], 0, 4),  # tiny SD 1.x
+        ([(77, 768)], 0, 4),  # SD 1.x
+        ([(77, 1024)], 0, 4),  # SD 2.x
+        ([(77, 768), (77, 1280)], 1280, 4),  # SDXL: two encoders side by side, pooled text_embeds
+        ([(77, 4096), (256, 4096)], 2048, 16),  # SD3: CLIP then T5, pooled projections
+        ([(24, 384)], 0, 12),  # the Shapes backbone
+    ],
+)
+def test_redirector_sizes_come_from_the_config(streams, pooled, channels):
+    config = RedirectorConfig(
+        tuple(TokenStream(f"s{i}", t, d) for i, (t, d) in enumerate(streams)),
+        channels,
+        pooled_dim=pooled,
+        capacity=SMALL,
+    )
+    red = Redirector(config)
+    c = cond(*(torch.randn(2, t, d) for t, d in streams), pooled=torch.randn(2, pooled) if pooled else None)
+    out = red(torch.zeros(2, channels, 16, 16), torch.tensor([0.9, 0.1]), c)
+    assert [tuple(d.shape) for d in out.directions] == [(2, t, d) for t, d in streams]
+    assert [tuple(m.shape) for m in out.masks] == [(2, t) for t, _ in streams] and out.alpha.shape == (2,)
+    assert (out.pooled_direction is None) == (pooled == 0)
+    if pooled:
+        assert out.pooled_direction.shape == (2, pooled) and out.pooled_mask.shape == (2,)
+    # the engine moves every stream (and the pooled embedding) of a triggered sample
+    engine = RedirectionEngine([EngineConcept(rule(threshold=1e-6, strength=1.0), red)])
+    moved, _, _ = engine.step(torch.zeros(2, channels, 16, 16), torch.tensor(0.5), c, engine.init_state(c))
+    assert all(not torch.equal(a, b) for a, b in zip(moved.tokens, c.tokens))
+    assert pooled == 0 or not torch.equal(moved.pooled, c.pooled)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import types
 
 import pytest
-from conftest import FORGET, RETAIN, generate
+from helpers import FORGET, RETAIN, generate
 
-from saferedir_sdk import AdapterNotFoundError, ConceptSpec, GuardBuildError, SafeRedirGuard, hookimpl
+from saferedir_sdk import (
+    AdapterNotFoundError,
+    ConceptSpec,
+    GuardBuildError,
+    PluginError,
+    SafeRedirGuard,
+    hookimpl,
+)
 from saferedir_sdk.cli import main
-from saferedir_sdk.plugins import describe_plugins, make_plugin_manager, registered_concepts
+from saferedir_sdk.plugins import check_hooks, describe_plugins, make_plugin_manager, registered_concepts
 
 
 def concept_pack(bundles):
@@ -76,7 +83,45 @@ def test_pipeline_without_adapter_is_a_typed_error(write_policy):
         guard.wrap(NotAPipeline())
 
 
-def test_cli_lists_plugins(capsys):
+def test_cli_lists_plugins_with_their_concepts_policies_and_commands(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "saferedir_adapters.sd" in out and "saferedir-adapters" in out
+    assert "shapes-red" in out and "shapes:demo" in out
+    assert "commands: demo" in out and "commands: eval" in out
+
+
+def test_a_misspelt_hook_is_an_error_not_silence():
+    typo = types.ModuleType("typo_pack")
+
+    @hookimpl
+    def saferedir_register_concept():  # the hook is saferedir_register_concepts
+        return []
+
+    typo.saferedir_register_concept = saferedir_register_concept
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(typo, name="typo")
+    with pytest.raises(PluginError, match="saferedir_register_concept"):
+        check_hooks(pm)
+
+
+def test_registering_a_concept_pack_builds_no_recipe():
+    """Building a guard or listing plugins asks packs for their concepts; recipes stay unbuilt
+    until training asks for one."""
+    from saferedir_shapes import world
+
+    world.cached_recipe.cache_clear()
+    specs = registered_concepts(make_plugin_manager())
+    assert world.cached_recipe.cache_info().currsize == 0
+    pairs, pool = specs["shapes-red"].recipe()
+    assert len(pairs) == 240 and len(pool) == 120 and world.cached_recipe.cache_info().currsize == 1
+
+
+def test_plugins_leave_the_process_environment_alone():
+    import os
+
+    before = dict(os.environ)
+    pm = make_plugin_manager()
+    registered_concepts(pm)
+    SafeRedirGuard.from_policy("shapes:demo", plugin_manager=pm)
+    assert dict(os.environ) == before

@@ -26,7 +26,10 @@ concepts:
 """
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "policies").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((ROOT / "policies").glob("*.yaml")) + sorted((ROOT / "plugins").glob("*/*/policies/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_policies_validate(path):
     loaded = load_policy(path)
     assert loaded.policy.concepts and len(loaded.sha256) == 64
@@ -36,8 +39,14 @@ def test_defaults_fill_unset_rule_fields():
     policy = parse_policy(GOOD)
     assert policy.fail_mode == "closed" and policy.audit.prompt_logging == "sha256"
     rule = policy.effective_rules()[0]
-    assert (rule.action, rule.threshold, rule.strength, rule.replace_steps, rule.sticky, rule.apply_to_uncond) == (
-        "redirect", 0.5, 1.3, 1, True, False)
+    assert (
+        rule.action,
+        rule.threshold,
+        rule.strength,
+        rule.replace_steps,
+        rule.sticky,
+        rule.apply_to_uncond,
+    ) == ("redirect", 0.5, 1.3, 1, True, False)
 
 
 def _error(text: str) -> PolicyError:
@@ -73,7 +82,7 @@ def test_unknown_action_lists_the_allowed_ones():
         (GOOD.replace("{plugin: nudity}", "{plugin: nudity, sha256: abc}"), "concepts.0.redirector.sha256"),
         (GOOD + "    window: {start: 5, stop: 2}\n", "concepts.0.window"),
         (GOOD + "audit: {sinks: [syslog]}\n", "audit.sinks.0"),
-        (GOOD + "  - {concept: nudity, category: nsfw, redirector: {plugin: x}}\n", ""),
+        (GOOD + "  - {concept: nudity, category: nsfw, redirector: {plugin: x}}\n", "concepts.1.concept"),
         ("version: 1\nname: t\nconcepts: []\n", "concepts"),
         (GOOD + "name: again\n", "name"),
     ],
@@ -101,12 +110,29 @@ def test_missing_file_is_a_policy_error(tmp_path):
     category=st.sampled_from(["nsfw", "artist_style", "object", "custom"]),
 )
 def test_any_valid_rule_round_trips_through_yaml(threshold, strength, replace_steps, action, category):
-    doc = {"version": 1, "name": "h", "concepts": [{
-        "concept": "c", "category": category, "redirector": {"plugin": "c"}, "action": action,
-        "threshold": threshold, "strength": strength, "replace_steps": replace_steps}]}
+    doc = {
+        "version": 1,
+        "name": "h",
+        "concepts": [
+            {
+                "concept": "c",
+                "category": category,
+                "redirector": {"plugin": "c"},
+                "action": action,
+                "threshold": threshold,
+                "strength": strength,
+                "replace_steps": replace_steps,
+            }
+        ],
+    }
     rule = parse_policy(json.dumps(doc)).effective_rules()[0]
     assert (rule.threshold, rule.strength, rule.replace_steps, rule.action, rule.category) == (
-        threshold, strength, replace_steps, action, category)
+        threshold,
+        strength,
+        replace_steps,
+        action,
+        category,
+    )
 
 
 def test_json_schema_forbids_extra_keys():
@@ -114,6 +140,28 @@ def test_json_schema_forbids_extra_keys():
     assert schema["additionalProperties"] is False
     assert schema["$defs"]["ConceptRule"]["additionalProperties"] is False
     assert schema["$defs"]["ConceptRule"]["properties"]["action"]["enum"] == ["redirect", "block", "monitor"]
+    # a rule's tunable fields default to the policy's `defaults`, not to a number of their own
+    threshold = schema["$defs"]["ConceptRule"]["properties"]["threshold"]
+    assert "default" not in threshold and "policy's `defaults`" in threshold["description"]
+    assert schema["$defs"]["RuleSettings"]["properties"]["threshold"]["default"] == 0.5
+
+
+def test_a_rule_inherits_exactly_the_fields_it_does_not_set():
+    policy = parse_policy(
+        GOOD.replace("name: t", "name: t\ndefaults: {threshold: 0.3, strength: 2.0}") + "    strength: 1.0\n"
+    )
+    rule = policy.effective_rules()[0]
+    assert (rule.threshold, rule.strength, rule.replace_steps) == (0.3, 1.0, 1)
+    assert rule.effective(policy.defaults) == rule, "applying the defaults twice changes nothing"
+
+
+def test_a_concept_named_twice_is_located_at_the_second_rule():
+    text = GOOD + "  - concept: nudity\n    category: nsfw\n    redirector: {plugin: other}\n"
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "p.yaml")
+    (issue,) = info.value.issues
+    assert (issue.loc, issue.line) == ("concepts.1.concept", 7) and "concepts.0" in issue.message
+    assert len(str(info.value)) < 300, "the message names the place, it does not dump the document"
 
 
 def test_cli_validate_ok_and_failures(tmp_path, capsys):
@@ -136,7 +184,34 @@ def test_cli_validate_check_bundles_reports_unenforceable(capsys):
     assert "no installed plugin registers concept 'nudity'" in capsys.readouterr().err
 
 
-def test_console_script_schema_is_json():
-    out = subprocess.run([sys.executable, "-m", "saferedir_sdk.cli", "policy", "schema"], capture_output=True,
-                         text=True, check=True).stdout
+def test_console_script_schema_is_json_and_loads_no_plugin_or_model_code():
+    out = subprocess.run(
+        [sys.executable, "-m", "saferedir_sdk.cli", "policy", "schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out)["title"] == "saferedir policy"
+    probe = (
+        "import sys; from saferedir_sdk.cli import main; "
+        "rc = main(['validate', sys.argv[1]]); "
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'saferedir_shapes', 'saferedir_adapters') "
+        "if m in sys.modules); print(rc, heavy)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT / "policies" / "corp.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip().splitlines()[-1] == "0 []", run.stdout + run.stderr
+
+
+def test_shipped_policy_by_package_reference(capsys):
+    assert main(["validate", "shapes:demo"]) == 0
+    assert "policy 'shapes-demo'" in capsys.readouterr().out
+    assert main(["validate", "shapes:nope"]) == 1
+    assert (
+        "no installed plugin ships a policy 'shapes:nope' (shipped: ['shapes:demo'])"
+        in capsys.readouterr().err
+    )

@@ -16,8 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_heldout_vocabulary_never_appears_in_training_prompts():
     rng = np.random.default_rng(0)
-    held = {w for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS) for _, ws in table.values() for w in ws}
-    train = {w for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS) for ws, _ in table.values() for w in ws}
+    held = {
+        w
+        for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS)
+        for _, ws in table.values()
+        for w in ws
+    }
+    train = {
+        w
+        for table in (world.COLOUR_WORDS, world.SHAPE_WORDS, world.TEXTURE_WORDS)
+        for ws, _ in table.values()
+        for w in ws
+    }
     assert not held & train
     prompts = [world.make_prompt(world.sample_attributes(rng), rng) for _ in range(3000)]
     for concept in world.CONCEPT_SWAPS:
@@ -108,7 +118,7 @@ def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):
     prompts = ["a red circle", "a blue square"]
     kwargs = dict(output_type="np")
     base = shapes_pipe(prompts, generator=torch.Generator().manual_seed(3), **kwargs).images
-    guard = SafeRedirGuard.from_policy(ROOT / "policies" / "demo.yaml")
+    guard = SafeRedirGuard.from_policy("shapes:demo")
     guard.wrap(shapes_pipe)
     try:
         out = shapes_pipe(prompts, generator=torch.Generator().manual_seed(3), **kwargs).images
@@ -136,10 +146,14 @@ def test_eval_prompts_never_appear_in_training_data():
         assert len(texts) == 4 * 48
         assert not set(texts) & training
         assert not [t for t in texts if pattern.match(t)]
-        held = {"colour": world.COLOUR_WORDS, "shape": world.SHAPE_WORDS,
-                "texture": world.TEXTURE_WORDS}[concept.attribute][concept.value][1]
+        held = {"colour": world.COLOUR_WORDS, "shape": world.SHAPE_WORDS, "texture": world.TEXTURE_WORDS}[
+            concept.attribute
+        ][concept.value][1]
         assert all(any(w in p.text for w in held) for p in concept.sets["paraphrase"])
-        assert all(p.labels[concept.attribute] == concept.value for s in ("forget", "paraphrase", "adversarial")
-                   for p in concept.sets[s])
+        assert all(
+            p.labels[concept.attribute] == concept.value
+            for s in ("forget", "paraphrase", "adversarial")
+            for p in concept.sets[s]
+        )
         assert all(p.labels[concept.attribute] != concept.value for p in concept.sets["retain"])
         assert {p.kind for p in concept.sets["adversarial"]} == {"misspelling", "junk", "description", "long"}

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FORGET, POOL, RED_PAIRS, RETAIN, generate
+from helpers import FORGET, RED_PAIRS, RETAIN, generate
+from saferedir_adapters.tiny import RETAIN_POOL as POOL
 
 from saferedir_sdk import SafeRedirGuard, load_bundle
 from saferedir_sdk.cli import main
@@ -48,33 +49,72 @@ def test_igmu_files_pair_up(tmp_path):
     assert len(church.pairs) == 50 and len(church.retain_pool) == 300
 
 
-def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_policy):
+def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_policy, monkeypatch):
     folder = tmp_path / "tiny-sd"
     pipe.save_pretrained(folder)
     pairs = tmp_path / "red.jsonl"
-    pairs.write_text("\n".join([json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2]
-                               + [json.dumps({"retain": p}) for p in POOL]))
+    pairs.write_text(
+        "\n".join(
+            [json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2]
+            + [json.dumps({"retain": p}) for p in POOL]
+        )
+    )
     out = tmp_path / "red.safetensors"
-    args = ["train", "--backbone", str(folder), "--concept", "red", "--pairs", str(pairs), "--out", str(out),
-            "--seeds", "0", "1", "--sampler-steps", "4", "--steps", "200", "--hidden-dim", "64",
-            "--cache", str(tmp_path / "cache"), "--quiet"]
+    args = [
+        "train",
+        "--backbone",
+        str(folder),
+        "--concept",
+        "red",
+        "--pairs",
+        str(pairs),
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "1",
+        "--sampler-steps",
+        "4",
+        "--guidance",
+        "7.5",
+        "--steps",
+        "150",
+        "--batch-size",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--rank",
+        "8",
+        "--latent-pool",
+        "8",
+        "--token-layers",
+        "0",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert main(args) == 0
     bundle = load_bundle(out)
     summary = bundle.training
     assert summary["data"]["train_pairs"] + summary["data"]["heldout_pairs"] == 10
     assert summary["heldout"]["heldout_accuracy"] >= 0.9
     assert set(summary["heldout"]["heldout_accuracy_by_t"]) and summary["versions"]["torch"]
+    assert (summary["config"]["num_inference_steps"], summary["config"]["guidance_scale"]) == (4, 7.5)
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(cached) == 5 and all(name.endswith(".safetensors") for name in cached)
 
-    guard = SafeRedirGuard.from_policy(write_policy([{"concept": "red", "category": "custom",
-                                                      "redirector": {"path": str(out)}}]))
+    guard = SafeRedirGuard.from_policy(
+        write_policy([{"concept": "red", "category": "custom", "redirector": {"path": str(out)}}])
+    )
     guard.wrap(pipe)
     generate(pipe, prompts=[FORGET, RETAIN])
     assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
 
+    def no_sampling(*_args, **_kwargs):
+        raise AssertionError("the second run must take every trajectory from the cache")
+
+    monkeypatch.setattr("saferedir_sdk.training.trainer.record_trajectories", no_sampling)
     assert main(args) == 0  # second run: trajectories come from the cache
-    assert load_bundle(out).training["seconds"]["collect"] < summary["seconds"]["collect"]
 
 
 @pytest.mark.slow
@@ -86,27 +126,81 @@ def test_train_under_accelerate_launch_with_two_processes(pipe, tmp_path):
     out = tmp_path / "red.safetensors"
     # `accelerate launch --cpu --num_processes 2` starts ONE process (huggingface/accelerate#2741);
     # several CPU processes on one machine go through the torch.distributed launcher with ACCELERATE_USE_CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saferedir_sdk.cli", "train",
-           "--backbone", str(folder), "--concept", "red", "--pairs", str(pairs), "--out", str(out), "--seeds", "0",
-           "--sampler-steps", "4", "--steps", "60", "--hidden-dim", "64", "--cache", str(tmp_path / "cache"), "--quiet"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "saferedir_sdk.cli",
+        "train",
+        "--backbone",
+        str(folder),
+        "--concept",
+        "red",
+        "--pairs",
+        str(pairs),
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "--sampler-steps",
+        "4",
+        "--steps",
+        "60",
+        "--hidden-dim",
+        "64",
+        "--rank",
+        "8",
+        "--token-layers",
+        "1",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"}
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert load_bundle(out).training["processes"] == 2
 
 
 def test_trajectory_cache_is_keyed_by_the_denoiser_weights(pipe, tmp_path):
     import torch
+    from saferedir_adapters.sd import StableDiffusionAdapter
 
     from saferedir_sdk.training import TrainConfig, collect
 
+    adapter = StableDiffusionAdapter(pipe)
     cfg = TrainConfig(concept="red", seeds=(0,), num_inference_steps=2)
     cache = tmp_path / "cache"
-    first = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
-    again = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
+    first = collect(adapter, [FORGET], cfg, kind="forget", cache_dir=cache)
+    again = collect(adapter, [FORGET], cfg, kind="forget", cache_dir=cache)
     assert torch.equal(first.latents, again.latents) and len(list(cache.iterdir())) == 1
     with torch.no_grad():
         pipe.unet.conv_in.weight.mul_(1.01)  # a retrained/fine-tuned denoiser, same text encoder
-    changed = collect(pipe, [FORGET], cfg, kind="forget", cache_dir=cache)
+    changed = collect(adapter, [FORGET], cfg, kind="forget", cache_dir=cache)
     assert len(list(cache.iterdir())) == 2
     assert not torch.equal(first.latents[-1], changed.latents[-1])
+
+
+def test_train_defaults_to_the_pipelines_own_sampler_settings(pipe):
+    """No --sampler-steps/--guidance: the pipeline's own __call__ defaults (the Shapes backbone's
+    20 steps at guidance 1.5; Stable Diffusion's 50 at 7.5), recorded in the bundle."""
+    from saferedir_adapters.sd import StableDiffusionAdapter
+    from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, ShapesPipeline
+
+    from saferedir_sdk.training.trainer import TrainConfig, with_sampler_defaults
+
+    assert with_sampler_defaults(TrainConfig("red"), StableDiffusionAdapter(pipe)).guidance_scale == 7.5
+    shapes = StableDiffusionAdapter(ShapesPipeline.__new__(ShapesPipeline))
+    cfg = with_sampler_defaults(TrainConfig("red"), shapes)
+    assert (cfg.num_inference_steps, cfg.guidance_scale) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (20, 1.5)

@@ -5,37 +5,94 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import POOL, RED_PAIRS, STEPS
+from helpers import RED_PAIRS, STEPS
+from saferedir_adapters.sd import StableDiffusionAdapter
+from saferedir_adapters.tiny import RETAIN_POOL
 
-from saferedir_sdk import Redirector, RedirectorConfig
-from saferedir_sdk.training import fit_redirector, record_trajectories
+from saferedir_sdk import Conditioning, Redirector, RedirectorConfig, TokenStream
+from saferedir_sdk.capacity import Capacity
+from saferedir_sdk.training import Trajectories, fit_redirector, record_trajectories
+from saferedir_sdk.training.fit import QUARTERS, evaluate_redirector, timestep_quarter
+
+SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
 
 
-def test_trajectories_line_up_and_fit_lowers_every_loss(pipe):
-    forget = record_trajectories(pipe, [f for f, _ in RED_PAIRS], seeds=[0, 1], num_inference_steps=STEPS)
-    retain = record_trajectories(pipe, [r for _, r in RED_PAIRS], seeds=[0, 1], num_inference_steps=STEPS)
-    pool = record_trajectories(pipe, POOL[1:], seeds=[0], num_inference_steps=STEPS)
+def test_trajectories_line_up_and_fit_lowers_every_loss(pipe, tmp_path):
+    adapter = StableDiffusionAdapter(pipe)
+    kw = {"num_inference_steps": STEPS, "guidance_scale": 7.5}
+    forget = record_trajectories(adapter, [f for f, _ in RED_PAIRS], seeds=[0, 1], **kw)
+    retain = record_trajectories(adapter, [r for _, r in RED_PAIRS], seeds=[0, 1], **kw)
+    pool = record_trajectories(adapter, RETAIN_POOL[1:], seeds=[0], **kw)
     n = len(RED_PAIRS) * 2 * STEPS
     assert len(forget) == len(retain) == n
-    assert forget.embeds.shape == (n, 77, 32) and forget.latents.shape == (n, 4, 32, 32)
+    assert forget.cond.tokens[0].shape == (n, 77, 32) and forget.latents.shape == (n, 4, 32, 32)
     assert torch.equal(forget.steps, retain.steps) and torch.equal(forget.timesteps, retain.timesteps)
+    assert 0.0 < float(forget.timesteps.min()) and float(forget.timesteps.max()) < 1.0, "normalised timesteps"
     assert torch.equal(forget.latents[0], retain.latents[0]), "paired rows share the seed's first latent"
+    forget.save(tmp_path / "f.safetensors")
+    again = Trajectories.load(tmp_path / "f.safetensors")
+    assert torch.equal(again.cond.tokens[0], forget.cond.tokens[0]) and torch.equal(again.seeds, forget.seeds)
     torch.manual_seed(0)
-    red = Redirector(RedirectorConfig(32, 77, 4, hidden_dim=64, rank=8, latent_pool=8))
+    red = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), SMALL))
     result = fit_redirector(red, forget, retain, negatives=pool, steps=120, batch_size=32, log_every=119)
     first, last = result.history[0], result.history[-1]
     for key in ("classification", "redirection", "mask", "scale", "total"):
         assert last[key] < first[key], key
     assert last["accuracy"] == 1.0 and last["masked_cosine"] > first["masked_cosine"]
     assert not red.training and not any(p.requires_grad for p in red.parameters())
+    held = evaluate_redirector(red, forget, retain)
+    assert set(held["heldout_accuracy_by_t"]) <= set(QUARTERS)
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_timestep_quarters_run_from_clean_to_noise():
+    assert timestep_quarter(torch.tensor([0.0, 0.2, 0.26, 0.6, 0.999, 1.0])).tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_two_streams_and_a_pooled_embedding_train_together():
+    """An SDXL-shaped conditioning (two token streams side by side and a pooled embedding): the
+    losses cover every stream and the pooled part, and fitting learns the pairs' redirection."""
+    g = torch.Generator().manual_seed(0)
+    streams = (TokenStream("text_encoder", 6, 16), TokenStream("text_encoder_2", 6, 24))
+    n = 64
+
+    def traj(shift: float) -> Trajectories:
+        base = torch.Generator().manual_seed(1)
+        tokens = tuple(torch.randn(n, s.seq_len, s.dim, generator=base) for s in streams)
+        pooled = torch.randn(n, 12, generator=base)
+        tokens = (tokens[0].clone(), tokens[1].clone())
+        tokens[0][:, 2] += shift * 3.0  # the concept word moves on both encoders and in the pooled vector
+        tokens[1][:, 2] += shift * 3.0
+        pooled = pooled + shift * 2.0
+        latents = torch.randn(n, 4, 8, 8, generator=g) + shift
+        return Trajectories(
+            latents,
+            torch.rand(n, generator=g),
+            Conditioning(tokens, pooled),
+            torch.zeros(n, dtype=torch.int64),
+            torch.arange(n),
+            torch.zeros(n, dtype=torch.int64),
+        )
+
+    forget, retain = traj(1.0), traj(0.0)
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(streams, 4, pooled_dim=12, capacity=SMALL))
+    result = fit_redirector(red, forget, retain, steps=150, batch_size=32, log_every=149)
+    first, last = result.history[0], result.history[-1]
+    assert last["accuracy"] == 1.0 and last["redirection"] < 0.5 * first["redirection"]
+    out = red(*forget.select(torch.arange(4)).inputs("cpu"))
+    assert out.pooled_direction.shape == (4, 12) and [d.shape[-1] for d in out.directions] == [16, 24]
+
+
+def test_demo_mechanics_runs_end_to_end(tmp_path, capsys):
     from saferedir_sdk.cli import main
 
-    assert main(["demo-mechanics", "--out", str(tmp_path / "demo"), "--steps", "4"]) == 0
+    assert main(["demo-mechanics", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "a red circle     redirected" in out and "a blue star      blocked" in out
+    assert "a red circle   redirected" in out and "a blue star    blocked" in out
+    rows = {" ".join(line.split()[:3]): line for line in out.splitlines() if line.startswith("  a ")}
+    assert " 0.0% " in rows["a tan circle"] and " 0.0% " in rows["a blue moon"], (
+        "benign samples are bit-identical"
+    )
     records = [json.loads(x) for x in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["outcome"] == "blocked"
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0

@@ -1,6 +1,17 @@
 """Stable Diffusion 1.x/2.x adapter: ``StableDiffusionPipeline`` and every pipeline shaped like it
 (img2img, inpaint, ControlNet, and the project's Shapes pipeline): a ``unet`` conditioned on one
 text encoder's per-token states, classifier-free guidance batched as ``[negative; positive]``.
+
+How a UNet call maps onto the contract (``unet(sample, timestep, encoder_hidden_states, **rest)``):
+
+==========================  ==================================================================
+``sample`` (2B or B, C', H, W)  latent view: the first ``latent_channels`` channels (an inpainting
+                                UNet's 9-channel input gives the 4 latent ones), conditional rows
+``timestep`` () or (2B,)        normalised: ``t / scheduler.config.num_train_timesteps``
+``encoder_hidden_states``       one token stream ``"text_encoder"``: rows ``[:B]`` uncond,
+                                ``[B:]`` cond when the batch is twice the call's batch size
+``**rest``                      untouched (ControlNet residuals, cross-attention kwargs, ...)
+==========================  ==================================================================
 """
 
 from __future__ import annotations
@@ -14,10 +25,12 @@ from PIL import Image
 
 from saferedir_sdk import hookimpl
 from saferedir_sdk.adapter import Adapter, CallInfo, DenoiserInputs
+from saferedir_sdk.conditioning import Conditioning, TokenStream
 from saferedir_sdk.errors import TensorShapeError
-from saferedir_sdk.fingerprint import BackboneFingerprint, module_sha256, vocab_sha256
+from saferedir_sdk.fingerprint import BackboneFingerprint, TextEncoderPrint, module_sha256, vocab_sha256
 
 _UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")
+STREAM = "text_encoder"
 
 
 def _get(args: tuple, kwargs: dict[str, Any], name: str) -> Any:
@@ -38,41 +51,131 @@ def _call_signature(pipe: Any) -> inspect.Signature:
     raise TypeError(f"{type(pipe).__name__}.__call__ has no 'prompt' parameter")
 
 
+def _rows(value: Any, index: slice, full: int) -> Any:
+    """``value`` cut to the batch rows ``index`` wherever it is a tensor batched like the call
+    (``full`` rows), inside lists, tuples and dicts too; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.ndim and value.shape[0] == full else value
+    if isinstance(value, list | tuple):
+        return type(value)(_rows(v, index, full) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, index, full) for k, v in value.items()}
+    return value
+
+
 class StableDiffusionAdapter(Adapter):
     """Guards SD 1.x-style pipelines through a forward pre-hook on ``pipe.unet``."""
 
     name = "sd1"
 
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        return pipe.unet
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
 
-    def latent_channels(self, pipe: Any) -> int:
-        vae = getattr(pipe, "vae", None)
+    def latent_channels(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
         if vae is not None and hasattr(vae.config, "latent_channels"):
             return int(vae.config.latent_channels)
-        return int(pipe.unet.config.in_channels)
+        return int(self.pipe.unet.config.in_channels)
 
-    def fingerprint(self, pipe: Any) -> BackboneFingerprint:
+    def fingerprint(self) -> BackboneFingerprint:
+        encoder, tokenizer = self.pipe.text_encoder, self.pipe.tokenizer
         return BackboneFingerprint(
-            token_dim=int(pipe.text_encoder.config.hidden_size),
-            seq_len=int(pipe.tokenizer.model_max_length),
-            latent_channels=self.latent_channels(pipe),
-            tokenizer_sha256=vocab_sha256(pipe.tokenizer.get_vocab()),
-            text_encoder_sha256=module_sha256(pipe.text_encoder),
+            streams=(TokenStream(STREAM, int(tokenizer.model_max_length), int(encoder.config.hidden_size)),),
+            pooled_dim=0,
+            latent_channels=self.latent_channels(),
+            encoders=(TextEncoderPrint(STREAM, vocab_sha256(tokenizer.get_vocab()), module_sha256(encoder)),),
             family=self.name,
         )
 
-    def call_info(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> CallInfo:
-        bound = _call_signature(pipe).bind_partial(pipe, *args, **kwargs).arguments
+    # -- one pipeline call ---------------------------------------------------------------------
+
+    def call_info(self, args: tuple, kwargs: dict[str, Any]) -> CallInfo:
+        bound = _call_signature(self.pipe).bind_partial(self.pipe, *args, **kwargs).arguments
         prompt = bound.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        return CallInfo(
-            prompts=prompts,
-            num_images_per_prompt=int(bound.get("num_images_per_prompt") or 1),
-            output_type=str(bound.get("output_type") or "pil"),
+        per_prompt = int(bound.get("num_images_per_prompt") or 1)
+        embeds = bound.get("prompt_embeds")
+        if prompts is not None:
+            batch: int | None = len(prompts) * per_prompt
+        elif isinstance(embeds, torch.Tensor):
+            batch = int(embeds.shape[0]) * per_prompt
+        else:
+            batch = None
+        return CallInfo(prompts, per_prompt, batch, str(bound.get("output_type") or "pil"))
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        seed: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        output_type: str = "np",
+        negative_prompt: list[str] | None = None,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+    ) -> Any:
+        kwargs: dict[str, Any] = {}
+        if cond is not None:
+            kwargs["prompt_embeds"] = cond.tokens[0]
+        if uncond is not None:
+            kwargs["negative_prompt_embeds"] = uncond.tokens[0]
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = negative_prompt
+        return self.pipe(
+            None if cond is not None else list(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(int(seed)),
+            output_type=output_type,
+            **kwargs,
         )
 
-    def split_denoiser_inputs(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> DenoiserInputs:
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.pipe._execution_device, 1, False)
+        tokenizer = self.pipe.tokenizer
+        mask = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).attention_mask.bool()
+        return Conditioning((embeds,)), mask
+
+    def output_images(self, output: Any) -> Any:
+        return output[0] if isinstance(output, tuple) else output.images
+
+    def replace_samples(
+        self, output: Any, indices: list[int], color: tuple[int, int, int], info: CallInfo
+    ) -> Any:
+        images = _replace(self.output_images(output), indices, color, latent=info.output_type == "latent")
+        if isinstance(output, tuple):
+            return (images, *output[1:])
+        output.images = images
+        return output
+
+    # -- one denoiser call ---------------------------------------------------------------------
+
+    def normalise_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        return timestep.float() / float(self.pipe.scheduler.config.num_train_timesteps)
+
+    def _layout(self, sample: torch.Tensor, batch_size: int | None) -> int | None:
+        """The uncond/cond boundary of a denoiser batch (None: no CFG half)."""
+        n = sample.shape[0]
+        if batch_size is not None and n == 2 * batch_size:
+            return batch_size
+        if batch_size is None or n == batch_size:
+            return None
+        raise TensorShapeError(
+            "sample",
+            f"a batch of {batch_size} (no CFG) or {2 * batch_size} ([uncond; cond])",
+            tuple(sample.shape),
+        )
+
+    def split(self, args: tuple, kwargs: dict[str, Any], batch_size: int | None) -> DenoiserInputs:
         sample = _get(args, kwargs, "sample")
         timestep = _get(args, kwargs, "timestep")
         embeds = _get(args, kwargs, "encoder_hidden_states")
@@ -80,40 +183,71 @@ class StableDiffusionAdapter(Adapter):
             timestep = torch.tensor(timestep, device=sample.device)
         if embeds.ndim != 3 or embeds.shape[0] != sample.shape[0]:
             raise TensorShapeError("encoder_hidden_states", f"({sample.shape[0]}, T, D)", tuple(embeds.shape))
-        latents = sample[:, : self.latent_channels(pipe)]
-        if not getattr(pipe, "do_classifier_free_guidance", False):
-            return DenoiserInputs(latents=latents, timestep=timestep, cond=embeds, uncond=None)
-        if embeds.shape[0] % 2:
-            raise TensorShapeError("encoder_hidden_states", "an even batch [negative; positive] under CFG", tuple(embeds.shape))
-        half = embeds.shape[0] // 2
-        if timestep.ndim == 1 and timestep.shape[0] == 2 * half:
-            timestep = timestep[half:]
-        return DenoiserInputs(latents=latents[half:], timestep=timestep, cond=embeds[half:], uncond=embeds[:half])
+        half = self._layout(sample, batch_size)
+        rows = slice(half, None) if half is not None else slice(None)
+        b = sample.shape[0] - (half or 0)
+        t = timestep.reshape(-1)
+        if t.numel() == sample.shape[0]:
+            t = t[rows]
+        elif t.numel() != 1:
+            raise TensorShapeError("timestep", f"() or ({sample.shape[0]},)", tuple(timestep.shape))
+        timestep = self.normalise_timestep(t).expand(b)
+        latents = sample[rows, : self.latent_channels()]
+        cond = Conditioning((embeds[rows],))
+        uncond = Conditioning((embeds[:half],)) if half is not None else None
+        return DenoiserInputs(latents=latents, timestep=timestep, cond=cond, uncond=uncond)
 
-    def merge_denoiser_inputs(
-        self, pipe: Any, args: tuple, kwargs: dict[str, Any], cond: torch.Tensor, uncond: torch.Tensor | None
+    def merge(
+        self, args: tuple, kwargs: dict[str, Any], inputs: DenoiserInputs
     ) -> tuple[tuple, dict[str, Any]]:
-        embeds = cond if uncond is None else torch.cat([uncond, cond], dim=0)
+        if inputs.cond is None:
+            raise TypeError(
+                "the SD adapter batches both CFG halves in one call; an unconditional-only call cannot occur"
+            )
+        cond = inputs.cond.tokens[0]
+        embeds = cond if inputs.uncond is None else torch.cat([inputs.uncond.tokens[0], cond], dim=0)
         if "encoder_hidden_states" in kwargs or len(args) < 3:
             return args, {**kwargs, "encoder_hidden_states": embeds}
         return (*args[:2], embeds, *args[3:]), kwargs
 
-    def replace_samples(
-        self, pipe: Any, output: Any, indices: list[int], color: tuple[int, int, int], info: CallInfo
-    ) -> Any:
-        images = output[0] if isinstance(output, tuple) else output.images
-        images = _replace(images, indices, color, latent=info.output_type == "latent")
+    def split_output(
+        self, output: Any, inputs: DenoiserInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        if inputs.uncond is None:
+            return None, pred
+        half = pred.shape[0] // 2
+        return pred[:half], pred[half:]
+
+    def merge_output(self, output: Any, uncond: torch.Tensor | None, cond: torch.Tensor | None) -> Any:
+        new = torch.cat([p for p in (uncond, cond) if p is not None])
         if isinstance(output, tuple):
-            return (images, *output[1:])
-        output.images = images
+            return (new, *output[1:])
+        output.sample = new
         return output
+
+    def run_denoiser(
+        self, args: tuple, kwargs: dict[str, Any], inputs: DenoiserInputs, cond: Conditioning
+    ) -> torch.Tensor:
+        sample = _get(args, kwargs, "sample")
+        timestep = _get(args, kwargs, "timestep")
+        full = sample.shape[0]
+        rows = slice(full - inputs.latents.shape[0], None)
+        rest = {k: _rows(v, rows, full) for k, v in kwargs.items() if k not in _UNET_ARGS}
+        rest["return_dict"] = False
+        out = self.denoiser(
+            sample[rows], _rows(timestep, rows, full), encoder_hidden_states=cond.tokens[0], **rest
+        )
+        return out[0]
 
 
 def _replace(images: Any, indices: list[int], color: tuple[int, int, int], *, latent: bool) -> Any:
     if isinstance(images, list):
         images = list(images)
         for i in indices:
-            images[i] = Image.new(images[i].mode if images[i].mode in ("RGB", "RGBA") else "RGB", images[i].size, color)
+            images[i] = Image.new(
+                images[i].mode if images[i].mode in ("RGB", "RGBA") else "RGB", images[i].size, color
+            )
         return images
     if isinstance(images, np.ndarray):
         images = images.copy()
@@ -124,7 +258,9 @@ def _replace(images: Any, indices: list[int], color: tuple[int, int, int], *, la
         if latent:
             images[indices] = 0.0
         else:  # (N, 3, H, W) in [0, 1]
-            images[indices] = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, -1, 1, 1) / 255.0
+            images[indices] = (
+                torch.tensor(color, dtype=images.dtype, device=images.device).view(1, -1, 1, 1) / 255.0
+            )
         return images
     raise TypeError(f"cannot place a placeholder into pipeline output of type {type(images).__name__}")
 
@@ -146,4 +282,4 @@ def is_sd_like(pipeline: Any) -> bool:
 
 @hookimpl
 def saferedir_make_adapter(pipeline: Any) -> Adapter | None:
-    return StableDiffusionAdapter() if is_sd_like(pipeline) else None
+    return StableDiffusionAdapter(pipeline) if is_sd_like(pipeline) else None

@@ -1,7 +1,7 @@
 """Tiny Stable Diffusion 1.x pipelines with random weights, built from configs offline.
 
 For tests and the mechanics demo only: the weights are random (seeded), the images mean
-nothing. The sizes are those of ../shared/design/NOTES.md (UNet (32, 64), 4 latent channels,
+nothing; :func:`fit_tiny_redirector` fits a real redirector on such a pipeline's trajectories. The sizes are those of ../shared/design/NOTES.md (UNet (32, 64), 4 latent channels,
 CLIP text encoder with 32-d tokens and 77 positions); the tokenizer is a real ``CLIPTokenizer``
 over a byte-level vocabulary without merges (one token per character).
 """
@@ -12,10 +12,20 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from saferedir_sdk.capacity import Capacity
+from saferedir_sdk.redirector import Redirector, RedirectorConfig
+from saferedir_sdk.training import fit_redirector, record_trajectories
+
+from .sd import StableDiffusionAdapter
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -50,8 +60,12 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
         cross_attention_dim=token_dim,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -65,8 +79,15 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=token_dim, intermediate_size=37, layer_norm_eps=1e-05,
-            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_size=token_dim,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            pad_token_id=1,
+            vocab_size=1000,
             max_position_embeddings=seq_len,
         )
     )
@@ -83,3 +104,50 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Paired prompts for redirectors fitted on a tiny pipeline (the mechanics demo and the tests): the
+# concept word swapped for a same-length neighbour (the tiny tokenizer is per character).
+PAIRS = {
+    "red": [
+        ("a red circle", "a tan circle"),
+        ("a red square", "a tan square"),
+        ("red star", "tan star"),
+        ("a big red cross", "a big tan cross"),
+        ("one red dot", "one tan dot"),
+    ],
+    "star": [
+        ("a blue star", "a blue moon"),
+        ("star in a box", "moon in a box"),
+        ("a green star", "a green moon"),
+        ("big star", "big moon"),
+        ("the star", "the moon"),
+    ],
+}
+# unpaired benign prompts: what "not the concept" looks like beyond the paired neighbours
+RETAIN_POOL = ["a tan circle", "a blue moon", "a green square", "tan star", "a blue circle", "one dot"]
+#: a small capacity that fits in seconds on a CPU
+TINY_CAPACITY = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=0)
+
+
+def fit_tiny_redirector(
+    pipe: StableDiffusionPipeline,
+    pairs: list[tuple[str, str]],
+    *,
+    num_inference_steps: int = 4,
+    seeds: tuple[int, ...] = (0, 1),
+    fit_steps: int = 200,
+    seed: int = 0,
+    capacity: Capacity = TINY_CAPACITY,
+) -> Redirector:
+    """A real redirector fitted on ``pipe``'s own trajectories of ``pairs`` (plus the benign
+    :data:`RETAIN_POOL` prompts that are not forget prompts), in seconds."""
+    adapter = StableDiffusionAdapter(pipe)
+    kwargs = {"seeds": seeds, "num_inference_steps": num_inference_steps, "guidance_scale": 7.5}
+    forget = record_trajectories(adapter, [f for f, _ in pairs], **kwargs)
+    retain = record_trajectories(adapter, [r for _, r in pairs], **kwargs)
+    pool = record_trajectories(adapter, [p for p in RETAIN_POOL if all(p != f for f, _ in pairs)], **kwargs)
+    torch.manual_seed(seed)
+    redirector = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), capacity))
+    fit_redirector(redirector, forget, retain, negatives=pool, steps=fit_steps, batch_size=32, seed=seed)
+    return redirector

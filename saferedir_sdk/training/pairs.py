@@ -49,8 +49,10 @@ class PromptPairs:
         pool = list(self.retain_pool)
         random.Random(seed + 1).shuffle(pool)
         n_pool = round(len(pool) * heldout_fraction)
-        return (PromptPairs([self.pairs[i] for i in train], pool[n_pool:]),
-                PromptPairs([self.pairs[i] for i in held] or [self.pairs[order[0]]], pool[:n_pool]))
+        return (
+            PromptPairs([self.pairs[i] for i in train], pool[n_pool:]),
+            PromptPairs([self.pairs[i] for i in held] or [self.pairs[order[0]]], pool[:n_pool]),
+        )
 
 
 def _from_records(records: list[dict[str, Any]], where: str) -> PromptPairs:
@@ -68,7 +70,9 @@ def _from_records(records: list[dict[str, Any]], where: str) -> PromptPairs:
     return _complete(pairs, forget_only, pool, where)
 
 
-def _complete(pairs: list[tuple[str, str]], forget_only: list[str], pool: list[str], where: str) -> PromptPairs:
+def _complete(
+    pairs: list[tuple[str, str]], forget_only: list[str], pool: list[str], where: str
+) -> PromptPairs:
     if forget_only:
         partners = pool or [r for _, r in pairs]
         if not partners:
@@ -104,18 +108,24 @@ def load_pairs(path: str | Path) -> PromptPairs:
         if isinstance(data, dict):
             unknown = set(data) - {"pairs", "forget", "retain_pool"}
             if unknown:
-                raise PairsError(f"{path}: unknown keys {sorted(unknown)} (expected pairs, forget, retain_pool)")
+                raise PairsError(
+                    f"{path}: unknown keys {sorted(unknown)} (expected pairs, forget, retain_pool)"
+                )
             pairs = []
             for i, p in enumerate(data.get("pairs", [])):
                 if not (isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(s, str) for s in p)):
                     raise PairsError(f"{path}: pairs.{i}: expected [forget, retain]")
                 pairs.append((p[0], p[1]))
-            return _complete(pairs, list(data.get("forget", [])), list(data.get("retain_pool", [])), str(path))
+            return _complete(
+                pairs, list(data.get("forget", [])), list(data.get("retain_pool", [])), str(path)
+            )
         raise PairsError(f"{path}: expected a list or an object at the top level")
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or not ({"forget", "retain"} & set(reader.fieldnames)):
-            raise PairsError(f"{path}: expected CSV columns 'forget' and/or 'retain', got {reader.fieldnames}")
+            raise PairsError(
+                f"{path}: expected CSV columns 'forget' and/or 'retain', got {reader.fieldnames}"
+            )
         return _from_records([dict(row) for row in reader], str(path))
     raise PairsError(f"{path}: unsupported pairs format {suffix!r} (use .jsonl, .json or .csv)")
 

@@ -22,35 +22,40 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pluggy
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..bundle import ConceptInfo, save_bundle
+from ..adapter import Adapter
+from ..bundle import save_bundle
+from ..concepts import ConceptInfo
 from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
-from ..redirector import Redirector, RedirectorConfig
+from ..redirector import Capacity, Redirector, RedirectorConfig
 from .fit import fit_redirector
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
 
 DEFAULT_CACHE = Path.home() / ".cache" / "saferedir" / "trajectories"
+CACHE_FORMAT = 2  # bumped when what a cached file holds changes (2: normalised timesteps, token streams)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a trained bundle (recorded in its metadata)."""
+    """Everything that determines a trained bundle (recorded in its metadata). ``num_inference_steps``
+    and ``guidance_scale`` None: the pipeline's own defaults (:meth:`Adapter.sampler_defaults`; the
+    Shapes backbone's 20 steps at guidance 1.5), resolved before sampling and recorded."""
 
     concept: str
     category: str = "custom"
     description: str = ""
     seeds: tuple[int, ...] = (0, 1, 2)
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     heldout_fraction: float = 0.2
     steps: int = 1500
     batch_size: int = 64
@@ -60,38 +65,68 @@ class TrainConfig:
     embed_noise: float = 0.05
     eval_every: int = 100
     patience: int = 5
-    hidden_dim: int = 128
-    rank: int = 64
-    token_layers: int = 1
-    latent_pool: int = 16
+    capacity: Capacity = field(default_factory=Capacity)
+    pooled: bool = True  # read and move the backbone's pooled embedding, if it has one
     seed: int = 0
 
 
 def _cache_key(fingerprint: dict[str, Any], prompts: list[str], cfg: TrainConfig, kind: str) -> str:
-    payload = json.dumps([fingerprint, prompts, list(cfg.seeds), cfg.num_inference_steps, cfg.guidance_scale, kind])
+    payload = json.dumps(
+        [
+            CACHE_FORMAT,
+            fingerprint,
+            prompts,
+            list(cfg.seeds),
+            cfg.num_inference_steps,
+            cfg.guidance_scale,
+            kind,
+        ]
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def with_sampler_defaults(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
+    """``cfg`` with unset sampler settings taken from the pipeline's own defaults."""
+    steps, guidance = adapter.sampler_defaults()
+    return replace(
+        cfg,
+        num_inference_steps=cfg.num_inference_steps if cfg.num_inference_steps is not None else steps,
+        guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else guidance,
+    )
+
+
 def collect(
-    pipe: Any, prompts: list[str], cfg: TrainConfig, *, kind: str, cache_dir: Path | None,
-    plugin_manager: pluggy.PluginManager | None = None,
+    adapter: Adapter, prompts: list[str], cfg: TrainConfig, *, kind: str, cache_dir: Path | None
 ) -> Trajectories:
     """Recorded trajectories of ``prompts`` (from the cache when present)."""
-    pm = plugin_manager or default_plugin_manager()
-    adapter = find_adapter(pm, pipe)
+    cfg = with_sampler_defaults(cfg, adapter)
     # the backbone fingerprint covers the text side; trajectories also depend on the denoiser's weights
-    fingerprint = {**adapter.fingerprint(pipe).to_dict(), "denoiser_sha256": module_sha256(adapter.denoiser(pipe))}
-    path = cache_dir / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind)}.safetensors" if cache_dir else None
+    fingerprint = {**adapter.fingerprint().to_dict(), "denoiser_sha256": module_sha256(adapter.denoiser)}
+    path = (
+        cache_dir / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind)}.safetensors" if cache_dir else None
+    )
     if path is not None and path.is_file():
-        return Trajectories(**load_file(str(path)))
-    traj = record_trajectories(pipe, prompts, seeds=cfg.seeds, num_inference_steps=cfg.num_inference_steps,
-                               guidance_scale=cfg.guidance_scale, plugin_manager=pm)
+        return Trajectories.load(path)
+    traj = record_trajectories(
+        adapter,
+        prompts,
+        seeds=cfg.seeds,
+        num_inference_steps=cfg.num_inference_steps,  # type: ignore[arg-type]
+        guidance_scale=cfg.guidance_scale,
+    )  # type: ignore[arg-type]
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({f.name: getattr(traj, f.name).contiguous() for f in fields(traj)}, str(tmp))
-        tmp.replace(path)
+        traj.save(path)
     return traj
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("saferedir-sdk", "diffusers", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def train_bundle(
@@ -105,56 +140,74 @@ def train_bundle(
     plugin_manager: pluggy.PluginManager | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a redirector for ``cfg.concept`` on ``pipe`` and write it to ``out``; returns the summary."""
+    """Train a redirector for ``cfg.concept`` on ``pipe`` (through its adapter) and write it to
+    ``out``; returns the summary."""
     start = time.perf_counter()
-    pm = plugin_manager or default_plugin_manager()
-    adapter = find_adapter(pm, pipe)
-    fingerprint = adapter.fingerprint(pipe)
+    adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
+    fingerprint = adapter.fingerprint()
+    cfg = with_sampler_defaults(cfg, adapter)
     train_pairs, held_pairs = pairs.split(cfg.heldout_fraction, cfg.seed)
     sets = {
-        "forget": [f for f, _ in train_pairs.pairs], "retain": [r for _, r in train_pairs.pairs],
-        "heldout_forget": [f for f, _ in held_pairs.pairs], "heldout_retain": [r for _, r in held_pairs.pairs],
+        "forget": [f for f, _ in train_pairs.pairs],
+        "retain": [r for _, r in train_pairs.pairs],
+        "heldout_forget": [f for f, _ in held_pairs.pairs],
+        "heldout_retain": [r for _, r in held_pairs.pairs],
         "pool": train_pairs.retain_pool,
     }
     main = accelerator is None or accelerator.is_main_process
     if main:
-        data = {k: collect(pipe, v, cfg, kind=k, cache_dir=cache_dir, plugin_manager=pm) for k, v in sets.items() if v}
+        data = {k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir) for k, v in sets.items() if v}
     if accelerator is not None:
         accelerator.wait_for_everyone()
         if not main:
-            data = {k: collect(pipe, v, cfg, kind=k, cache_dir=cache_dir, plugin_manager=pm) for k, v in sets.items() if v}
+            data = {k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir) for k, v in sets.items() if v}
     t_collect = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
-    redirector = Redirector(RedirectorConfig(
-        token_dim=fingerprint.token_dim, seq_len=fingerprint.seq_len, latent_channels=fingerprint.latent_channels,
-        hidden_dim=cfg.hidden_dim, rank=cfg.rank, latent_pool=cfg.latent_pool, token_layers=cfg.token_layers,
-    ))
+    redirector = Redirector(RedirectorConfig.for_backbone(fingerprint, cfg.capacity, pooled=cfg.pooled))
     result = fit_redirector(
-        redirector, data["forget"], data["retain"], negatives=data.get("pool"),
-        heldout=(data["heldout_forget"], data["heldout_retain"]), steps=cfg.steps, batch_size=cfg.batch_size,
-        lr=cfg.lr, strength=cfg.strength, token_dropout=cfg.token_dropout, embed_noise=cfg.embed_noise,
-        eval_every=cfg.eval_every, patience=cfg.patience, seed=cfg.seed, accelerator=accelerator, progress=progress,
+        redirector,
+        data["forget"],
+        data["retain"],
+        negatives=data.get("pool"),
+        heldout=(data["heldout_forget"], data["heldout_retain"]),
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        strength=cfg.strength,
+        token_dropout=cfg.token_dropout,
+        embed_noise=cfg.embed_noise,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        accelerator=accelerator,
+        progress=progress,
     )
-    import diffusers
-    import transformers
-
     summary = {
         "config": asdict(cfg),
-        "data": {"train_pairs": len(train_pairs.pairs), "heldout_pairs": len(held_pairs.pairs),
-                 "retain_pool": len(train_pairs.retain_pool), "train_rows": len(data["forget"]),
-                 "heldout_rows": len(data["heldout_forget"]), "pool_rows": len(data["pool"]) if "pool" in data else 0},
+        "data": {
+            "train_pairs": len(train_pairs.pairs),
+            "heldout_pairs": len(held_pairs.pairs),
+            "retain_pool": len(train_pairs.retain_pool),
+            "train_rows": len(data["forget"]),
+            "heldout_rows": len(data["heldout_forget"]),
+            "pool_rows": len(data["pool"]) if "pool" in data else 0,
+        },
         "heldout": result.heldout,
         "final_train_losses": result.final,
         "fit_steps": result.steps,
         "stopped_early": result.stopped_early,
-        "seconds": {"collect": round(t_collect, 1), "fit": round(result.seconds, 1),
-                    "total": round(time.perf_counter() - start, 1)},
+        "seconds": {
+            "collect": round(t_collect, 1),
+            "fit": round(result.seconds, 1),
+            "total": round(time.perf_counter() - start, 1),
+        },
         "processes": accelerator.num_processes if accelerator is not None else 1,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": _versions(),
     }
     if main:
-        sha = save_bundle(out, redirector, ConceptInfo(cfg.concept, cfg.category, cfg.description), fingerprint, summary)
+        sha = save_bundle(
+            out, redirector, ConceptInfo(cfg.concept, cfg.category, cfg.description), fingerprint, summary
+        )
         summary["sha256"] = sha
     return summary

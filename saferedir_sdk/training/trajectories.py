@@ -1,27 +1,30 @@
-"""Recording what the guard will see: (latent, timestep, conditional embeddings) at each denoiser
-call of a pipeline's own sampler, through the same adapter and hook the guard uses."""
+"""Recording what the guard will see: (latent view, normalised timestep, conditional conditioning)
+at each denoising step of a pipeline's own sampler, through the same adapter the guard uses."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..plugins import default_plugin_manager, find_adapter
+from ..adapter import Adapter
+from ..atomic import atomic_path
+from ..conditioning import Conditioning
 
 
 @dataclass
 class Trajectories:
-    """N recorded denoiser calls (conditional half only).
+    """N recorded denoising steps (conditional half only).
 
     Attributes:
-        latents: (N, C, H, W) float32.
-        timesteps: (N,) float32.
-        embeds: (N, T, D) float32 conditional prompt embeddings.
-        steps: (N,) int64 index of the denoiser call within its generation.
+        latents: (N, C, H, W) float32 latent views.
+        timesteps: (N,) float32 normalised timesteps (0 clean .. 1 noise).
+        cond: the conditional conditioning of the N rows (float32).
+        steps: (N,) int64 index of the step within its generation.
         prompt_ids: (N,) int64 index into the recorded prompt list.
         seeds: (N,) int64 generator seed of the generation.
 
@@ -31,7 +34,7 @@ class Trajectories:
 
     latents: torch.Tensor
     timesteps: torch.Tensor
-    embeds: torch.Tensor
+    cond: Conditioning
     steps: torch.Tensor
     prompt_ids: torch.Tensor
     seeds: torch.Tensor
@@ -40,58 +43,101 @@ class Trajectories:
         return self.latents.shape[0]
 
     def select(self, index: torch.Tensor) -> Trajectories:
-        return Trajectories(*(t[index] for t in self.as_tuple()))
+        return Trajectories(
+            self.latents[index],
+            self.timesteps[index],
+            self.cond.rows(index),
+            self.steps[index],
+            self.prompt_ids[index],
+            self.seeds[index],
+        )
 
-    def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.latents, self.timesteps, self.embeds, self.steps, self.prompt_ids, self.seeds)
+    def inputs(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """(latents, timesteps, cond) on ``device``: a redirector's inputs."""
+        return self.latents.to(device), self.timesteps.to(device), self.cond.map(lambda t: t.to(device))
+
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors (atomically)."""
+        tensors = {
+            "latents": self.latents,
+            "timesteps": self.timesteps,
+            "steps": self.steps,
+            "prompt_ids": self.prompt_ids,
+            "seeds": self.seeds,
+        }
+        tensors.update({f"tokens.{i}": t for i, t in enumerate(self.cond.tokens)})
+        if self.cond.pooled is not None:
+            tensors["pooled"] = self.cond.pooled
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectories:
+        data = load_file(str(path))
+        tokens = tuple(data[f"tokens.{i}"] for i in range(sum(k.startswith("tokens.") for k in data)))
+        return cls(
+            data["latents"],
+            data["timesteps"],
+            Conditioning(tokens, data.get("pooled")),
+            data["steps"],
+            data["prompt_ids"],
+            data["seeds"],
+        )
 
 
 @torch.no_grad()
 def record_trajectories(
-    pipe: Any,
+    adapter: Adapter,
     prompts: Sequence[str],
     *,
     seeds: Sequence[int] = (0,),
     num_inference_steps: int = 10,
     guidance_scale: float = 7.5,
-    plugin_manager: pluggy.PluginManager | None = None,
-    **call_kwargs: Any,
 ) -> Trajectories:
-    """Run ``pipe`` on ``prompts`` once per seed (``output_type="latent"``) and record every
-    denoiser call's conditional inputs."""
-    adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
-    records: list[tuple[torch.Tensor, ...]] = []
-    seed_box = {"seed": 0, "step": 0}
+    """Run the adapter's pipeline on ``prompts`` once per seed (``output_type="latent"``) and record
+    every denoising step's conditional inputs, as the adapter splits them for the guard."""
+    records: list[tuple[Any, ...]] = []
+    box = {"seed": 0, "step": 0}
+    n = len(prompts)
 
     def hook(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        inputs = adapter.split_denoiser_inputs(pipe, args, kwargs)
-        n = inputs.cond.shape[0]
-        t = inputs.timestep.float().reshape(-1).expand(n) if inputs.timestep.ndim else inputs.timestep.float().repeat(n)
+        inputs = adapter.split(args, kwargs, n)
+        if inputs.cond is None:  # the unconditional call of a backbone that runs CFG halves apart
+            return
+        b = inputs.cond.batch_size
         records.append(
             (
                 inputs.latents.float().cpu(),
-                t.cpu(),
-                inputs.cond.float().cpu(),
-                torch.full((n,), seed_box["step"], dtype=torch.int64),
-                torch.arange(n, dtype=torch.int64),
-                torch.full((n,), seed_box["seed"], dtype=torch.int64),
+                inputs.timestep.float().reshape(-1).expand(b).cpu(),
+                inputs.cond.map(lambda t: t.float().cpu()),
+                torch.full((b,), box["step"], dtype=torch.int64),
+                torch.arange(b, dtype=torch.int64),
+                torch.full((b,), box["seed"], dtype=torch.int64),
             )
         )
-        seed_box["step"] += 1
+        box["step"] += 1
 
-    handle = adapter.denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)
+    handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for seed in seeds:
-            seed_box.update(seed=int(seed), step=0)
-            pipe(
+            box.update(seed=int(seed), step=0)
+            adapter.generate(
                 list(prompts),
+                seed=int(seed),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(int(seed)),
                 output_type="latent",
-                **call_kwargs,
             )
     finally:
         handle.remove()
-    columns = list(zip(*records))
-    return Trajectories(*(torch.cat(col) for col in columns))
+    latents, timesteps, conds, steps, ids, seed_col = zip(*records)
+    tokens = tuple(torch.cat([c.tokens[i] for c in conds]) for i in range(len(conds[0].tokens)))
+    pooled = torch.cat([c.pooled for c in conds]) if conds[0].pooled is not None else None
+    return Trajectories(
+        torch.cat(latents),
+        torch.cat(timesteps),
+        Conditioning(tokens, pooled),
+        torch.cat(steps),
+        torch.cat(ids),
+        torch.cat(seed_col),
+    )

@@ -1,4 +1,5 @@
-"""``saferedir demo``: the Shapes backbone, unguarded and guarded by ``policies/demo.yaml``.
+"""``saferedir demo``: the Shapes backbone, unguarded and guarded by the pack's demo policy
+(``shapes:demo``, shipped inside this package, so it works from any folder).
 
 Loads the shipped Shapes backbone (no training on a fresh machine), generates a small prompt set
 with fixed seeds unguarded and guarded, judges every image, and writes an image grid
@@ -8,7 +9,6 @@ with fixed seeds unguarded and guarded, judges every image, and writes an image 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -34,16 +34,23 @@ DEMO_PROMPTS = [
     "a banded green square",
 ]
 STEPS, GUIDANCE, SEED = DEFAULT_STEPS, DEFAULT_GUIDANCE, 2026
-DEFAULT_POLICY = Path("policies/demo.yaml")
+DEFAULT_POLICY = "shapes:demo"
 
 
 def _generate(pipe: Any, prompts: list[str]) -> np.ndarray:
-    images = pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    images = pipe(
+        prompts,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+    ).images
     return (images * 255).round().astype(np.uint8)
 
 
-def _grid(prompts: list[str], left: np.ndarray, right: np.ndarray, labels: list[str], scale: int = 4) -> Image.Image:
+def _grid(
+    prompts: list[str], left: np.ndarray, right: np.ndarray, labels: list[str], scale: int = 4
+) -> Image.Image:
     cell = left.shape[1] * scale
     text_w = 230
     grid = Image.new("RGB", (text_w + 2 * cell + 30, 22 + len(prompts) * (cell + 6)), "white")
@@ -60,26 +67,35 @@ def _grid(prompts: list[str], left: np.ndarray, right: np.ndarray, labels: list[
     return grid
 
 
-def run_demo(out: Path, policy: Path) -> int:
+def _copy_audit_record(audit_file: Path | None, request_id: str, target: Path) -> str:
+    """This call's record from the policy's audit file (appended to by every call; left as it is)
+    into ``target``; says where the record is."""
+    if audit_file is None or not audit_file.is_file():
+        return "audit record: the policy's sinks (no audit file)"
+    if audit_file.resolve() == target.resolve():
+        return f"audit record {request_id} in {audit_file}"
+    lines = [line for line in audit_file.read_text().splitlines() if request_id in line]
+    target.write_text("".join(line + "\n" for line in lines))
+    return f"audit record {request_id} in {audit_file} (copied to {target})"
+
+
+def run_demo(out: Path, policy: str | Path = DEFAULT_POLICY) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.perf_counter()
-    if not policy.is_file():
-        raise SystemExit(f"{policy}: policy not found (run from the repository root or pass --policy)")
+    guard = SafeRedirGuard.from_policy(policy)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_shapes_pipeline()
     judge = load_judge()
     t_load = time.perf_counter() - start
-    print(f"saferedir demo: Shapes backbone (MiniLM text encoder + {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M "
-          f"parameter UNet), {len(DEMO_PROMPTS)} prompts, {STEPS} steps, guidance {GUIDANCE}, seed {SEED}")
+    print(
+        f"saferedir demo: Shapes backbone (MiniLM text encoder + {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M "
+        f"parameter UNet), {len(DEMO_PROMPTS)} prompts, {STEPS} steps, guidance {GUIDANCE}, seed {SEED}"
+    )
 
     t0 = time.perf_counter()
     unguarded = _generate(pipe, DEMO_PROMPTS)
     t_unguarded = time.perf_counter() - t0
 
-    guard = SafeRedirGuard.from_policy(policy)
-    audit_file = guard.audit.file
-    if audit_file is not None:
-        audit_file.unlink(missing_ok=True)
     guard.wrap(pipe)
     t0 = time.perf_counter()
     guarded = _generate(pipe, DEMO_PROMPTS)
@@ -97,19 +113,26 @@ def run_demo(out: Path, policy: Path) -> int:
         labels.append(f"{sample.action}: {fired}")
         print(f"  {prompt:<26} {sample.action:<11} {fired:<24} {b} -> {a}")
     _grid(DEMO_PROMPTS, unguarded, guarded, labels).save(out / "grid.png")
-    if audit_file is not None and audit_file.is_file() and audit_file.resolve() != (out / "audit.jsonl").resolve():
-        shutil.copy(audit_file, out / "audit.jsonl")
+    audit_note = _copy_audit_record(guard.audit.file, report.request_id, out / "audit.jsonl")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     n = len(DEMO_PROMPTS)
-    print(f"\n  outcome {report.outcome}; {sum(s.action == 'redirected' for s in report.samples)} of {n} redirected")
-    print(f"  time: load {t_load:.1f} s, unguarded {t_unguarded / n:.3f} s/image, guarded {t_guarded / n:.3f} s/image "
-          f"(overhead x{t_guarded / t_unguarded:.2f})")
-    print(f"  wrote {out / 'grid.png'}, {out / 'audit.jsonl'}, {out / 'report.json'}")
+    print(
+        f"\n  outcome {report.outcome}; {sum(s.action == 'redirected' for s in report.samples)} of {n} redirected"
+    )
+    print(
+        f"  time: load {t_load:.1f} s, unguarded {t_unguarded / n:.3f} s/image, guarded {t_guarded / n:.3f} s/image "
+        f"(overhead x{t_guarded / t_unguarded:.2f})"
+    )
+    print(f"  wrote {out / 'grid.png'}, {out / 'report.json'}; {audit_note}")
     return 0
 
 
 def add_demo_command(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="the Shapes backbone unguarded vs guarded by policies/demo.yaml")
+    p = subparsers.add_parser(
+        "demo", help="the Shapes backbone unguarded vs guarded by the demo policy (shapes:demo)"
+    )
     p.add_argument("--out", default="saferedir-demo", help="output folder (default: saferedir-demo)")
-    p.add_argument("--policy", default=str(DEFAULT_POLICY), help="policy file (default: policies/demo.yaml)")
-    p.set_defaults(func=lambda args: run_demo(Path(args.out), Path(args.policy)))
+    p.add_argument(
+        "--policy", default=DEFAULT_POLICY, help="policy file or PLUGIN:NAME (default: shapes:demo)"
+    )
+    p.set_defaults(func=lambda args: run_demo(Path(args.out), args.policy))

@@ -35,11 +35,24 @@ class Judge(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
 
-        self.features = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            block(3, 32),
+            nn.MaxPool2d(2),
+            block(32, 64),
+            nn.MaxPool2d(2),
+            block(64, 128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.heads = nn.ModuleDict({name: nn.Linear(128, len(values)) for name, values in HEADS.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,8 +101,10 @@ def evaluate(judge: Judge, n: int = 3000, seed: int = 12345) -> dict[str, float]
     images, labels = _dataset(n, seed, artefacts=1.0)
     with torch.no_grad():
         logits = judge(to_tensor(images))
-    return {name: round(float((logits[name].argmax(1).numpy() == labels[:, i]).mean()), 4)
-            for i, name in enumerate(HEADS)}
+    return {
+        name: round(float((logits[name].argmax(1).numpy() == labels[:, i]).mean()), 4)
+        for i, name in enumerate(HEADS)
+    }
 
 
 def train(steps: int = 2500, batch: int = 128, seed: int = 0, pool: int = 30000) -> tuple[Judge, dict]:
@@ -113,35 +128,13 @@ def train(steps: int = 2500, batch: int = 128, seed: int = 0, pool: int = 30000)
         if (step + 1) % 250 == 0:
             print(f"judge step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)
     judge.eval().requires_grad_(False)
-    return judge, {"steps": steps, "batch": batch, "seed": seed, "pool": pool, "minutes": round((time.time() - start) / 60, 2)}
-
-
-def contact_sheet(path: Path, n: int = 80, seed: int = 20_000) -> None:
-    """``n`` generated samples (seen and unseen prompts, demo settings, held-out seeds), each with its
-    prompt's attributes and the judge's labels, as a PNG grid (8 per row), to compare with one's eye."""
-    from PIL import Image, ImageDraw
-
-    from .evaluate import generate, prompt_set
-    from .pipeline import load_shapes_pipeline
-
-    prompts, attrs = prompt_set("seen", n // 2, seed=7)
-    more, more_attrs = prompt_set("unseen_pairs", n - n // 2, seed=8)
-    images = generate(load_shapes_pipeline(), prompts + more, seed)
-    labels = judge_images(load_judge(), images)
-    cell, cols = 128, 8
-    sheet = Image.new("RGB", (cols * (cell + 8), (n // cols) * (cell + 40)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, a) in enumerate(zip(images, attrs + more_attrs)):
-        x, y = (i % cols) * (cell + 8), (i // cols) * (cell + 40)
-        sheet.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
-        judged = f"{labels['colour'][i]} {labels['texture'][i]} {labels['shape'][i]}"
-        draw.text((x, y + cell + 2), f"{i}: asked {a.colour[:3]} {a.texture[:3]} {a.shape[:3]}", fill="black")
-        ok = judged == f"{a.colour} {a.texture} {a.shape}"
-        draw.text((x, y + cell + 16), f"judge {judged}", fill=(0, 110, 0) if ok else (200, 0, 0))
-    sheet.save(path)
-    everything = attrs + more_attrs
-    match = {k: sum(labels[k][i] == getattr(a, k) for i, a in enumerate(everything)) for k in HEADS}
-    print(f"wrote {path}: {n} samples; judge label == asked attribute: {match}")
+    return judge, {
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
+        "pool": pool,
+        "minutes": round((time.time() - start) / 60, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", action="store_true")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
-    parser.add_argument("--sheet", type=Path, help="write a contact sheet of 80 generated samples with the judge's labels")
     args = parser.parse_args(argv)
-    if args.sheet:
-        contact_sheet(args.sheet)
     if args.train:
         judge, info = train(args.steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         info["heldout_accuracy_with_artefacts"] = evaluate(judge)
-        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(args.out),
-                  metadata={"training": json.dumps(info)})
+        save_file(
+            {k: v.contiguous() for k, v in judge.state_dict().items()},
+            str(args.out),
+            metadata={"training": json.dumps(info)},
+        )
         print(json.dumps(info, indent=2))
     if args.evaluate:
         print(json.dumps(evaluate(load_judge(args.out)), indent=2))

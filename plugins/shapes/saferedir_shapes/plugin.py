@@ -1,13 +1,21 @@
-"""saferedir plugin entry point of the Shapes pack: its backbone, its concepts, `saferedir demo`."""
+"""saferedir plugin entry point of the Shapes pack: its backbone, its concepts and their recipes,
+its demo policy (``shapes:demo``), ``saferedir demo``, and its efficacy suite for the benchmark.
+
+Registration is cheap: nothing heavy is imported and no recipe is built until something asks.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-from saferedir_sdk import ConceptSpec, hookimpl
+from saferedir_sdk import hookimpl
+from saferedir_sdk.concepts import ConceptSpec, Recipe
 
-BUNDLES = Path(__file__).parent / "weights"
+HERE = Path(__file__).parent
+BUNDLES = HERE / "weights"
+POLICIES = {"demo": HERE / "policies" / "demo.yaml"}
 CONCEPTS = {
     "shapes-red": ("red", "nsfw", "the colour red (stands in for an NSFW attribute)"),
     "shapes-striped": ("striped", "artist_style", "striped texture (stands in for an artist's style)"),
@@ -19,19 +27,35 @@ def bundle_path(concept: str) -> Path:
     return BUNDLES / f"{concept}.safetensors"
 
 
+def recipe(concept: str) -> Recipe:
+    """The concept's training recipe (built once per process, on first use)."""
+    from .world import cached_recipe
+
+    return cached_recipe(concept)
+
+
 @hookimpl
 def saferedir_register_concepts() -> list[ConceptSpec]:
     """The Shapes concepts: the trained bundles that ship with this package, and the recipe
-    (`saferedir train --pairs plugin:shapes-red`) they were trained from."""
-    from .world import concept_recipe
-
+    (``saferedir train --pairs plugin:shapes-red``) they were trained from."""
     specs = []
     for name, (concept, category, description) in CONCEPTS.items():
-        pairs, pool = concept_recipe(concept)
         path = bundle_path(concept)
-        specs.append(ConceptSpec(name, category, (path,) if path.is_file() else (), description,
-                                 recipe=tuple(pairs), retain_pool=tuple(pool)))
+        specs.append(
+            ConceptSpec(
+                name,
+                category,
+                (path,) if path.is_file() else (),
+                description,
+                recipe=functools.partial(recipe, concept),
+            )
+        )
     return specs
+
+
+@hookimpl
+def saferedir_register_policies() -> dict[str, Path]:
+    return dict(POLICIES)
 
 
 @hookimpl
@@ -50,8 +74,9 @@ def saferedir_add_commands(subparsers: Any) -> None:
     add_demo_command(subparsers)
 
 
-@hookimpl
+@hookimpl(optionalhook=True)
 def saferedir_eval_suite(backbone: str) -> Any:
+    """The Shapes efficacy suite for ``saferedir eval`` (a hook the benchmark plugin specifies)."""
     if backbone != "shapes":
         return None
     from .eval_suite import ShapesEvalSuite

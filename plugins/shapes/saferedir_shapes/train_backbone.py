@@ -15,9 +15,7 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,10 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
-from .pipeline import SCHEDULER_CONFIG, encode_text, load_text_encoder, new_unet, patchify
+from saferedir_sdk.atomic import atomic_path, write_text_atomic
+
+from .pipeline import SCHEDULER_CONFIG, new_unet, patchify
+from .text import encode_text, load_text_encoder
 from .world import make_prompt, render, sample_attributes
 
 
@@ -41,13 +42,9 @@ def build_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str], np.ndarray]:
 
 
 def save_atomic(state: dict[str, torch.Tensor], record: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, write in (("shapes-unet.safetensors", lambda p: save_file(state, p)),
-                        ("shapes-unet.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, out / name)
+    with atomic_path(out / "shapes-unet.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_text_atomic(out / "shapes-unet.json", json.dumps(record, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from these UNet weights (e.g. the shipped EMA checkpoint) instead of random")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these UNet weights (e.g. the shipped EMA checkpoint) instead of random",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder, tokenizer = load_text_encoder()
     x0_pool, prompts, _ = build_pool(args.pool, args.seed)
-    embeds = torch.cat([encode_text(encoder, tokenizer, prompts[i:i + 512]).half() for i in range(0, len(prompts), 512)])
+    embeds = torch.cat(
+        [encode_text(encoder, tokenizer, prompts[i : i + 512]).half() for i in range(0, len(prompts), 512)]
+    )
     empty = encode_text(encoder, tokenizer, [""])[0]
     print(f"pool: {len(prompts)} renders + prompts encoded in {time.time() - start:.0f} s", flush=True)
 
@@ -86,14 +89,33 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = min(300, args.steps // 10)
-    lr_at = lambda s: args.lr * min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))  # noqa: E731
+
+    def lr_at(s: int) -> float:
+        return (
+            args.lr
+            * min(1.0, (s + 1) / warmup)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+        )
+
     generator = torch.Generator().manual_seed(args.seed)
     losses: list[float] = []
-    record = {"command": "python -m saferedir_shapes.train_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
-              "params": params, "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in new_unet().config.items()
-                                                if not k.startswith("_")},
-              "scheduler": SCHEDULER_CONFIG, "seed": args.seed, "init": str(args.init) if args.init else None, "batch": args.batch, "pool": args.pool,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    record = {
+        "command": "python -m saferedir_shapes.train_backbone "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "params": params,
+        "unet_config": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in new_unet().config.items()
+            if not k.startswith("_")
+        },
+        "scheduler": SCHEDULER_CONFIG,
+        "seed": args.seed,
+        "init": str(args.init) if args.init else None,
+        "batch": args.batch,
+        "pool": args.pool,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     print(f"unet: {params / 1e6:.2f} M parameters; {args.steps} steps at batch {args.batch}", flush=True)
     t_loop = time.time()
     for step in range(args.steps):
@@ -122,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         done = step + 1
         if done % 100 == 0 or done == args.steps:
             per = (time.time() - t_loop) / done
-            print(f"step {done}/{args.steps} loss {np.mean(losses[-100:]):.4f} lr {lr_at(step):.2e} "
-                  f"{per:.3f} s/step eta {per * (args.steps - done) / 60:.1f} min", flush=True)
+            print(
+                f"step {done}/{args.steps} loss {np.mean(losses[-100:]):.4f} lr {lr_at(step):.2e} "
+                f"{per:.3f} s/step eta {per * (args.steps - done) / 60:.1f} min",
+                flush=True,
+            )
         if done % args.ckpt_every == 0 or done == args.steps:
-            record.update(steps_done=done, minutes=round((time.time() - start) / 60, 1),
-                          loss_last_100=round(float(np.mean(losses[-100:])), 5),
-                          loss_curve=[round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, done, 500)])
+            record.update(
+                steps_done=done,
+                minutes=round((time.time() - start) / 60, 1),
+                loss_last_100=round(float(np.mean(losses[-100:])), 5),
+                loss_curve=[round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, done, 500)],
+            )
             save_atomic({k: v.half().contiguous() for k, v in ema.state_dict().items()}, record, args.out)
     print(f"done in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0

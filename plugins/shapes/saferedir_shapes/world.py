@@ -14,9 +14,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from .text import minilm_token_count
 
 SIZE = 32
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -34,12 +35,27 @@ RGB = {
 
 # synonyms seen in training / held out for evaluation (the held-out ones never appear in training)
 COLOUR_WORDS = {
-    "red": (["red", "crimson", "scarlet", "ruby", "cherry red", "brick red"], ["blood red", "reddish", "rose"]),
-    "green": (["green", "emerald", "lime", "forest green", "olive green"], ["grass green", "greenish", "leafy green"]),
+    "red": (
+        ["red", "crimson", "scarlet", "ruby", "cherry red", "brick red"],
+        ["blood red", "reddish", "rose"],
+    ),
+    "green": (
+        ["green", "emerald", "lime", "forest green", "olive green"],
+        ["grass green", "greenish", "leafy green"],
+    ),
     "blue": (["blue", "navy", "azure", "cobalt", "royal blue"], ["sky blue", "bluish", "ocean blue"]),
-    "yellow": (["yellow", "golden", "lemon", "canary", "mustard"], ["yellowish", "banana yellow", "butter yellow"]),
-    "purple": (["purple", "plum", "lilac", "mauve", "amethyst", "deep purple"], ["violet", "lavender", "dark purple"]),
-    "orange": (["orange", "apricot", "pumpkin", "carrot orange", "burnt orange"], ["tangerine", "orangish", "amber"]),
+    "yellow": (
+        ["yellow", "golden", "lemon", "canary", "mustard"],
+        ["yellowish", "banana yellow", "butter yellow"],
+    ),
+    "purple": (
+        ["purple", "plum", "lilac", "mauve", "amethyst", "deep purple"],
+        ["violet", "lavender", "dark purple"],
+    ),
+    "orange": (
+        ["orange", "apricot", "pumpkin", "carrot orange", "burnt orange"],
+        ["tangerine", "orangish", "amber"],
+    ),
 }
 SHAPE_WORDS = {
     "circle": (["circle", "disc", "round shape", "round disc"], ["disk", "sphere"]),
@@ -54,8 +70,14 @@ TEXTURE_WORDS = {
     "dotted": (["dotted", "polka-dot", "spotted", "speckled"], ["with dots", "polka-dotted", "dotty"]),
 }
 # colour-shape pairs never drawn in training (every colour and shape still appears otherwise)
-HELDOUT_PAIRS = {("red", "triangle"), ("green", "star"), ("blue", "cross"), ("yellow", "circle"),
-                 ("purple", "square"), ("orange", "star")}
+HELDOUT_PAIRS = {
+    ("red", "triangle"),
+    ("green", "star"),
+    ("blue", "cross"),
+    ("yellow", "circle"),
+    ("purple", "square"),
+    ("orange", "star"),
+}
 
 TEMPLATES = [
     "a {t} {c} {s}",
@@ -85,16 +107,24 @@ def words(attribute: str, value: str, split: str) -> list[str]:
     return train if split == "train" else held
 
 
-def make_prompt(a: Attributes, rng: np.random.Generator, *, split: str = "train", heldout: str | None = None) -> str:
+def make_prompt(
+    a: Attributes, rng: np.random.Generator, *, split: str = "train", heldout: str | None = None
+) -> str:
     """A prompt for ``a``. ``split="train"`` uses training synonyms only; ``heldout`` names one
     attribute (colour|shape|texture) whose word is drawn from the held-out synonyms."""
     return _prompt_pair(a, rng, heldout=heldout)[0]
 
 
-def _prompt_pair(a: Attributes, rng: np.random.Generator, *, heldout: str | None = None,
-                 swap: tuple[str, str] | None = None, misspell_p: float = 0.0,
-                 misspellings: dict[str, list[str]] | None = None,
-                 token_count: Callable[[str], int] | None = None) -> tuple[str, str | None]:
+def _prompt_pair(
+    a: Attributes,
+    rng: np.random.Generator,
+    *,
+    heldout: str | None = None,
+    swap: tuple[str, str] | None = None,
+    misspell_p: float = 0.0,
+    misspellings: dict[str, list[str]] | None = None,
+    token_count: Callable[[str], int] | None = None,
+) -> tuple[str, str | None]:
     """``make_prompt``'s prompt and, with ``swap=(attribute, value)``, the same prompt (template,
     other words) with that attribute's word replaced by one of ``value``'s synonyms: a one-to-one
     mapping of phrasings, so a pair's retain side is a function of its forget side. With
@@ -123,7 +153,9 @@ def _prompt_pair(a: Attributes, rng: np.random.Generator, *, heldout: str | None
     return fmt(pick), (fmt({**pick, swap[0]: other}) if swap is not None else None)
 
 
-def safe_synonym(word: str, targets: list[str], index: int, token_count: Callable[[str], int] | None = None) -> str:
+def safe_synonym(
+    word: str, targets: list[str], index: int, token_count: Callable[[str], int] | None = None
+) -> str:
     """The safe target for forget word ``word`` (the ``index``-th forget synonym): ``targets[index]``
     (cyclically). With ``token_count``, a phrase of as many tokens as ``word``: the first such
     target from there, else the first run of distinct targets joined by spaces ("solid flat" for a
@@ -131,7 +163,7 @@ def safe_synonym(word: str, targets: list[str], index: int, token_count: Callabl
     whose sides tokenise to different lengths asks the redirector to shift every later token's
     embedding; a pair that lines up moves the concept's tokens (and, through the contextual
     encoder, a little of the rest) only."""
-    rotated = targets[index % len(targets):] + targets[: index % len(targets)]
+    rotated = targets[index % len(targets) :] + targets[: index % len(targets)]
     if token_count is not None:
         need = token_count(word)
         for size in range(1, len(rotated) + 1):
@@ -223,7 +255,9 @@ def render(a: Attributes, rng: np.random.Generator, size: int = SIZE) -> np.ndar
 def background_brightness(img: np.ndarray) -> float:
     """Mean brightness in [0, 1] of the border pixels (2 px), where no shape ever reaches."""
     f = img.astype(np.float32) / 255.0
-    border = np.concatenate([f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3), f[:, :2].reshape(-1, 3), f[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [f[:2].reshape(-1, 3), f[-2:].reshape(-1, 3), f[:, :2].reshape(-1, 3), f[:, -2:].reshape(-1, 3)]
+    )
     return float(border.mean())
 
 
@@ -239,7 +273,7 @@ def add_artefacts(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:  # blur (3x3 box, once or twice)
         for _ in range(rng.integers(1, 3)):
             p = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
-            f = sum(p[i:i + f.shape[0], j:j + f.shape[1]] for i in range(3) for j in range(3)) / 9.0
+            f = sum(p[i : i + f.shape[0], j : j + f.shape[1]] for i in range(3) for j in range(3)) / 9.0
     if rng.random() < 0.8:  # grain
         f = f + rng.normal(0, rng.uniform(2, 14), size=f.shape)
     if rng.random() < 0.3:  # contrast
@@ -259,22 +293,13 @@ CONCEPT_SWAPS = {
 
 # robustness augmentation of the concept recipes: framings a real prompt wraps around its subject
 # (none of the efficacy suite's phrasings, no held-out word) and misspelt concept words
-TRAIN_WRAPPERS = ["digital art of {p}, highly detailed", "{p}, trending, sharp focus",
-                  "an illustration: {p}, minimal style", "concept art, {p}, soft light",
-                  "photo of {p} on a table, studio lighting"]
-
-
-@functools.cache
-def _tokenizer() -> Any:
-    from .pipeline import load_tokenizer
-
-    return load_tokenizer()
-
-
-@functools.cache
-def minilm_token_count(text: str) -> int:
-    """How many word pieces the Shapes backbone's MiniLM tokenizer makes of ``text`` (no specials)."""
-    return len(_tokenizer()(text, add_special_tokens=False).input_ids)
+TRAIN_WRAPPERS = [
+    "digital art of {p}, highly detailed",
+    "{p}, trending, sharp focus",
+    "an illustration: {p}, minimal style",
+    "concept art, {p}, soft light",
+    "photo of {p} on a table, studio lighting",
+]
 
 
 @functools.cache
@@ -288,15 +313,17 @@ def verified_misspellings() -> dict[str, list[str]]:
 
 def misspell(word: str, rng: np.random.Generator) -> str:
     """One edit of ``word`` (swap two neighbours, drop or double a letter) that is no vocabulary word."""
-    vocabulary = {w for t in (COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS) for ws, hs in t.values() for w in ws + hs}
+    vocabulary = {
+        w for t in (COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS) for ws, hs in t.values() for w in ws + hs
+    }
     for _ in range(20):
         letters = [i for i, ch in enumerate(word) if ch.isalpha()]
         i = letters[rng.integers(len(letters))]
         kind = rng.integers(3)
         if kind == 0 and i + 1 < len(word):
-            out = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            out = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
         elif kind == 1 and len(letters) > 3:
-            out = word[:i] + word[i + 1:]
+            out = word[:i] + word[i + 1 :]
         else:
             out = word[:i] + word[i] + word[i:]
         if out != word and out not in vocabulary:
@@ -304,8 +331,13 @@ def misspell(word: str, rng: np.random.Generator) -> str:
     return word + word[-1]
 
 
-def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: int = 0,
-                   token_count: Callable[[str], int] | None = minilm_token_count) -> tuple[list[tuple[str, str]], list[str]]:
+def concept_recipe(
+    concept: str,
+    n_pairs: int = 240,
+    n_pool: int = 120,
+    seed: int = 0,
+    token_count: Callable[[str], int] | None = minilm_token_count,
+) -> tuple[list[tuple[str, str]], list[str]]:
     """Forget/retain pairs that differ only in the concept's word: the retain side swaps in the
     concept's safe target (a near neighbour), synonym for synonym, so each forget phrasing has one
     redirection target; and a pool of benign prompts, 60% of them the other near neighbours (the
@@ -324,8 +356,14 @@ def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: in
         retain = Attributes(**{**a.__dict__, attribute: target})
         if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
             continue
-        f, r = _prompt_pair(forget, rng, swap=(attribute, target), misspell_p=0.3,
-                            misspellings=verified_misspellings(), token_count=token_count)
+        f, r = _prompt_pair(
+            forget,
+            rng,
+            swap=(attribute, target),
+            misspell_p=0.3,
+            misspellings=verified_misspellings(),
+            token_count=token_count,
+        )
         if rng.random() < 0.25:
             wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
             f, r = wrapper.format(p=f), wrapper.format(p=r)
@@ -343,3 +381,9 @@ def concept_recipe(concept: str, n_pairs: int = 240, n_pool: int = 120, seed: in
                 text = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))].format(p=text)
             pool.append(text)
     return pairs, pool
+
+
+@functools.cache
+def cached_recipe(concept: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """:func:`concept_recipe` with its defaults, built once per process."""
+    return concept_recipe(concept)

@@ -1,5 +1,6 @@
-"""saferedir eval's machinery on the tiny SD pipeline: every method runs on the same prompts and
-seeds, metrics are consistent, outputs are written. (The Shapes figures: README, `saferedir eval`.)"""
+"""The benchmark plugin's ``saferedir eval`` machinery on the tiny SD pipeline: every method runs on
+the same prompts and seeds through the adapter, metrics are consistent, outputs are written.
+(The Shapes figures: benchmarks/README.md, ``saferedir eval``.)"""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from conftest import RED_PAIRS, STEPS
-
-from saferedir_sdk.evaluation import METHODS, EvalConcept, EvalPrompt, run_eval
+from helpers import RED_PAIRS, STEPS
+from saferedir_bench.evaluation import METHODS, EvalConcept, EvalPrompt, run_eval
 
 
 @dataclass
@@ -22,30 +22,36 @@ class TinySuite:
     backbone: str = "tiny-sd"
     num_inference_steps: int = STEPS
     guidance_scale: float = 7.5
+    policy: str | None = None
     calls: list[int] = field(default_factory=list)
 
     def judge(self, images: np.ndarray) -> dict[str, list[str]]:
         f = images.astype(np.float32)
         self.calls.append(len(images))
-        return {"tone": ["light" if m > 60 else "dark" for m in f.mean(axis=(1, 2, 3))],
-                "cast": ["warm" if r > b else "cool" for r, b in zip(f[..., 0].mean(axis=(1, 2)), f[..., 2].mean(axis=(1, 2)))]}
-
-    def encode(self, pipe, prompts):
-        embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
-        mask = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").attention_mask
-        return embeds, mask
+        return {
+            "tone": ["light" if m > 60 else "dark" for m in f.mean(axis=(1, 2, 3))],
+            "cast": [
+                "warm" if r > b else "cool"
+                for r, b in zip(f[..., 0].mean(axis=(1, 2)), f[..., 2].mean(axis=(1, 2)))
+            ],
+        }
 
 
 def _concept() -> EvalConcept:
     p = lambda text: EvalPrompt(text, {"tone": "light", "cast": "warm"})  # noqa: E731
     return EvalConcept(
-        name="red", attribute="cast", value="warm",
-        sets={"forget": [p("a red circle"), p("a red square"), p("red star")],
-              "paraphrase": [p("a crimson circle"), p("a scarlet dot")],
-              "adversarial": [p("a rde circle"), p("a circle, red ## xq")],
-              "retain": [p("a tan circle"), p("a blue moon"), p("a green square")]},
-        blocklist=["red"], negative_prompt="red", safety_concept="red",
+        name="red",
+        attribute="cast",
+        value="warm",
+        sets={
+            "forget": [p("a red circle"), p("a red square"), p("red star")],
+            "paraphrase": [p("a crimson circle"), p("a scarlet dot")],
+            "adversarial": [p("a rde circle"), p("a circle, red ## xq")],
+            "retain": [p("a tan circle"), p("a blue moon"), p("a green square")],
+        },
+        blocklist=["red"],
+        negative_prompt="red",
+        safety_concept="red",
         leace_fit=([f for f, _ in RED_PAIRS], [r for _, r in RED_PAIRS]),
     )
 
@@ -53,7 +59,9 @@ def _concept() -> EvalConcept:
 def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, write_policy, tmp_path):
     suite = TinySuite([_concept()])
     out = tmp_path / "eval"
-    results = run_eval(pipe, suite, policy=write_policy(), methods=METHODS, out=out, batch_size=2, progress=False)
+    results = run_eval(
+        pipe, suite, policy=write_policy(), methods=METHODS, out=out, batch_size=2, progress=False
+    )
     cells = results["concepts"]["red"]
     assert set(cells) == {"forget", "paraphrase", "adversarial", "retain"}
     none = {s: cells[s]["none"] for s in cells}
@@ -62,7 +70,9 @@ def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, wr
     assert all(none[s]["kept"] == 1.0 for s in ("forget", "paraphrase", "adversarial"))
     # the blocklist refuses exactly the prompts with the word, and only those
     assert cells["forget"]["blocklist"]["triggered"] == 1.0
-    assert cells["adversarial"]["blocklist"]["triggered"] == 0.5  # "a circle, red ## xq" yes, "a rde circle" no
+    assert (
+        cells["adversarial"]["blocklist"]["triggered"] == 0.5
+    )  # "a circle, red ## xq" yes, "a rde circle" no
     assert cells["retain"]["blocklist"]["triggered"] == 0.0
     assert cells["retain"]["blocklist"]["pixel_similarity"] == 1.0
     # SafeRedir's tiny 'red' bundle fires on the red prompts, not on the benign ones, and leaves
@@ -76,7 +86,6 @@ def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, wr
         assert cells["retain"][method]["pixel_similarity"] < 1.0, method
     assert set(results["summary"]) == set(METHODS)
     assert results["speed"]["none"]["overhead"] == 1.0
-    assert results["speed"]["sld_max"]["overhead"] > 1.0  # one more denoiser call per step
     saved = json.loads((out / "results.json").read_text())
     assert saved["concepts"] == results["concepts"]
     table = (out / "results.md").read_text()
@@ -89,7 +98,9 @@ def test_unknown_method_and_missing_policy_are_clear_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         run_eval(pipe, TinySuite([_concept()]), policy=None, methods=["magic"], out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="the saferedir method needs a policy"):
-        run_eval(pipe, TinySuite([_concept()]), policy=None, methods=["saferedir"], out=tmp_path, progress=False)
+        run_eval(
+            pipe, TinySuite([_concept()]), policy=None, methods=["saferedir"], out=tmp_path, progress=False
+        )
 
 
 def test_eval_cli_rejects_unknown_methods_and_backbones(capsys):
@@ -122,16 +133,54 @@ def test_eval_under_accelerate_launch_splits_prompts_and_matches_one_process(tmp
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    args = ["-m", "saferedir_sdk.cli", "eval", "--backbone", "shapes", "--n", "4", "--batch-size", "2",
-            "--methods", "none", "blocklist", "saferedir", "--policy", str(root / "policies" / "demo.yaml"), "--quiet"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [
+        "-m",
+        "saferedir_sdk.cli",
+        "eval",
+        "--backbone",
+        "shapes",
+        "--n",
+        "4",
+        "--batch-size",
+        "2",
+        "--methods",
+        "none",
+        "blocklist",
+        "saferedir",
+        "--quiet",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=root)
+    two = subprocess.run(
+        [*launch, *args, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=root,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=root)
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=root,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())

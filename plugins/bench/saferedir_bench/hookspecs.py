@@ -1,0 +1,20 @@
+"""The benchmark's own hook, added to the plugin manager when the benchmark plugin registers.
+Backbone plugins implement it with ``@hookimpl(optionalhook=True)`` so they work without the
+benchmark installed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from saferedir_sdk.hookspecs import hookspec
+
+if TYPE_CHECKING:
+    from .evaluation import EvalSuite
+
+
+@hookspec(firstresult=True)
+def saferedir_eval_suite(backbone: str) -> EvalSuite | None:
+    """Called by ``saferedir eval --backbone NAME``. Return an
+    :class:`~saferedir_bench.evaluation.EvalSuite` (prompt sets per concept, a judge, what each
+    alternative needs, a default policy) for a backbone this plugin can judge, else None.
+    """

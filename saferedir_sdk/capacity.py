@@ -1,0 +1,29 @@
+"""The redirector's capacity choices, declared once (torch-free, so the command line can show the
+defaults without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The redirector's capacity choices: the one place their defaults are declared (the trainer
+    and ``saferedir train`` take theirs from here). The shipped Shapes bundles use these values."""
+
+    hidden_dim: int = 128
+    rank: int = 64  # rank of the low-rank token delta head
+    num_heads: int = 4
+    latent_pool: int = 16  # the latent is average-pooled to latent_pool x latent_pool first
+    token_layers: int = 1  # self-attention layers over the prompt's tokens, and the copy head (0: neither)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            least = 0 if f.name == "token_layers" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"Capacity.{f.name}: expected an int >= {least}, got {value!r}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"Capacity.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
+            )

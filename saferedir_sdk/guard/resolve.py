@@ -1,0 +1,115 @@
+"""From a policy to what can be enforced: load every rule's bundles, then pick per pipeline the
+bundle trained for its backbone. What cannot be enforced stops the guard under ``fail_mode:
+closed`` and becomes a ``fail_open`` entry (recorded in every audit record) under ``open``."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+
+from ..bundle import RedirectorBundle, load_bundle
+from ..concepts import ConceptSpec
+from ..engine import EngineConcept
+from ..errors import BackboneMismatchError, GuardBuildError, PluginError, SafeRedirError
+from ..fingerprint import BackboneFingerprint
+from ..plugins import registered_concepts
+from ..policy import ConceptRule, LoadedPolicy
+
+FailOpen = dict[str, str]  # {"concept", "reason"}
+
+
+@dataclass(frozen=True)
+class ResolvedConcept:
+    """An effective rule and every bundle that could enforce it (one per backbone)."""
+
+    rule: ConceptRule
+    bundles: list[RedirectorBundle]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a policy resolves to: the concepts with loaded bundles, and those that failed open."""
+
+    concepts: list[ResolvedConcept]
+    fail_open: list[FailOpen]
+
+
+def cannot_enforce(
+    loaded: LoadedPolicy, concept: str, exc: Exception, closed_error: type[SafeRedirError] | None
+) -> FailOpen:
+    """Under ``closed`` raise (``closed_error`` wrapping ``exc``, or ``exc`` itself if None); under
+    ``open`` warn and return the fail_open entry."""
+    policy = loaded.policy
+    if policy.fail_mode == "closed":
+        if closed_error is None:
+            raise exc
+        raise closed_error(
+            f"policy '{policy.name}' ({loaded.path}): concept '{concept}' cannot be enforced "
+            f"and fail_mode is closed: {exc}"
+        ) from exc
+    warnings.warn(f"saferedir: concept '{concept}' is NOT enforced (fail_mode: open): {exc}", stacklevel=4)
+    return {"concept": concept, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def _plugin_bundles(rule: ConceptRule, registry: dict[str, ConceptSpec]) -> list[RedirectorBundle]:
+    ref = rule.redirector
+    spec = registry.get(str(ref.plugin))
+    if spec is None:
+        raise PluginError(
+            f"no installed plugin registers concept '{ref.plugin}' (registered: {sorted(registry) or 'none'})"
+        )
+    if not spec.bundles:
+        raise PluginError(f"plugin concept '{ref.plugin}' ships no trained bundle yet")
+    bundles = []
+    for path in spec.bundles:
+        bundle = load_bundle(path)
+        if ref.sha256 is None or bundle.sha256 == ref.sha256:
+            bundles.append(bundle)
+    if not bundles:  # re-raise the integrity error of the first file, naming it and both hashes
+        load_bundle(spec.bundles[0], sha256=ref.sha256)
+    return bundles
+
+
+def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution:
+    """Load the bundles of every rule of ``loaded`` (plugins are asked only if a rule names one)."""
+    concepts: list[ResolvedConcept] = []
+    fail_open: list[FailOpen] = []
+    registry: dict[str, ConceptSpec] | None = None
+    for rule in loaded.policy.effective_rules():
+        ref = rule.redirector
+        try:
+            if ref.path is not None:
+                path = Path(ref.path)
+                bundles = [
+                    load_bundle(path if path.is_absolute() else loaded.folder / path, sha256=ref.sha256)
+                ]
+            else:
+                registry = registry if registry is not None else registered_concepts(pm)
+                bundles = _plugin_bundles(rule, registry)
+        except SafeRedirError as exc:
+            fail_open.append(cannot_enforce(loaded, rule.concept, exc, GuardBuildError))
+            continue
+        concepts.append(ResolvedConcept(rule, bundles))
+    return Resolution(concepts, fail_open)
+
+
+def match_backbone(
+    loaded: LoadedPolicy, resolution: Resolution, fingerprint: BackboneFingerprint, device: object
+) -> tuple[list[EngineConcept], list[FailOpen]]:
+    """Per resolved concept, the bundle trained for ``fingerprint`` (moved to ``device``); a concept
+    with none stops the wrap under ``closed`` (:class:`BackboneMismatchError`) or fails open."""
+    enforced: list[EngineConcept] = []
+    fail_open: list[FailOpen] = []
+    for resolved in resolution.concepts:
+        match = next((b for b in resolved.bundles if b.backbone.first_difference(fingerprint) is None), None)
+        if match is None:
+            first = resolved.bundles[0]
+            diff = first.backbone.first_difference(fingerprint)
+            error = BackboneMismatchError(first.path or "<bundle>", *(diff or ("backbone", "?", "?")))
+            fail_open.append(cannot_enforce(loaded, resolved.rule.concept, error, None))
+            continue
+        enforced.append(EngineConcept(resolved.rule, match.redirector.to(device)))  # type: ignore[arg-type]
+    return enforced, fail_open

@@ -1,0 +1,33 @@
+"""Helpers the tests share (imported as ``from helpers import ...``; fixtures live in conftest)."""
+
+from __future__ import annotations
+
+import torch
+from saferedir_adapters.tiny import PAIRS
+
+STEPS = 4
+RED_PAIRS = PAIRS["red"]
+STAR_PAIRS = PAIRS["star"]
+FORGET, RETAIN = "a red circle", "a tan circle"  # the two prompts most tests generate
+
+
+class UNetRecorder:
+    """Records what the UNet actually receives (a pre-hook registered after the guard's)."""
+
+    def __init__(self, unet):
+        self.calls: list[dict] = []
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        self.calls.append(
+            {"ehs": kwargs["encoder_hidden_states"].detach().clone(), "sample": args[0].detach().clone()}
+        )
+
+    def remove(self):
+        self.handle.remove()
+
+
+def generate(pipe, prompts=(FORGET, RETAIN), *, seed=7, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("output_type", "np")
+    return pipe(list(prompts), generator=torch.Generator().manual_seed(seed), **kwargs)
