@@ -103,11 +103,3 @@ class Conditioning:
         if pooled_dim and (self.pooled is None or tuple(self.pooled.shape) != (b, pooled_dim)):
             got = () if self.pooled is None else tuple(self.pooled.shape)
             raise TensorShapeError(f"{what} pooled embedding", f"({b}, {pooled_dim})", got)
-
-
-def cat(parts: list[Conditioning]) -> Conditioning:
-    """The batches of ``parts`` one after the other (``[uncond; cond]`` for a CFG batch)."""
-    first = parts[0]
-    tokens = tuple(torch.cat([p.tokens[i] for p in parts]) for i in range(len(first.tokens)))
-    pooled = None if first.pooled is None else torch.cat([p.pooled for p in parts])  # type: ignore[misc]
-    return Conditioning(tokens, pooled)
