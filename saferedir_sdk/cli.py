@@ -139,16 +139,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .capacity import Capacity
+    from .optional import optional
     from .plugins import default_plugin_manager, load_backbone, registered_concepts
     from .training import PromptPairs, TrainConfig, igmu_pairs, load_pairs, train_bundle
 
-    accelerator = None
-    try:  # several processes under `accelerate launch`; one without accelerate installed
-        from accelerate import Accelerator
-    except ImportError:
-        pass
-    else:
-        accelerator = Accelerator()
+    accelerate = optional("accelerate")  # several processes under `accelerate launch`; one without it
+    accelerator = accelerate.Accelerator() if accelerate is not None else None
     pm = default_plugin_manager()
     if args.pairs.startswith("plugin:"):
         spec = registered_concepts(pm).get(args.pairs.removeprefix("plugin:"))

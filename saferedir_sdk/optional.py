@@ -18,3 +18,11 @@ def require(module: str, *, extra: str, feature: str, distribution: str = "safer
         raise MissingDependencyError(
             f"{feature} needs '{missing}', which is not installed: pip install '{distribution}[{extra}]'"
         ) from None
+
+
+def optional(module: str) -> ModuleType | None:
+    """``import module``, or None when it is not installed (for features that work without it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None

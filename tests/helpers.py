@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 from saferedir_adapters.tiny import PAIRS
 
@@ -31,3 +34,20 @@ def generate(pipe, prompts=(FORGET, RETAIN), *, seed=7, **kwargs):
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("output_type", "np")
     return pipe(list(prompts), generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+# `accelerate launch --cpu --num_processes 2` starts ONE process (huggingface/accelerate#2741); several
+# CPU processes on one machine go through the torch.distributed launcher with ACCELERATE_USE_CPU=1.
+ACCELERATE_TWO_CPU_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    *"--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split(),
+]
+
+
+def run_ok(cmd: list[str], *, timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd``; fail the test with the tail of its output unless it exits 0."""
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run

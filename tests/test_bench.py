@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from helpers import RED_PAIRS, STEPS
+from helpers import ACCELERATE_TWO_CPU_PROCESSES, RED_PAIRS, STEPS, run_ok
 from saferedir_bench.evaluation import METHODS, EvalConcept, EvalPrompt, run_eval
 
 
@@ -128,60 +128,14 @@ def test_eval_under_accelerate_launch_splits_prompts_and_matches_one_process(tmp
     """`saferedir eval` on the Shapes suite (2 prompts a set) with two processes gives the same
     figures as one process: seeds follow the batch index, not the process."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    args = [
-        "-m",
-        "saferedir_sdk.cli",
-        "eval",
-        "--backbone",
-        "shapes",
-        "--n",
-        "4",
-        "--batch-size",
-        "2",
-        "--methods",
-        "none",
-        "blocklist",
-        "saferedir",
-        "--quiet",
-    ]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    args = "-m saferedir_sdk.cli eval --backbone shapes --n 4 --batch-size 2 --methods none blocklist saferedir --quiet"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [*launch, *args, "--out", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=root,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=root,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_ok([*ACCELERATE_TWO_CPU_PROCESSES, *args.split(), "--out", str(tmp_path / "two")], env=env, cwd=root)
+    run_ok([sys.executable, *args.split(), "--out", str(tmp_path / "one")], env=env, cwd=root)
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["processes"] == 1 and b["processes"] == 2

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import FORGET, RED_PAIRS, RETAIN, generate
+from helpers import ACCELERATE_TWO_CPU_PROCESSES, FORGET, RED_PAIRS, RETAIN, generate, run_ok
 from saferedir_adapters.tiny import RETAIN_POOL as POOL
 
 from saferedir_sdk import SafeRedirGuard, load_bundle
@@ -61,37 +59,10 @@ def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_
     )
     out = tmp_path / "red.safetensors"
     args = [
-        "train",
-        "--backbone",
-        str(folder),
-        "--concept",
-        "red",
-        "--pairs",
-        str(pairs),
-        "--out",
-        str(out),
-        "--seeds",
-        "0",
-        "1",
-        "--sampler-steps",
-        "4",
-        "--guidance",
-        "7.5",
-        "--steps",
-        "150",
-        "--batch-size",
-        "32",
-        "--hidden-dim",
-        "64",
-        "--rank",
-        "8",
-        "--latent-pool",
-        "8",
-        "--token-layers",
-        "0",
-        "--cache",
-        str(tmp_path / "cache"),
-        "--quiet",
+        *f"train --backbone {folder} --concept red --pairs {pairs} --out {out} --seeds 0 1".split(),
+        *"--sampler-steps 4 --guidance 7.5 --steps 150 --batch-size 32".split(),
+        *"--hidden-dim 64 --rank 8 --latent-pool 8 --token-layers 0 --quiet".split(),
+        *["--cache", str(tmp_path / "cache")],
     ]
     assert main(args) == 0
     bundle = load_bundle(out)
@@ -124,52 +95,12 @@ def test_train_under_accelerate_launch_with_two_processes(pipe, tmp_path):
     pairs = tmp_path / "red.jsonl"
     pairs.write_text("\n".join(json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2))
     out = tmp_path / "red.safetensors"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (huggingface/accelerate#2741);
-    # several CPU processes on one machine go through the torch.distributed launcher with ACCELERATE_USE_CPU.
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "saferedir_sdk.cli",
-        "train",
-        "--backbone",
-        str(folder),
-        "--concept",
-        "red",
-        "--pairs",
-        str(pairs),
-        "--out",
-        str(out),
-        "--seeds",
-        "0",
-        "--sampler-steps",
-        "4",
-        "--steps",
-        "60",
-        "--hidden-dim",
-        "64",
-        "--rank",
-        "8",
-        "--token-layers",
-        "1",
-        "--cache",
-        str(tmp_path / "cache"),
-        "--quiet",
+    args = [
+        *f"-m saferedir_sdk.cli train --backbone {folder} --concept red --pairs {pairs} --out {out}".split(),
+        *"--seeds 0 --sampler-steps 4 --steps 60 --hidden-dim 64 --rank 8 --token-layers 1 --quiet".split(),
+        *["--cache", str(tmp_path / "cache")],
     ]
-    run = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"}
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_ok([*ACCELERATE_TWO_CPU_PROCESSES, *args], env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=600)
     assert load_bundle(out).training["processes"] == 2
 
 

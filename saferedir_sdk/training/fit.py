@@ -130,7 +130,7 @@ def redirector_losses(
     ]
     classification = sum(bce) / (2 if augment is not None else 1)
 
-    pooled = redirector.config.pooled_dim > 0
+    pooled = out.pooled_direction is not None  # (the module may be wrapped: DistributedDataParallel)
     e_f, e_r = forget[2], retain[2]
     moved, mask_target, alpha_target = _targets(_rel_moves(e_f, e_r, pooled), strength, mask_tau)
     directions = [*out_f.directions, *([out_f.pooled_direction.unsqueeze(1)] if pooled else [])]  # type: ignore[union-attr]
