@@ -29,6 +29,7 @@ _EXPORTS = {
     "RedirectionEngine": "engine",
     "AdapterNotFoundError": "errors",
     "BackboneMismatchError": "errors",
+    "BundleConceptMismatchError": "errors",
     "BundleError": "errors",
     "BundleFormatError": "errors",
     "BundleIntegrityError": "errors",
@@ -62,6 +63,7 @@ __all__ = [
     "AdapterNotFoundError",
     "BackboneFingerprint",
     "BackboneMismatchError",
+    "BundleConceptMismatchError",
     "BundleError",
     "BundleFormatError",
     "BundleIntegrityError",
@@ -127,6 +129,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .errors import (
         AdapterNotFoundError,
         BackboneMismatchError,
+        BundleConceptMismatchError,
         BundleError,
         BundleFormatError,
         BundleIntegrityError,

@@ -97,6 +97,12 @@ class Adapter(ABC):
     def denoiser(self) -> nn.Module:
         """The module whose forward pre-hook sees every denoising call (a UNet or a transformer)."""
 
+    def components(self) -> dict[str, nn.Module]:
+        """The modules a guarded call depends on, by name (the denoiser, the text encoders): the
+        guard checks per call that each is still the object it wrapped (a swap after ``wrap`` is an
+        enforcement failure, not a silent bypass)."""
+        return {"denoiser": self.denoiser}
+
     @abstractmethod
     def fingerprint(self) -> BackboneFingerprint:
         """The backbone fingerprint: token streams (names and (T, D)), pooled width, latent-view

@@ -45,6 +45,9 @@ from .redirector import Redirector, RedirectorConfig
 
 FORMAT_NAME = "saferedir-redirector"
 FORMAT_VERSION = 2
+#: no weight of a trained redirector comes near this (the shipped ones stay below 3): a larger
+#: value is a corrupted or hostile file, refused before it can saturate every decision
+MAX_ABS_WEIGHT = 1e4
 
 
 @dataclass
@@ -123,13 +126,19 @@ def save_bundle(
     return _write(Path(path), tensors, metadata)
 
 
-def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
+def _json_field(path: Path, metadata: dict[str, str], key: str) -> dict[str, Any]:
+    """Metadata ``key`` as a JSON object (anything else is a :class:`BundleFormatError`)."""
     if key not in metadata:
         raise BundleFormatError(path, f"metadata key '{key}' is missing")
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as exc:
-        raise BundleFormatError(path, f"metadata key '{key}' is not valid JSON: {exc}") from None
+        value = json.loads(metadata[key])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BundleFormatError(path, f"metadata key '{key}' is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise BundleFormatError(
+            path, f"metadata key '{key}': expected a JSON object, got {type(value).__name__}"
+        )
+    return value
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -206,22 +215,23 @@ def load_bundle(
 
     try:
         config = RedirectorConfig.from_dict(_json_field(path, metadata, "saferedir.config"))
-    except (TypeError, ValueError) as exc:
-        raise BundleFormatError(path, f"bad architecture config: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BundleFormatError(path, f"bad architecture config: {str(exc)[:300]}") from None
     try:
         concept = ConceptInfo(**_json_field(path, metadata, "saferedir.concept"))
-    except (TypeError, ValueError) as exc:
-        raise BundleFormatError(path, f"bad concept metadata: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BundleFormatError(path, f"bad concept metadata: {str(exc)[:300]}") from None
     try:
         backbone = BackboneFingerprint.from_dict(_json_field(path, metadata, "saferedir.backbone"))
-    except (TypeError, ValueError) as exc:
-        raise BundleFormatError(path, f"bad backbone metadata: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BundleFormatError(path, f"bad backbone metadata: {str(exc)[:300]}") from None
     problem = _check_fits(config, backbone)
     if problem is not None:
         raise BundleFormatError(path, problem)
     training = _json_field(path, metadata, "saferedir.training")
 
-    redirector = Redirector(config)
+    with torch.random.fork_rng(devices=[]):  # building the module must not move anyone's RNG
+        redirector = Redirector(config)
     expected = redirector.state_dict()
     tensors = _read_tensors(path)
     missing = sorted(set(expected) - set(tensors))
@@ -239,6 +249,14 @@ def load_bundle(
             raise BundleFormatError(path, f"tensor '{key}': expected dtype float32, got {tensors[key].dtype}")
         if not torch.isfinite(tensors[key]).all():
             raise BundleFormatError(path, f"tensor '{key}' holds NaN or infinite values")
+        largest = float(tensors[key].abs().max()) if tensors[key].numel() else 0.0
+        if largest > MAX_ABS_WEIGHT:
+            raise BundleFormatError(
+                path,
+                f"tensor '{key}': a value of magnitude {largest:.3g} (trained weights stay below {MAX_ABS_WEIGHT:g})",
+            )
+    if all(not bool(t.any()) for t in tensors.values()):
+        raise BundleFormatError(path, "every tensor is zero: not a trained redirector")
     redirector.load_state_dict(tensors, strict=True)
     redirector.to(device).eval().requires_grad_(False)
 
@@ -275,7 +293,7 @@ def upgrade_bundle(old: str | Path, new: str | Path) -> str:
             "latent_channels": cfg["latent_channels"],
             "pooled_dim": 0,
             "capacity": {k: cfg[k] for k in ("hidden_dim", "rank", "num_heads", "latent_pool")}
-            | {"token_layers": cfg.get("token_layers", 0)},
+            | {"token_layers": cfg.get("token_layers", 0), "latent_layers": 2, "latent_readout": "mean"},
             "time_embed_scale": float(cfg.get("num_train_timesteps", 1000)),
         }
         backbone = {

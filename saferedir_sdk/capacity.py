@@ -15,12 +15,22 @@ class Capacity:
     rank: int = 64  # rank of the low-rank token delta head
     num_heads: int = 4
     latent_pool: int = 16  # the latent is average-pooled to latent_pool x latent_pool first
+    latent_layers: int = 2  # convolutions of the latent encoder (each after the second halves the size)
+    # how the latent encoder's feature map becomes one vector: "mean" (global average) or "mean+max"
+    # (average and maximum concatenated: a shape's tips or a texture's edges anywhere in the image)
+    latent_readout: str = "mean"
     token_layers: int = 1  # self-attention layers over the prompt's tokens, and the copy head (0: neither)
 
     def __post_init__(self) -> None:
+        if self.latent_readout not in ("mean", "mean+max"):
+            raise ValueError(
+                f"Capacity.latent_readout: expected 'mean' or 'mean+max', got {self.latent_readout!r}"
+            )
         for f in fields(self):
+            if f.name == "latent_readout":
+                continue
             value = getattr(self, f.name)
-            least = 0 if f.name == "token_layers" else 1
+            least = {"token_layers": 0, "latent_layers": 2}.get(f.name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"Capacity.{f.name}: expected an int >= {least}, got {value!r}")
         if self.hidden_dim % self.num_heads:

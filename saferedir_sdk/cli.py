@@ -1,6 +1,6 @@
 """``saferedir`` command line.
 
-The SDK's own commands (validate, policy, plugins, train, bundle) are always there; plugins add
+The SDK's own commands (validate, policy, plugins, train, bundle, audit) are always there; plugins add
 more (the Shapes pack ``demo``, the adapters ``demo-mechanics``, the benchmark ``eval``) through
 the ``saferedir_add_commands`` hook. Plugins are imported only for a command that is not the
 SDK's own (or for ``saferedir plugins``), so ``validate``, ``policy schema`` and ``--help`` load
@@ -22,7 +22,7 @@ from typing import Any
 from .concepts import CATEGORIES
 from .errors import PolicyError, SafeRedirError
 
-CORE_COMMANDS = ("validate", "policy", "plugins", "train", "bundle")
+CORE_COMMANDS = ("validate", "policy", "plugins", "train", "bundle", "audit")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -146,6 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     accelerate = optional("accelerate")  # several processes under `accelerate launch`; one without it
     accelerator = accelerate.Accelerator() if accelerate is not None else None
     pm = default_plugin_manager()
+    outcome = None
     if args.pairs.startswith("plugin:"):
         spec = registered_concepts(pm).get(args.pairs.removeprefix("plugin:"))
         if spec is None or spec.recipe is None:
@@ -154,6 +155,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         pairs_list, pool = spec.recipe()
         pairs = PromptPairs(list(pairs_list), list(pool))
+        if spec.outcome is not None and not args.no_outcome_labels:
+            outcome = spec.outcome()
     elif args.igmu:
         pairs = igmu_pairs(args.pairs, args.retain_file, args.igmu)
     else:
@@ -172,6 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         capacity=capacity,
         patience=args.patience,
+        prompt_dropout=args.prompt_dropout,
     )
     device = str(accelerator.device) if accelerator is not None else "cpu"
     pipe = load_backbone(pm, args.backbone, device)
@@ -184,6 +188,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         plugin_manager=pm,
         progress=not args.quiet,
+        outcome=outcome,
     )
     if accelerator is None or accelerator.is_main_process:
         held = summary["heldout"]
@@ -198,8 +203,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         "guidance": summary["config"]["guidance_scale"],
                     },
                     "heldout_accuracy": held.get("heldout_accuracy"),
-                    "heldout_accuracy_by_t": held.get("heldout_accuracy_by_t"),
+                    "heldout_ablation": held.get("heldout_ablation"),
                     "heldout_masked_cosine": held.get("heldout_masked_cosine"),
+                    "labels": summary["data"]["labels"],
+                    "unsafe_share": summary["data"]["unsafe_share"],
                     "seconds": summary["seconds"],
                     "processes": summary["processes"],
                 },
@@ -236,7 +243,12 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
                 "config": bundle.config.to_dict(),
                 "heldout": {
                     k: held.get(k)
-                    for k in ("heldout_accuracy", "heldout_accuracy_by_t", "heldout_masked_cosine")
+                    for k in (
+                        "heldout_accuracy",
+                        "heldout_accuracy_by_t",
+                        "heldout_ablation",
+                        "heldout_masked_cosine",
+                    )
                 },
             },
             indent=2,
@@ -320,15 +332,38 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         help="the latent is average-pooled to this size before the latent encoder",
     )
     p.add_argument(
+        "--latent-layers",
+        type=int,
+        default=Capacity.latent_layers,
+        help="convolutions of the latent encoder (>= 2; each after the second halves the size)",
+    )
+    p.add_argument(
+        "--latent-readout",
+        choices=["mean", "mean+max"],
+        default=Capacity.latent_readout,
+        help="how the latent encoder's map becomes a vector (mean+max also sees a shape's tips, a texture's edges)",
+    )
+    p.add_argument(
         "--token-layers",
         type=int,
         default=Capacity.token_layers,
         help="self-attention layers over the prompt's tokens (and the copy head); 0: neither",
     )
     p.add_argument("--patience", type=int, default=5)
+    p.add_argument(
+        "--prompt-dropout",
+        type=float,
+        default=0.3,
+        help="share of the classifier's augmented rows whose prompt is replaced by the empty one (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument(
+        "--no-outcome-labels",
+        action="store_true",
+        help="label trajectories by prompt side even when the concept pack has an outcome judge",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -344,11 +379,49 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     b.add_argument("new", type=Path)
     b.set_defaults(func=_cmd_bundle_upgrade)
 
+    p = sub.add_parser("audit", help="audit files: verify their hash chain")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    a = asub.add_parser(
+        "verify", help="report the first altered, missing, reordered or cut record (exit 1), else OK"
+    )
+    a.add_argument("files", type=Path, nargs="+")
+    a.add_argument("--json", action="store_true", help="one JSON object per file")
+    a.set_defaults(func=_cmd_audit_verify)
+
     if with_plugins:
         from .plugins import default_plugin_manager
 
         default_plugin_manager().hook.saferedir_add_commands(subparsers=sub)
     return parser
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_audit_file
+
+    status = 0
+    for path in args.files:
+        if not path.is_file():
+            print(f"{path}: FAIL: no such file")
+            status = 1
+            continue
+        result = verify_audit_file(path)
+        if args.json:
+            print(json.dumps({**result.__dict__, "ok": result.ok}))
+        elif result.ok:
+            print(
+                f"{path}: OK: {result.records} records, chain intact; last seq {result.last_seq} hash "
+                f"{result.last_hash} (keep these elsewhere to detect a cut after them)"
+            )
+        else:
+            print(f"{path}: FAIL: {result.problems[0]}")
+            for problem in result.problems[1:10]:
+                print(f"  also: {problem}")
+        if result.unfinished and not args.json:
+            print(
+                f"  {len(result.unfinished)} call(s) started without a completion record: {result.unfinished[:10]}"
+            )
+        status |= 0 if result.ok else 1
+    return status
 
 
 def _version() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 #: The concept categories, declared once: policies, bundles, packs and the CLI all use these.
 Category = Literal["nsfw", "artist_style", "object", "custom"]
@@ -13,6 +13,24 @@ CATEGORIES: tuple[str, ...] = get_args(Category)
 
 #: A prompt recipe: forget/retain pairs and an unpaired pool of benign prompts.
 Recipe = tuple[list[tuple[str, str]], list[str]]
+
+
+@dataclass(frozen=True)
+class OutcomeJudge:
+    """Says which generated images show a concept: a concept pack's measuring instrument (what
+    NudeNet is for nudity). Training labels every trajectory by what its image became, not by
+    which side of a prompt pair it came from.
+
+    Attributes:
+        name: identifies the judge (recorded in bundles and trajectory-cache keys).
+        judge: (N, H, W, 3) uint8 images -> (N,) bool, True where the image shows the concept.
+    """
+
+    name: str
+    judge: Callable[[Any], Any]
+
+    def __call__(self, images: Any) -> Any:
+        return self.judge(images)
 
 
 def check_category(category: object) -> str:
@@ -52,6 +70,8 @@ class ConceptSpec:
             pool of benign prompts that a trainer can use for a new backbone
             (``saferedir train --pairs plugin:NAME``). Called only when a recipe is wanted, so
             registering a concept costs nothing.
+        outcome: optional zero-argument callable returning the concept's :class:`OutcomeJudge`;
+            with it, ``saferedir train --pairs plugin:NAME`` labels trajectories by outcome.
     """
 
     name: str
@@ -59,6 +79,7 @@ class ConceptSpec:
     bundles: tuple[Path, ...]
     description: str = ""
     recipe: Callable[[], Recipe] | None = None
+    outcome: Callable[[], OutcomeJudge] | None = None
 
     def __post_init__(self) -> None:
         check_category(self.category)

@@ -57,6 +57,10 @@ class Conditioning:
     def device(self) -> torch.device:
         return self.tokens[0].device
 
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor: the token streams, then the pooled embedding if there is one."""
+        return (*self.tokens, *(() if self.pooled is None else (self.pooled,)))
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
         """``fn`` applied to every tensor (tokens and pooled)."""
         return Conditioning(

@@ -10,7 +10,12 @@ once, at the end of a call (:meth:`RedirectionEngine.decisions`).
 
 Schedule (the reference implementation's): a concept is checked at the first step of its window
 and then every ``replace_steps + 1`` steps; between checks the last decision and delta are kept.
-With ``sticky`` a sample that triggered once stays triggered for the rest of the call.
+With ``sticky`` a sample that triggered stays triggered for the rest of the call once
+``confirm_checks`` consecutive checks said so; before that a check that no longer sees the concept
+releases it (the decision is revised while the trajectory still says otherwise). With
+``escalate`` > 1, a check that still sees the concept in a sample already being redirected
+multiplies that sample's strength (up to ``escalate_max``): a redirection too weak to move the
+image does not end in an escape. Neither adds a check: both act at the schedule's checks.
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
@@ -56,8 +61,14 @@ class EngineState:
     Attributes:
         step: index of the next denoising step (host int).
         triggered: (B, K) bool, the current decision per sample and concept.
+        hits: (B, K) int64, consecutive positive checks (kept once stuck).
+        stuck: (B, K) bool, the trigger can no longer be released (sticky, confirmed).
+        boost: (B, K) float32, the escalation multiplier of the strength (1 until escalated).
         first_step: (B, K) int64, first step a check triggered, -1 if never.
-        max_score: (B, K) float32, highest p(unsafe) seen at a check, -1 if never checked.
+        max_score: (B, K) float32, highest finite p(unsafe) seen at a check, -1 if never checked.
+        nonfinite: (B, K) bool, a check produced a NaN/inf score or delta for the sample (an
+            enforcement failure: the guard fails the call under ``closed``). Such a score counts as
+            a trigger and such a delta as zero, so nothing non-finite reaches the denoiser.
         deltas: per concept, the last computed redirection delta (float32, shaped like the
             conditional conditioning).
         checks: (K,) host ints, how many checks each concept ran.
@@ -65,10 +76,14 @@ class EngineState:
 
     step: int
     triggered: torch.Tensor
+    hits: torch.Tensor
+    stuck: torch.Tensor
+    boost: torch.Tensor
     first_step: torch.Tensor
     max_score: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -82,8 +97,10 @@ class ConceptDecision:
     concept: str
     checks: int
     max_score: float | None
-    triggered: bool  # a check triggered at least once in the call
-    first_step: int | None
+    triggered: bool  # the sample was still triggered when the call ended
+    first_step: int | None  # the first step a check triggered (also for a trigger later released)
+    escalation: float = 1.0  # the final strength multiplier
+    nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
 
 
 def _zeros_like(cond: Conditioning) -> Conditioning:
@@ -110,10 +127,14 @@ class RedirectionEngine:
         return EngineState(
             step=0,
             triggered=torch.zeros(b, k, dtype=torch.bool, device=device),
+            hits=torch.zeros(b, k, dtype=torch.int64, device=device),
+            stuck=torch.zeros(b, k, dtype=torch.bool, device=device),
+            boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
             deltas=[_zeros_like(cond) for _ in range(k)],
             checks=[0] * k,
+            nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
         )
 
     def _check_shapes(
@@ -175,15 +196,35 @@ class RedirectionEngine:
             rule = concept.rule
             out = concept.redirector(latents, timestep, cond)
             score = torch.sigmoid(out.logit.float())
-            hit = score >= rule.threshold
-            state.triggered[:, k] = (state.triggered[:, k] | hit) if rule.sticky else hit
+            finite = torch.isfinite(score)
+            hit = (score >= rule.threshold) | ~finite  # NaN never reads as "safe"
+            was_on = state.triggered[:, k].clone()  # (a view would see the update below)
+            if rule.sticky:
+                hits = torch.where(
+                    hit, state.hits[:, k] + 1, torch.where(state.stuck[:, k], state.hits[:, k], 0)
+                )
+                state.hits[:, k] = hits
+                state.stuck[:, k] = state.stuck[:, k] | (hits >= rule.confirm_checks)
+                state.triggered[:, k] = state.stuck[:, k] | hit
+            else:
+                state.triggered[:, k] = hit
+            if rule.escalate > 1.0:
+                raised = (state.boost[:, k] * rule.escalate).clamp(max=rule.escalate_max)
+                state.boost[:, k] = torch.where(hit & was_on, raised, state.boost[:, k])
             state.first_step[:, k] = torch.where(
                 hit & (state.first_step[:, k] < 0), step, state.first_step[:, k]
             )
-            state.max_score[:, k] = torch.maximum(state.max_score[:, k], score)
+            state.max_score[:, k] = torch.maximum(state.max_score[:, k], torch.where(finite, score, -1.0))
+            bad = ~finite
             state.checks[k] += 1
             if rule.action == "redirect":
-                state.deltas[k] = redirection(cond, out, rule.strength)
+                strength = rule.strength * state.boost[:, k] if rule.escalate > 1.0 else rule.strength
+                delta = redirection(cond, out, strength)
+                for part in delta.parts():
+                    bad = bad | ~torch.isfinite(part).flatten(1).all(dim=1)
+                state.deltas[k] = delta.map(lambda d: torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0))
+            if state.nonfinite is not None:
+                state.nonfinite[:, k] |= bad
         state.step = step + 1
         new_cond = self._apply(cond, state, step, uncond_side=False)
         new_uncond = None if uncond is None else self._apply(uncond, state, step, uncond_side=True)
@@ -220,10 +261,28 @@ class RedirectionEngine:
         shifted = target.zip_with(total, lambda t, d: t + d.to(t.dtype))
         return shifted.where(moved, target)
 
+    def blocked_now(self, state: EngineState) -> torch.Tensor | None:
+        """(B,) bool: the samples a ``block`` rule flags at this point of the call (device tensor,
+        no host read), or None when no rule blocks."""
+        columns = [k for k, c in enumerate(self.concepts) if c.rule.action == "block"]
+        if not columns:
+            return None
+        return state.triggered[:, columns].any(dim=1)
+
     def decisions(self, state: EngineState) -> list[list[ConceptDecision]]:
         """Per sample, per concept outcome. The only host transfer of a call: one ``.cpu()``."""
-        packed = torch.stack([state.first_step.to(torch.float64), state.max_score.to(torch.float64)]).cpu()
-        first, score = packed[0].tolist(), packed[1].tolist()
+        packed = torch.stack(
+            [
+                state.first_step.to(torch.float64),
+                state.max_score.to(torch.float64),
+                state.triggered.to(torch.float64),
+                state.boost.to(torch.float64),
+                (state.nonfinite if state.nonfinite is not None else state.triggered & False).to(
+                    torch.float64
+                ),
+            ]
+        ).cpu()
+        first, score, on, boost, bad = (packed[i].tolist() for i in range(5))
         result = []
         for i in range(state.batch_size):
             row = []
@@ -233,8 +292,10 @@ class RedirectionEngine:
                         concept=concept.name,
                         checks=state.checks[k],
                         max_score=round(score[i][k], 6) if state.checks[k] else None,
-                        triggered=first[i][k] >= 0,
+                        triggered=on[i][k] > 0,
                         first_step=int(first[i][k]) if first[i][k] >= 0 else None,
+                        escalation=round(boost[i][k], 4),
+                        nonfinite=bad[i][k] > 0,
                     )
                 )
             result.append(row)

@@ -32,12 +32,23 @@ class PolicyIssue:
 class PolicyError(SafeRedirError):
     """A policy file could not be read or does not match the schema."""
 
+    #: at most this many issues are spelt out in the message (all stay in ``issues``), each cut to
+    #: ``MAX_ISSUE_CHARS``: a hostile document cannot make the message large
+    MAX_LISTED = 20
+    MAX_ISSUE_CHARS = 300
+
     def __init__(self, path: str | Path, issues: list[PolicyIssue]):
         self.path = str(path)
         self.issues = list(issues)
-        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        shown = [str(issue) for issue in self.issues[: self.MAX_LISTED]]
+        shown = [
+            s if len(s) <= self.MAX_ISSUE_CHARS else s[: self.MAX_ISSUE_CHARS - 4] + " ..." for s in shown
+        ]
         n = len(self.issues)
-        super().__init__(f"invalid policy {self.path} ({n} problem{'s' if n != 1 else ''}):\n{lines}")
+        if n > self.MAX_LISTED:
+            shown.append(f"... and {n - self.MAX_LISTED} more")
+        lines = "\n".join(f"  - {line}" for line in shown)
+        super().__init__(f"invalid policy {self.path[:300]} ({n} problem{'s' if n != 1 else ''}):\n{lines}")
 
 
 # --- redirector bundles ---------------------------------------------------------------------
@@ -67,6 +78,18 @@ class BundleIntegrityError(BundleError):
         self.expected = expected
         self.actual = actual
         super().__init__(path, f"sha256 mismatch: the policy pins {expected}, the file has {actual}")
+
+
+class BundleConceptMismatchError(BundleError):
+    """The bundle was trained for another concept or category than the policy rule that uses it."""
+
+    def __init__(self, path: str | Path, field: str, expected: str, actual: str):
+        self.field = field
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            path, f"trained for {field} {actual!r}, but the policy rule governs {field} {expected!r}"
+        )
 
 
 class BackboneMismatchError(BundleError):
@@ -106,6 +129,16 @@ class GuardBuildError(SafeRedirError):
 class EnforcementError(SafeRedirError):
     """The guard could not enforce its policy during a call (``fail_mode: closed``): no output is
     returned."""
+
+
+class AuditWriteError(SafeRedirError):
+    """One or more audit sinks could not write a record (every sink was tried). ``failures`` holds
+    (sink name, exception) pairs."""
+
+    def __init__(self, failures: list[tuple[str, BaseException]]):
+        self.failures = list(failures)
+        parts = "; ".join(f"{name}: {type(exc).__name__}: {str(exc)[:200]}" for name, exc in self.failures)
+        super().__init__(f"audit sink(s) failed: {parts}")
 
 
 class TensorShapeError(SafeRedirError):

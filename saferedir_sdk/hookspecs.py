@@ -77,7 +77,10 @@ def saferedir_register_policies() -> dict[str, Path]:
 @hookspec
 def saferedir_audit_sinks(settings: AuditSettings) -> list[Any]:
     """Called when a guard is built. Return callables ``sink(record: dict) -> None`` that receive
-    every audit record (after the policy's own sinks), e.g. to forward them to a SIEM.
+    every audit record (after the policy's own sinks; every event: ``saferedir.call_started``,
+    ``saferedir.generation``, ``saferedir.voided``, ``saferedir.unattributed``), e.g. to forward them
+    to a SIEM. A sink that raises does not keep the record from the other sinks; under
+    ``fail_mode: closed`` it fails the call.
     """
 
 

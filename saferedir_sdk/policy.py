@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .concepts import Category
 from .errors import PolicyError, PolicyIssue
@@ -23,7 +23,11 @@ Action = Literal["redirect", "block", "monitor"]
 POLICY_REF = re.compile(r"^(?P<plugin>[A-Za-z0-9_.\-]+):(?P<name>[A-Za-z0-9_.\-]+)$")
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=64)]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: a sha256 pin, 64 hex digits in either case (kept lower-case)
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$"), AfterValidator(str.lower)]
+#: limits checked before anything is built from a policy document (a policy is a few kB)
+MAX_POLICY_BYTES = 256 * 1024
+MAX_POLICY_DEPTH = 32
 
 
 class _Strict(BaseModel):
@@ -41,8 +45,19 @@ class AuditSettings(_Strict):
         default="saferedir-audit.jsonl",
         description="JSON-lines audit file (relative paths resolve against the working directory).",
     )
-    prompt_logging: Literal["none", "sha256", "full"] = Field(
-        default="sha256", description="How prompts appear in records; raw text only with `full`."
+    prompt_logging: Literal["none", "sha256", "hmac-sha256", "full"] = Field(
+        default="sha256",
+        description="How prompts appear in records: none; sha256 (unsalted: a dictionary of likely prompts "
+        "reverses it); hmac-sha256 (keyed: the key comes from `prompt_key_env` or `prompt_key_file`); "
+        "full (raw text).",
+    )
+    prompt_key_env: str = Field(
+        "SAFEREDIR_PROMPT_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the hmac-sha256 prompt key (at least 16 bytes).",
+    )
+    prompt_key_file: str | None = Field(
+        None, description="File holding the hmac-sha256 prompt key instead (read when the guard is built)."
     )
 
     @model_validator(mode="after")
@@ -67,6 +82,21 @@ class RuleSettings(_Strict):
     sticky: bool = Field(
         True, description="Once triggered, a sample stays redirected for the rest of the call."
     )
+    confirm_checks: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="With sticky: a trigger sticks after this many consecutive positive checks; until then a "
+        "negative check (the latent no longer shows the concept) releases the sample. 1: sticks at the first hit.",
+    )
+    escalate: float = Field(
+        1.0,
+        ge=1.0,
+        le=4.0,
+        description="At a check where a sample already redirected still scores unsafe, its redirection strength "
+        "is multiplied by this (the concept still shows in the latent: push further). 1: off.",
+    )
+    escalate_max: float = Field(2.0, ge=1.0, le=8.0, description="Cap of the escalation multiplier.")
     apply_to_uncond: bool = Field(
         False,
         description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves.",
@@ -199,14 +229,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
 
 
+def _yaml_problem(exc: yaml.YAMLError, path: Path) -> PolicyError:
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return PolicyError(path, [PolicyIssue("", f"not valid YAML: {_short(problem, 200, quote=False)}", line)])
+
+
+def _prescan(text: str, path: Path) -> None:
+    """Walk the YAML event stream (the parser is iterative) before anything is built, and refuse
+    what a policy never needs and an attacker uses: anchors and aliases (an alias bomb expands a
+    few hundred bytes into gigabytes), explicit tags (``!!python/...``, ``!!bool``: a value's type
+    is the schema's business), and nesting deeper than :data:`MAX_POLICY_DEPTH`."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_UniqueKeyLoader):
+            line = event.start_mark.line + 1 if event.start_mark is not None else None
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise PolicyError(
+                    path,
+                    [
+                        PolicyIssue(
+                            "",
+                            "YAML anchors and aliases (&name, *name) are not allowed in a policy: write "
+                            "the value out, or set it once under `defaults`",
+                            line,
+                        )
+                    ],
+                )
+            if getattr(event, "tag", None) is not None:
+                raise PolicyError(
+                    path,
+                    [
+                        PolicyIssue(
+                            "",
+                            f"explicit YAML tags are not allowed in a policy (found {_short(event.tag, 60)}): "
+                            "write plain values, the schema gives them their types",
+                            line,
+                        )
+                    ],
+                )
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_POLICY_DEPTH:
+                    raise PolicyError(
+                        path, [PolicyIssue("", f"nested deeper than {MAX_POLICY_DEPTH} levels", line)]
+                    )
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        raise _yaml_problem(exc, path) from None
+
+
 def _compose_checked(text: str, path: Path) -> yaml.Node | None:
+    _prescan(text, path)
     try:
         node = yaml.compose(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(path, [PolicyIssue("", f"not valid YAML: {problem}", line)]) from None
+        raise _yaml_problem(exc, path) from None
     issues: list[PolicyIssue] = []
     _find_duplicate_keys(node, (), issues)
     if issues:
@@ -215,9 +295,15 @@ def _compose_checked(text: str, path: Path) -> yaml.Node | None:
 
 
 def _find_duplicate_keys(node: yaml.Node | None, loc: tuple[str, ...], issues: list[PolicyIssue]) -> None:
+    """Duplicate and non-scalar mapping keys (depth is bounded by :func:`_prescan`)."""
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                issues.append(
+                    PolicyIssue(".".join(loc), "mapping keys must be plain names", key.start_mark.line + 1)
+                )
+                continue
             name = str(key.value)
             if name in seen:
                 issues.append(PolicyIssue(".".join((*loc, name)), "duplicate key", key.start_mark.line + 1))
@@ -245,9 +331,10 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: an error message never embeds a whole document."""
-    text = repr(value)
+def _short(value: Any, limit: int = 80, *, quote: bool = True) -> str:
+    """``repr(value)`` (``str`` without ``quote``), cut to ``limit`` characters: an error message
+    never embeds a whole document."""
+    text = repr(value) if quote else str(value)
     return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
@@ -290,8 +377,13 @@ def _issues_from(exc: ValidationError, node: yaml.Node | None) -> list[PolicyIss
 def parse_policy(text: str, path: str | Path = "<string>") -> Policy:
     """Validate policy YAML ``text``; ``path`` is only used in error messages."""
     path = Path(path)
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(path, [PolicyIssue("", f"larger than {MAX_POLICY_BYTES} bytes: not a policy")])
     node = _compose_checked(text, path)
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_problem(exc, path) from None
     if not isinstance(data, dict):
         raise PolicyError(
             path, [PolicyIssue("", f"expected a mapping at the top level, got {type(data).__name__}", 1)]
@@ -300,24 +392,37 @@ def parse_policy(text: str, path: str | Path = "<string>") -> Policy:
     if duplicates:
         raise PolicyError(path, duplicates)
     try:
-        return Policy.model_validate(data)
+        # strict JSON-mode validation: YAML gives JSON's types (implicit dates become text), and a
+        # value of the wrong type is an error, not coerced ("0.5" is no probability, "yes" no bool)
+        return Policy.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as exc:
         raise PolicyError(path, _issues_from(exc, node)) from None
 
 
 def load_policy(path: str | Path) -> LoadedPolicy:
-    """Read and validate a policy file. Raises :class:`PolicyError` naming the file and each problem."""
+    """Read and validate a policy file. Raises :class:`PolicyError` naming the file and each problem
+    (also for a file that is not a regular file, larger than :data:`MAX_POLICY_BYTES` or not UTF-8)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise PolicyError(path, [PolicyIssue("", "not a regular file")])
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(path, [PolicyIssue("", f"cannot read the file: {exc.strerror or exc}")]) from None
+    policy = parse_policy_bytes(raw, path)
+    return LoadedPolicy(policy=policy, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def parse_policy_bytes(raw: bytes, path: str | Path = "<bytes>") -> Policy:
+    """Validate a policy document given as bytes (UTF-8, at most :data:`MAX_POLICY_BYTES`)."""
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(path, [PolicyIssue("", f"larger than {MAX_POLICY_BYTES} bytes: not a policy")])
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError(path, [PolicyIssue("", "not UTF-8 text")]) from None
-    policy = parse_policy(text, path)
-    return LoadedPolicy(policy=policy, path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest())
+    except UnicodeDecodeError as exc:
+        raise PolicyError(path, [PolicyIssue("", f"not UTF-8 text (byte {exc.start})")]) from None
+    return parse_policy(text, path)
 
 
 def policy_json_schema() -> dict[str, Any]:

@@ -5,7 +5,8 @@ timestep ``t`` on the normalised scale (0 clean .. 1 pure noise, whatever the sc
 conditional text conditioning ``E`` (one or more token streams, optionally a pooled embedding)
 and predicts, in four parts:
 
-* a latent-aware multimodal **classifier**: p(unsafe) from latent features, the timestep and the
+* a latent-aware multimodal **classifier**: p(unsafe) from latent features (a small convolutional
+  encoder read out by its mean, or mean and maximum: what the image is becoming), the timestep and the
   prompt (its tokens pooled, and cross-attended by the latent/time query; the pooled embedding
   when the backbone has one and the config reads it);
 * a token-level **delta generator**: a per-token direction ``D`` per stream: a low-rank head, plus
@@ -200,14 +201,18 @@ class Redirector(nn.Module):
         c_mid = max(32, h // 4)
         # latent encoder: pooled to latent_pool x latent_pool, two convolutions, global mean
         self.latent_pool = nn.AdaptiveAvgPool2d(cap.latent_pool)
+        deeper = []
+        for _ in range(cap.latent_layers - 2):  # more depth: a wider view of the shape being formed
+            deeper += [nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU()]
         self.latent_encoder = nn.Sequential(
             nn.Conv2d(config.latent_channels, c_mid, 3, padding=1),
             nn.GroupNorm(8 if c_mid % 8 == 0 else 1, c_mid),
             nn.SiLU(),
             nn.Conv2d(c_mid, h, 3, stride=2, padding=1),
             nn.SiLU(),
+            *deeper,
         )
-        self.latent_proj = nn.Linear(h, h)
+        self.latent_proj = nn.Linear(2 * h if cap.latent_readout == "mean+max" else h, h)
         self.time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
         # one input projection and position table per token stream; the streams' tokens are then
         # one sequence
@@ -276,7 +281,10 @@ class Redirector(nn.Module):
         t = timestep.reshape(-1).expand(b) if timestep.ndim else timestep.reshape(1).expand(b)
         h = cfg.capacity.hidden_dim
 
-        z = self.latent_encoder(self.latent_pool(latents)).mean(dim=(2, 3))  # (B, h)
+        latent_map = self.latent_encoder(self.latent_pool(latents))  # (B, h, h', w')
+        z = latent_map.mean(dim=(2, 3))  # (B, h)
+        if cfg.capacity.latent_readout == "mean+max":
+            z = torch.cat([z, latent_map.amax(dim=(2, 3))], dim=-1)  # (B, 2h)
         z = self.latent_proj(z)
         temb = self.time_mlp(timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype))  # (B, h)
         tokens = torch.cat(

@@ -62,8 +62,10 @@ def write_policy(tmp_path, bundles):
 
 @pytest.fixture
 def audit_records(tmp_path):
-    def _read() -> list[dict]:
+    def _read(event: str | None = "saferedir.generation") -> list[dict]:
+        """The audit file's records of ``event`` (None: every record: start records too)."""
         path = tmp_path / "audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in records if event is None or r["event"] == event]
 
     return _read

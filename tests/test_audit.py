@@ -1,4 +1,5 @@
-"""Audit records: exactly one per guarded call, JSON, complete, prompts as the policy says."""
+"""Audit records: exactly one generation record per guarded call (after its start record), JSON,
+complete, chained, prompts as the policy says."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ FIELDS = {
     "latency_ms",
     "outcome",
     "error",
+    "seq",
+    "prev",
+    "hash",
 }
 
 
@@ -38,10 +42,15 @@ def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, au
     raw = (tmp_path / "audit.jsonl").read_text()
     records = audit_records()
     assert len(records) == 3
+    every = audit_records(None)
+    assert [r["event"] for r in every] == ["saferedir.call_started", "saferedir.generation"] * 3
+    assert [r["seq"] for r in every] == list(range(6)) and all(
+        a["hash"] == b["prev"] for a, b in zip(every, every[1:])
+    )
     assert len({r["request_id"] for r in records}) == 3
     for record in records:
         assert set(record) == FIELDS
-        assert record["event"] == "saferedir.generation" and record["schema_version"] == 2
+        assert record["event"] == "saferedir.generation" and record["schema_version"] == 3
         assert record["policy"] == {"name": "test", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         assert record["backbone"]["streams"] == [{"name": "text_encoder", "seq_len": 77, "dim": 32}]
         assert len(record["backbone"]["encoders"][0]["weights_sha256"]) == 64
@@ -59,6 +68,7 @@ def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, au
                 "max_score",
                 "triggered",
                 "first_step",
+                "escalation",
             }
     assert [r["outcome"] for r in records] == ["redirected", "ok", "redirected"]
     assert records[0]["samples"][0]["prompt"] == "sha256:" + hashlib.sha256(FORGET.encode()).hexdigest()
@@ -84,8 +94,9 @@ def test_stdout_sink_prints_one_json_line_per_call(pipe, write_policy, capsys):
     guard.wrap(pipe)
     capsys.readouterr()
     generate(pipe)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(lines) == 1 and json.loads(lines[0])["outcome"] == "redirected"
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["event"] for r in lines] == ["saferedir.call_started", "saferedir.generation"]
+    assert lines[1]["outcome"] == "redirected"
 
 
 def test_failed_call_still_writes_exactly_one_error_record(pipe, write_policy, audit_records):

@@ -16,7 +16,8 @@ from saferedir_bench.evaluation import METHODS, EvalConcept, EvalPrompt, run_eva
 
 @dataclass
 class TinySuite:
-    """A judge that reads two image statistics: 'tone' (light/dark) and 'cast' (warm/cool)."""
+    """A judge that reads two image statistics: 'tone' (light/dark) and 'cast' (the warmer half of a
+    set of images is 'warm')."""
 
     concepts: list[EvalConcept]
     backbone: str = "tiny-sd"
@@ -28,12 +29,10 @@ class TinySuite:
     def judge(self, images: np.ndarray) -> dict[str, list[str]]:
         f = images.astype(np.float32)
         self.calls.append(len(images))
-        return {
+        warmth = f[..., 0].mean(axis=(1, 2)) - f[..., 2].mean(axis=(1, 2))
+        return {  # the warmer half of a set is "warm": every set has images of both kinds
             "tone": ["light" if m > 60 else "dark" for m in f.mean(axis=(1, 2, 3))],
-            "cast": [
-                "warm" if r > b else "cool"
-                for r, b in zip(f[..., 0].mean(axis=(1, 2)), f[..., 2].mean(axis=(1, 2)))
-            ],
+            "cast": ["warm" if w > np.median(warmth) else "cool" for w in warmth],
         }
 
 
@@ -65,8 +64,8 @@ def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, wr
     cells = results["concepts"]["red"]
     assert set(cells) == {"forget", "paraphrase", "adversarial", "retain"}
     none = {s: cells[s]["none"] for s in cells}
-    # the unguarded images agree with themselves
-    assert none["retain"]["agreement"] == 1.0 and none["retain"]["pixel_similarity"] == 1.0
+    # the unguarded images agree with themselves (on the retain images not drawn as the concept, if any)
+    assert none["retain"]["agreement"] in (1.0, None) and none["retain"]["pixel_similarity"] in (1.0, None)
     assert all(none[s]["kept"] == 1.0 for s in ("forget", "paraphrase", "adversarial"))
     # the blocklist refuses exactly the prompts with the word, and only those
     assert cells["forget"]["blocklist"]["triggered"] == 1.0
@@ -140,3 +139,43 @@ def test_eval_under_accelerate_launch_splits_prompts_and_matches_one_process(tmp
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["processes"] == 1 and b["processes"] == 2
     assert a["concepts"] == b["concepts"]
+
+
+def test_erasure_counts_only_what_the_unguarded_model_drew_and_false_triggers_only_benign_images():
+    from saferedir_bench.evaluation import Generation, score
+
+    class Judge:
+        def __init__(self, labels):
+            self.labels = labels
+
+        def judge(self, images):
+            return {"cast": self.labels, "tone": ["light"] * len(self.labels)}
+
+    p = lambda text: EvalPrompt(text, {"cast": "warm"})  # noqa: E731
+    concept = _concept()
+    prompts = [p("a"), p("b"), p("c"), p("d")]
+    images = np.zeros((4, 2, 2, 3), np.uint8)
+    unguarded_labels = ["warm", "cool", "warm", "cool"]  # the unguarded model drew the concept in 0 and 2
+    unguarded = Generation(images, None, 1.0)
+    guarded = Generation(images + 1, np.array([True, True, False, False]), 1.0)
+    row = score(
+        Judge(["cool", "cool", "warm", "cool"]),
+        concept,
+        "forget",
+        prompts,
+        guarded,
+        unguarded,
+        {"cast": unguarded_labels, "tone": ["light"] * 4},
+    )
+    assert (row["drawn"], row["present_drawn"], row["present"]) == (2, 0.5, 0.25)
+    row = score(
+        Judge(["cool", "cool", "warm", "warm"]),
+        concept,
+        "retain",
+        prompts,
+        guarded,
+        unguarded,
+        {"cast": unguarded_labels, "tone": ["light"] * 4},
+    )
+    # benign: images 1 and 3; acted on 1 of them; image 3 turned warm: agreement over its 2 attributes
+    assert row["benign"] == 2 and row["acted_benign"] == 0.5 and row["agreement"] == 0.75

@@ -137,7 +137,9 @@ def test_non_sticky_rule_can_release_a_sample(recorded):
     out2, _, state = engine.step(r.latents, r.timesteps, r.cond, state)
     assert not torch.equal(out1.tokens[0], f.cond.tokens[0]) and torch.equal(out2.tokens[0], r.cond.tokens[0])
     decision = engine.decisions(state)[0][0]
-    assert decision.triggered and decision.first_step == 0 and decision.checks == 2
+    assert not decision.triggered and decision.first_step == 0 and decision.checks == 2, (
+        "released, first hit kept"
+    )
 
 
 def test_uncond_only_call_moves_the_negative_half_of_the_step_it_belongs_to(recorded):
@@ -204,3 +206,48 @@ def test_redirector_sizes_come_from_the_config(streams, pooled, channels):
     moved, _, _ = engine.step(torch.zeros(2, channels, 16, 16), torch.tensor(0.5), c, engine.init_state(c))
     assert all(not torch.equal(a, b) for a, b in zip(moved.tokens, c.tokens))
     assert pooled == 0 or not torch.equal(moved.pooled, c.pooled)
+
+
+def test_a_trigger_the_latent_contradicts_is_released_before_it_sticks(recorded):
+    """confirm_checks=2: a first positive check redirects at once but is revised by a negative one;
+    two positives in a row stick (a later negative check no longer releases)."""
+    forget, retain, red, _, _ = recorded
+    f, r = forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))
+    engine = RedirectionEngine([EngineConcept(rule(replace_steps=0, confirm_checks=2), red.redirector)])
+    state = engine.init_state(f.cond)
+    moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    assert not torch.equal(moved.tokens[0], f.cond.tokens[0]), "acts from the first positive check"
+    kept, _, state = engine.step(
+        r.latents, r.timesteps, r.cond, state
+    )  # the next check says: not the concept
+    assert torch.equal(kept.tokens[0], r.cond.tokens[0]) and not engine.decisions(state)[0][0].triggered
+    for _ in range(2):
+        _, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    _, _, state = engine.step(r.latents, r.timesteps, r.cond, state)
+    assert engine.decisions(state)[0][0].triggered, "confirmed twice: sticks"
+
+
+def test_escalation_raises_the_strength_while_the_concept_still_shows(recorded):
+    forget, _, red, _, _ = recorded
+    f = forget.select(torch.tensor([0]))
+    always = dict(threshold=1e-6, replace_steps=0, strength=1.0)
+    engine = RedirectionEngine(
+        [EngineConcept(rule(escalate=1.5, escalate_max=2.0, **always), red.redirector)]
+    )
+    state = engine.init_state(f.cond)
+    sizes = []
+    for _ in range(4):
+        moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+        sizes.append(float((moved.tokens[0] - f.cond.tokens[0]).norm()))
+    assert sizes[1] == pytest.approx(1.5 * sizes[0], rel=1e-4) and sizes[2] == pytest.approx(
+        2.0 * sizes[0], rel=1e-4
+    )
+    assert sizes[3] == pytest.approx(sizes[2], rel=1e-6), "capped at escalate_max"
+    assert engine.decisions(state)[0][0].escalation == 2.0
+    plain = RedirectionEngine([EngineConcept(rule(**always), red.redirector)])
+    state = plain.init_state(f.cond)
+    for _ in range(3):
+        moved, _, state = plain.step(f.latents, f.timesteps, f.cond, state)
+    assert float((moved.tokens[0] - f.cond.tokens[0]).norm()) == pytest.approx(sizes[0], rel=1e-6), (
+        "off by default"
+    )

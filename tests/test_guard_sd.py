@@ -227,7 +227,7 @@ def test_two_concepts_combine_per_sample(pipe, write_policy, bundles):
         {"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"])}},
         {
             "concept": "star",
-            "category": "object",
+            "category": "custom",
             "redirector": {"path": str(bundles["star"])},
             "action": "monitor",
         },

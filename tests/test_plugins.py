@@ -69,6 +69,8 @@ def test_plugin_audit_sink_receives_every_record(pipe, write_policy):
     guard.wrap(pipe)
     generate(pipe)
     generate(pipe, prompts=[RETAIN])
+    assert [r["event"] for r in received] == ["saferedir.call_started", "saferedir.generation"] * 2
+    received = [r for r in received if r["event"] == "saferedir.generation"]
     assert [r["outcome"] for r in received] == ["redirected", "ok"]
     assert received[0]["request_id"] != received[1]["request_id"]
 

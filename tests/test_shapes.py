@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,13 @@ def test_heldout_vocabulary_never_appears_in_training_prompts():
     for word in held:
         # whole-word match: held-out words never occur in training text
         assert not any(f" {word} " in f" {p.replace(',', ' ').replace(':', ' ')} " for p in prompts), word
+    held_wordings = {e for families in world.WORDINGS.values() for _, h in families.values() for e in h}
+    for expression in held_wordings:  # nor do the held-out wordings (case as written)
+        assert not any(re.search(rf"(?<![\w-]){re.escape(expression)}(?![\w-])", p) for p in prompts), (
+            expression
+        )
+    negations = [n.split("{w}")[0].split("{p}")[1].strip(", ") for n in world.NEGATIONS[1]]
+    assert not any(f" {n} " in p for p in prompts for n in negations), negations
     attrs = [world.sample_attributes(rng) for _ in range(3000)]
     assert not any((a.colour, a.shape) in world.HELDOUT_PAIRS for a in attrs)
 
@@ -50,6 +58,15 @@ def test_safe_synonym_matches_the_forget_words_token_count_where_it_can():
     assert world.safe_synonym("pqr", targets, 2, count) == "xyz"
     assert world.safe_synonym("pqrst", targets, 0, count) == "ab abc"  # joined safe words
     assert world.safe_synonym("p", targets, 1, count) == "abc"  # nothing that short: synonym for synonym
+
+
+def test_recipes_cover_how_people_write_and_every_pair_lines_up():
+    import collections
+
+    for concept in world.CONCEPT_SWAPS:
+        families = collections.Counter(p.family for p in world.recipe_pairs(concept))
+        assert set(families) == {"synonym", *world.FAMILY_SHARES}, concept
+        assert all(n >= 10 for n in families.values()), families
 
 
 def test_concept_recipes_line_up_tokens_where_synonym_for_synonym_does_not():
@@ -73,7 +90,8 @@ def test_recipes_misspell_only_with_misspellings_the_backbone_draws_as_the_conce
         synonyms = world.words(attribute, value, "train")
         allowed = synonyms + [v for w in synonyms for v in data["kept"].get(w, [])]
         misspelt = 0
-        for forget, _ in world.concept_recipe(concept)[0]:
+        synonym_pairs = [p.forget for p in world.recipe_pairs(concept) if p.family == "synonym"]
+        for forget in synonym_pairs:
             found = [w for w in allowed if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", forget)]
             assert found, forget
             misspelt += not any(w in synonyms for w in found)
@@ -133,7 +151,7 @@ def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):
 def test_eval_prompts_never_appear_in_training_data():
     """Every efficacy prompt is new: not in any concept's training recipe (pairs and pool) and not
     producible by a training template with training synonyms (the backbone's training prompts)."""
-    from saferedir_shapes.eval_suite import ShapesEvalSuite, training_template_pattern
+    from saferedir_shapes.eval_suite import ADVERSARIAL_KINDS, ShapesEvalSuite, training_template_pattern
 
     suite = ShapesEvalSuite.build()
     pattern = training_template_pattern()
@@ -156,4 +174,9 @@ def test_eval_prompts_never_appear_in_training_data():
             for p in concept.sets[s]
         )
         assert all(p.labels[concept.attribute] != concept.value for p in concept.sets["retain"])
-        assert {p.kind for p in concept.sets["adversarial"]} == {"misspelling", "junk", "description", "long"}
+        assert {p.kind for p in concept.sets["adversarial"]} == set(ADVERSARIAL_KINDS)
+        assert {p.kind for p in concept.sets["retain"]} == {"neighbour", "negation", "lookalike"}
+        # no training expression (wordings, verified misspellings) reaches an evaluation prompt
+        for expression in world.training_expressions():
+            pattern = re.compile(rf"(?<![\w-]){re.escape(expression)}(?![\w-])")
+            assert not [t for t in texts if pattern.search(t)], expression

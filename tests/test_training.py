@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from helpers import RED_PAIRS, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
@@ -94,5 +95,57 @@ def test_demo_mechanics_runs_end_to_end(tmp_path, capsys):
         "benign samples are bit-identical"
     )
     records = [json.loads(x) for x in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["event"] == "saferedir.generation"]
     assert len(records) == 1 and records[0]["outcome"] == "blocked"
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0
+
+
+def test_outcome_labels_decide_what_is_learnt(pipe):
+    """Labelled by outcome: the classification target is each row's label, a pair teaches redirection
+    only where its forget image shows the concept and its retain image does not, and every safe row
+    (whatever its side) is kept still."""
+    from saferedir_sdk.training import redirector_losses
+
+    adapter = StableDiffusionAdapter(pipe)
+    f = record_trajectories(adapter, [f for f, _ in RED_PAIRS[:2]], seeds=[0], num_inference_steps=2)
+    r = record_trajectories(adapter, [r for _, r in RED_PAIRS[:2]], seeds=[0], num_inference_steps=2)
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), SMALL))
+    n = len(f)
+    by_side = redirector_losses(red, f.batch("cpu", 1.0), r.batch("cpu", 0.0))
+    drawn_nowhere = redirector_losses(red, (*f.inputs("cpu"), torch.zeros(n)), r.batch("cpu", 0.0))
+    assert float(drawn_nowhere["redirection"]) == 0.0 and float(drawn_nowhere["scale"]) == 0.0
+    assert float(by_side["redirection"]) > 0.0
+    # a forget row that was not drawn as the concept is a safe row: preservation covers it too
+    assert float(drawn_nowhere["preservation"]) > float(by_side["preservation"])
+
+
+def test_recorded_trajectories_carry_the_outcome_of_their_own_generation(pipe):
+    adapter = StableDiffusionAdapter(pipe)
+    seen = []
+
+    def judge(images):  # a stand-in outcome judge: the first prompt's image "shows the concept"
+        seen.append(images.shape)
+        return np.array([True] + [False] * (len(images) - 1))
+
+    rows = record_trajectories(
+        adapter, ["a red circle", "a tan circle"], seeds=[0, 1], num_inference_steps=3, outcome=judge
+    )
+    assert seen == [(2, 64, 64, 3), (2, 64, 64, 3)]
+    assert rows.labels.tolist() == [1.0, 0.0] * 6  # per step and seed, the label of that prompt's image
+
+
+def test_prompt_dropout_replaces_whole_prompts_with_the_neutral_one_and_keeps_the_labels():
+    from saferedir_sdk.training.fit import _augment
+
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning((torch.randn(64, 5, 8),))
+    neutral = Conditioning((torch.full((1, 5, 8), 7.0),))
+    labels = torch.ones(64)
+    batch = (torch.randn(64, 4, 2, 2), torch.rand(64), cond, labels)
+    _, _, same, kept = _augment(batch, 0.0, 0.0, g, prompt_dropout=0.0, neutral=neutral)
+    assert torch.equal(same.tokens[0], cond.tokens[0]) and torch.equal(kept, labels)
+    _, _, mixed, kept = _augment(batch, 0.0, 0.0, g, prompt_dropout=0.5, neutral=neutral)
+    blank = (mixed.tokens[0] == 7.0).all(dim=(1, 2))
+    untouched = (mixed.tokens[0] == cond.tokens[0]).all(dim=(1, 2))
+    assert bool((blank | untouched).all()) and 16 < int(blank.sum()) < 48 and torch.equal(kept, labels)

@@ -88,6 +88,7 @@ def test_wheels_install_into_a_fresh_venv_and_work_from_an_empty_folder(tmp_path
     out = _run([str(venv / "bin" / "saferedir"), "demo", "--out", "demo-out"], empty, env)
     assert "outcome redirected; 5 of 8 redirected" in out, out
     assert (empty / "demo-out" / "grid.png").is_file() and (empty / "demo-out" / "audit.jsonl").is_file()
+    assert not (empty / "saferedir-demo").exists(), "the demo writes under --out only"
     assert "requires torchvision" not in out and "Loading weights" not in out, (
         "no third-party noise on the CLI"
     )

@@ -52,7 +52,7 @@ concepts:
     redirector: {{path: red.safetensors, sha256: {red_sha}}}
     action: redirect
   - concept: star
-    category: object
+    category: custom
     redirector: {{path: star.safetensors, sha256: {star_sha}}}
     action: block
 """
@@ -68,8 +68,7 @@ def run_demo(out: Path, *, strength: float = 2.0) -> int:
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out.mkdir(parents=True, exist_ok=True)
-    audit = out / "audit.jsonl"
-    audit.unlink(missing_ok=True)
+    audit = out / "audit.jsonl"  # appended to: earlier runs' records stay (and its hash chain goes on)
     start = time.perf_counter()
     print(
         "saferedir demo-mechanics: tiny random-weights StableDiffusionPipeline (its images are noise by "
@@ -139,9 +138,9 @@ def run_demo(out: Path, *, strength: float = 2.0) -> int:
     Image.fromarray(np.concatenate(rows, axis=0)).resize(
         (3 * 64 * 3, len(rows) * 64 * 3), Image.NEAREST
     ).save(out / "grid.png")
-    records = audit.read_text().splitlines()
+    records = [line for line in audit.read_text().splitlines() if report.request_id in line]
     print(
-        f"\n  outcome: {report.outcome}; audit: {audit} ({len(records)} record, request {report.request_id})"
+        f"\n  outcome: {report.outcome}; audit: {audit} ({len(records)} records of request {report.request_id}: start and generation)"
     )
     print(
         f"  policy: {policy_path}; grid (per prompt: unguarded | guarded | difference, stretched x{gains}): {out / 'grid.png'}"

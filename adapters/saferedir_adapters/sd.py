@@ -72,6 +72,9 @@ class StableDiffusionAdapter(Adapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+
     def latent_channels(self) -> int:
         vae = getattr(self.pipe, "vae", None)
         if vae is not None and hasattr(vae.config, "latent_channels"):

@@ -19,6 +19,7 @@ This module orchestrates; :mod:`.resolve` turns the policy into enforced concept
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
+import torch
 
 from ..adapter import Adapter, CallInfo
-from ..audit import AuditTrail
+from ..audit import START_EVENT, UNATTRIBUTED_EVENT, VOIDED_EVENT, AuditTrail, scrub
 from ..engine import EngineState, RedirectionEngine
-from ..errors import EnforcementError, GenerationBlocked, GuardBuildError
+from ..errors import AuditWriteError, EnforcementError, GenerationBlocked, GuardBuildError
 from ..fingerprint import BackboneFingerprint
 from ..plugins import default_plugin_manager, find_adapter, resolve_policy_ref
 from ..policy import LoadedPolicy, load_policy
@@ -51,7 +53,10 @@ class _Wrapping:
     engine: RedirectionEngine
     fail_open: list[FailOpen]
     original_class: type
+    components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
     handle: Any = None
+    in_flight: int = 0  # guarded calls running now (guarded by the guard's lock)
+    active: bool = True
 
 
 @dataclass
@@ -75,6 +80,7 @@ def _guarded_class(cls: type) -> type:
     if cls in _GUARDED_CLASSES:
         return _GUARDED_CLASSES[cls]
 
+    @functools.wraps(cls.__call__)  # the original's signature, docstring and name for help() and IDEs
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         wrapping: _Wrapping = self.__dict__[_WRAPPING_ATTR]
         return wrapping.guard._guarded_call(wrapping, super(guarded, self).__call__, args, kwargs)
@@ -101,6 +107,8 @@ class SafeRedirGuard:
         self.policy = policy.policy
         self.plugin_manager = plugin_manager or default_plugin_manager()
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._unwritten: list[FailOpen] = []  # fail_mode open: records some sink lost, told in the next one
         self._resolution = resolve_policy(policy, self.plugin_manager)
         self.fail_open: list[FailOpen] = self._resolution.fail_open
         sinks: list[Callable[[dict[str, Any]], None]] = [
@@ -168,6 +176,7 @@ class SafeRedirGuard:
             engine=RedirectionEngine(enforced),
             fail_open=fail_open,
             original_class=type(pipe),
+            components=dict(adapter.components()),
         )
         wrapping.handle = denoiser.register_forward_pre_hook(self._make_hook(wrapping), with_kwargs=True)
         pipe.__dict__[_WRAPPING_ATTR] = wrapping
@@ -175,10 +184,22 @@ class SafeRedirGuard:
         return pipe
 
     def unwrap(self, pipe: Any) -> Any:
-        """Remove this guard from ``pipe`` (hook and class); the pipeline behaves as never wrapped."""
+        """Remove this guard from ``pipe`` (hook and class); the pipeline behaves as never wrapped.
+
+        Raises:
+            GuardBuildError: ``pipe`` is not wrapped by this guard, or a guarded call on it is still
+                running (in another thread): enforcement is never dropped mid-call.
+        """
         wrapping = pipe.__dict__.get(_WRAPPING_ATTR)
         if wrapping is None or wrapping.guard is not self:
             raise GuardBuildError(f"this {type(pipe).__name__} is not wrapped by this guard")
+        with self._lock:
+            if wrapping.in_flight:
+                raise GuardBuildError(
+                    f"cannot unwrap this {type(pipe).__name__}: {wrapping.in_flight} guarded call(s) still "
+                    "running; unwrap after they return"
+                )
+            wrapping.active = False
         wrapping.handle.remove()
         pipe.__class__ = wrapping.original_class
         del pipe.__dict__[_WRAPPING_ATTR]
@@ -194,7 +215,7 @@ class SafeRedirGuard:
         ) -> tuple[tuple, dict[str, Any]] | None:
             ctx = _ACTIVE.get()
             if ctx is None or ctx.wrapping is not wrapping:
-                return None
+                return self._unattributed(wrapping, ctx)
             try:
                 inputs = adapter.split(args, kwargs, ctx.info.batch_size)
                 if inputs.cond is None:  # the unconditional call of a backbone that runs CFG halves apart
@@ -234,23 +255,181 @@ class SafeRedirGuard:
             )
         return None
 
+    def _unattributed(self, wrapping: _Wrapping, ctx: _CallContext | None) -> None:
+        """The guarded denoiser was called outside a guarded call of its pipeline: the base class's
+        ``__call__``, a pipeline built from the wrapped one's components (``from_pipe``, img2img
+        from the same UNet), the denoiser called directly, or from inside another wrapped
+        pipeline's call. Nothing can attribute it to a request (no prompt, no batch layout), so:
+        closed raises :class:`EnforcementError` (no output); open lets it run unguarded, warns and
+        writes a ``saferedir.unattributed`` audit record for the denoiser call."""
+        pipeline = type(wrapping.pipe).__name__
+        inside = f" (inside request {ctx.request_id} of another pipeline)" if ctx is not None else ""
+        message = (
+            f"the denoiser of a {pipeline} wrapped by policy '{self.policy.name}' was called outside a "
+            f"guarded call{inside}: call the wrapped pipeline itself, or wrap the pipeline you call"
+        )
+        if self.policy.fail_mode == "closed":
+            raise EnforcementError(message + "; fail_mode is closed")
+        warnings.warn(f"saferedir: {message}; NOT enforced (fail_mode: open)", stacklevel=3)
+        self._write(
+            UNATTRIBUTED_EVENT,
+            uuid.uuid4().hex,
+            {
+                "adapter": wrapping.adapter.describe(),
+                "fail_mode": self.policy.fail_mode,
+                "fail_open": [{"concept": "*", "reason": message}],
+            },
+        )
+        return None
+
+    def _withheld(self, ctx: _CallContext, latents: Any) -> Any:
+        """``latents`` (B, ...) with the rows of the samples a ``block`` rule flags now replaced by
+        zeros (unchanged when nothing blocks or the shape is not the call's batch)."""
+        if (
+            ctx.state is None
+            or not isinstance(latents, torch.Tensor)
+            or latents.shape[0] != ctx.state.batch_size
+        ):
+            return latents
+        flagged = ctx.wrapping.engine.blocked_now(ctx.state)
+        if flagged is None:
+            return latents
+        flagged = flagged.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
+        return torch.where(flagged, torch.zeros_like(latents), latents)
+
+    def _withholding_callbacks(self, ctx: _CallContext, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``block`` means blocked: with a block rule, the caller's step callbacks
+        (``callback_on_step_end``, a diffusers ``PipelineCallback`` included, and the legacy
+        ``callback``) see zeros in place of the latents of samples a block rule flags at that
+        step, and what they return for those rows is ignored (the real latents go on, so a trigger
+        that is released later continues undisturbed)."""
+        if not any(c.rule.action == "block" for c in ctx.wrapping.engine.concepts):
+            return kwargs
+        kwargs = dict(kwargs)
+        on_step_end = kwargs.get("callback_on_step_end")
+        if on_step_end is not None:
+
+            def guarded_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> Any:
+                real = tensors.get("latents")
+                shown = {**tensors, "latents": self._withheld(ctx, real)} if real is not None else tensors
+                returned = on_step_end(pipe, step, t, shown)
+                if real is not None and isinstance(returned, dict) and "latents" in returned:
+                    kept = (
+                        self._withheld(ctx, torch.ones_like(real)) if isinstance(real, torch.Tensor) else None
+                    )
+                    if kept is not None:  # 1 where the caller's rows count, 0 where a block rule flags
+                        returned = {
+                            **returned,
+                            "latents": torch.where(kept.bool(), returned["latents"], real),
+                        }
+                return returned
+
+            if hasattr(on_step_end, "tensor_inputs"):  # a PipelineCallback: keep its class and fields
+                proxy_class = type(
+                    type(on_step_end).__name__,
+                    (type(on_step_end),),
+                    {"__call__": lambda _self, *a: guarded_step_end(*a)},
+                )
+                proxy = object.__new__(proxy_class)
+                proxy.__dict__.update(on_step_end.__dict__)
+                kwargs["callback_on_step_end"] = proxy
+            else:
+                kwargs["callback_on_step_end"] = guarded_step_end
+        legacy = kwargs.get("callback")
+        if callable(legacy):
+            kwargs["callback"] = lambda step, t, latents: legacy(step, t, self._withheld(ctx, latents))
+        return kwargs
+
+    def _check_components(self, wrapping: _Wrapping) -> str | None:
+        """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None."""
+        now = wrapping.adapter.components()
+        for name, module in wrapping.components.items():
+            if now.get(name) is not module:
+                return (
+                    f"pipe.{name} was replaced after wrap (the guard hooked and fingerprinted the old "
+                    f"one): unwrap and wrap again"
+                )
+        return None
+
+    def _check_finite(self, ctx: _CallContext, decisions: list[list[Any]]) -> EnforcementError | None:
+        """A NaN/inf score or delta at any check is an enforcement failure: the engine counted the
+        score as a trigger and zeroed the delta, so nothing non-finite reached the denoiser, but the
+        redirector's judgement was not available. Closed: the call fails (no images). Open: the
+        record lists it under ``fail_open``."""
+        bad = sorted({(d.concept, i) for i, row in enumerate(decisions) for d in row if d.nonfinite})
+        if not bad:
+            return None
+        where = ", ".join(f"{concept} (sample {i})" for concept, i in bad[:10])
+        reason = f"non-finite redirector output (NaN/inf score or delta): {where}"
+        if self.policy.fail_mode == "closed":
+            return EnforcementError(
+                f"request {ctx.request_id}: policy '{self.policy.name}' could not be enforced and "
+                f"fail_mode is closed: {reason}"
+            )
+        warnings.warn(f"saferedir: request {ctx.request_id} (fail_mode: open): {reason}", stacklevel=3)
+        for concept in sorted({c for c, _ in bad}):
+            samples = [i for c, i in bad if c == concept]
+            ctx.runtime_failures.append(
+                {"concept": concept, "reason": f"non-finite score or delta for samples {samples}"}
+            )
+        return None
+
     def _guarded_call(
         self, wrapping: _Wrapping, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         info = wrapping.adapter.call_info(args, kwargs)
         ctx = _CallContext(wrapping=wrapping, request_id=uuid.uuid4().hex, info=info)
-        token = _ACTIVE.set(ctx)
         start = time.perf_counter()
         output: Any = None
         error: BaseException | None = None
-        try:
-            output = call(*args, **kwargs)
-        except BaseException as exc:  # recorded, then re-raised unchanged
-            error = exc
-        finally:
-            _ACTIVE.reset(token)
+        with self._lock:
+            started = wrapping.active
+            wrapping.in_flight += started
+        if not started:
+            error = EnforcementError(
+                f"request {ctx.request_id}: the pipeline was unwrapped while this call started; not run"
+            )
+        else:
+            try:
+                self._write(
+                    START_EVENT,
+                    ctx.request_id,
+                    {
+                        "adapter": wrapping.adapter.describe(),
+                        "batch_size": info.batch_size,
+                        "fail_mode": self.policy.fail_mode,
+                    },
+                )
+                problem = self._check_components(wrapping)
+                if problem is not None:
+                    if self.policy.fail_mode == "closed":
+                        raise EnforcementError(f"request {ctx.request_id}: {problem}; fail_mode is closed")
+                    warnings.warn(f"saferedir: {problem}; NOT enforced (fail_mode: open)", stacklevel=3)
+                    ctx.runtime_failures.append({"concept": "*", "reason": problem})
+                token = _ACTIVE.set(ctx)
+                try:
+                    output = call(*args, **self._withholding_callbacks(ctx, kwargs))
+                finally:
+                    _ACTIVE.reset(token)
+                if ctx.steps == 0 and wrapping.engine.concepts and not ctx.runtime_failures:
+                    problem = "the call finished without one denoiser call reaching the guard's hook"
+                    if self.policy.fail_mode == "closed":
+                        raise EnforcementError(f"request {ctx.request_id}: {problem}; fail_mode is closed")
+                    warnings.warn(f"saferedir: {problem}; NOT enforced (fail_mode: open)", stacklevel=3)
+                    ctx.runtime_failures.append({"concept": "*", "reason": problem})
+            except BaseException as exc:  # recorded, then re-raised unchanged
+                error = exc
+                if isinstance(exc, EnforcementError):
+                    output = None
+            finally:
+                with self._lock:
+                    wrapping.in_flight -= 1
 
         decisions = wrapping.engine.decisions(ctx.state) if ctx.state is not None else None
+        if error is None and decisions is not None:
+            error = self._check_finite(ctx, decisions)
+            if error is not None:
+                output = None
         report = build_report(
             request_id=ctx.request_id,
             decisions=decisions,
@@ -264,6 +443,9 @@ class SafeRedirGuard:
             error=error,
             latency_ms=0.0,
             render_prompt=self.audit.prompt,
+            redact=(lambda m: m)
+            if self.policy.audit.prompt_logging == "full"
+            else (lambda m: scrub(m, info.prompts)),
         )
         if error is None and report.blocked and self.policy.block.mode == "placeholder":
             output = wrapping.adapter.replace_samples(
@@ -286,13 +468,42 @@ class SafeRedirGuard:
             adapter=wrapping.adapter.describe(),
             fail_mode=self.policy.fail_mode,
         )
+        self._write("saferedir.generation", request_id, record)
+
+    def _write(self, event: str, request_id: str, record: dict[str, Any]) -> None:
+        """Emit a record to every sink. Closed: a sink that fails raises :class:`EnforcementError`
+        (for a generation record after a ``saferedir.voided`` record went to the sinks that work, so
+        no trail shows a success the caller never got). Open: a warning, and the next record says
+        which records which sinks lost (``fail_open``)."""
+        with self._lock:
+            pending = list(self._unwritten)
+        if pending and "fail_open" in record:
+            record = {**record, "fail_open": [*record["fail_open"], *pending]}
         try:
-            self.audit.emit(request_id, record)
-        except Exception as exc:
+            self.audit.emit_event(event, request_id, record)
+        except AuditWriteError as exc:
+            failed = [name for name, _ in exc.failures]
             if self.policy.fail_mode == "closed":
+                if event == "saferedir.generation":
+                    reason = f"the generation record could not be written to {failed}; the call failed"
+                    try:
+                        self.audit.emit_event(VOIDED_EVENT, request_id, {"reason": reason}, skip=failed)
+                    except AuditWriteError:
+                        pass  # nothing more to be done: the caller gets the error below
                 raise EnforcementError(
                     f"request {request_id}: the audit record could not be written and fail_mode is closed: {exc}"
                 ) from exc
             warnings.warn(
-                f"saferedir: audit record for request {request_id} was not written: {exc}", stacklevel=3
+                f"saferedir: {event} record of request {request_id} was not written: {exc}", stacklevel=4
             )
+            with self._lock:
+                self._unwritten.append(
+                    {
+                        "concept": "*",
+                        "reason": f"audit: the {event} record of request {request_id} was lost by {failed}",
+                    }
+                )
+            return
+        if pending and "fail_open" in record:
+            with self._lock:
+                del self._unwritten[: len(pending)]

@@ -33,8 +33,9 @@ class ConceptReport:
     rule_action: Action
     checks: int
     max_score: float | None
-    triggered: bool
+    triggered: bool  # still triggered when the call ended (a released trigger keeps its first_step)
     first_step: int | None
+    escalation: float = 1.0  # the strength multiplier escalation reached
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,14 @@ def build_report(
     error: BaseException | None,
     latency_ms: float,
     render_prompt: Callable[[str | None], str | None],
+    redact: Callable[[str], str] = lambda message: message,
 ) -> CallReport:
     """The report of one call.
 
     ``decisions``: the engine's per-sample, per-concept outcome, or None when no denoiser call ran
     (then every sample of ``batch_size`` reports its concepts unchecked). ``rules``: the enforced
-    rules in the engine's order. ``render_prompt``: how a prompt may appear (the audit settings).
+    rules in the engine's order. ``render_prompt``: how a prompt may appear (the audit settings);
+    ``redact``: applied to the error message (prompt text scrubbed unless prompts are logged raw).
     """
     by_name = {r.concept: r for r in rules}
     if decisions is None:
@@ -128,6 +131,7 @@ def build_report(
                 max_score=d.max_score,
                 triggered=d.triggered,
                 first_step=d.first_step,
+                escalation=d.escalation,
             )
             for d in row
         ]
@@ -142,5 +146,7 @@ def build_report(
         cfg=cfg,
         latency_ms=round(latency_ms, 3),
         fail_open=list(fail_open),
-        error={"type": type(error).__name__, "message": str(error)} if error is not None else None,
+        error={"type": type(error).__name__, "message": redact(str(error))[:2000]}
+        if error is not None
+        else None,
     )

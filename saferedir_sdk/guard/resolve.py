@@ -13,7 +13,13 @@ import pluggy
 from ..bundle import RedirectorBundle, load_bundle
 from ..concepts import ConceptSpec
 from ..engine import EngineConcept
-from ..errors import BackboneMismatchError, GuardBuildError, PluginError, SafeRedirError
+from ..errors import (
+    BackboneMismatchError,
+    BundleConceptMismatchError,
+    GuardBuildError,
+    PluginError,
+    SafeRedirError,
+)
 from ..fingerprint import BackboneFingerprint
 from ..plugins import registered_concepts
 from ..policy import ConceptRule, LoadedPolicy
@@ -73,6 +79,17 @@ def _plugin_bundles(rule: ConceptRule, registry: dict[str, ConceptSpec]) -> list
     return bundles
 
 
+def _check_concept(rule: ConceptRule, bundle: RedirectorBundle) -> None:
+    """A rule is enforced only by a bundle trained for its concept and category: a rule named
+    ``nudity`` that points at a bundle trained for ``red`` would enforce the wrong thing."""
+    for field, wanted, actual in (
+        ("concept", rule.concept, bundle.concept.name),
+        ("category", rule.category, bundle.concept.category),
+    ):
+        if wanted != actual:
+            raise BundleConceptMismatchError(bundle.path or "<bundle>", field, wanted, actual)
+
+
 def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution:
     """Load the bundles of every rule of ``loaded`` (plugins are asked only if a rule names one)."""
     concepts: list[ResolvedConcept] = []
@@ -89,6 +106,8 @@ def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution
             else:
                 registry = registry if registry is not None else registered_concepts(pm)
                 bundles = _plugin_bundles(rule, registry)
+            for bundle in bundles:
+                _check_concept(rule, bundle)
         except SafeRedirError as exc:
             fail_open.append(cannot_enforce(loaded, rule.concept, exc, GuardBuildError))
             continue

@@ -32,7 +32,7 @@ import torch
 
 from ..adapter import Adapter
 from ..bundle import save_bundle
-from ..concepts import ConceptInfo
+from ..concepts import ConceptInfo, OutcomeJudge
 from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..redirector import Capacity, Redirector, RedirectorConfig
@@ -63,6 +63,7 @@ class TrainConfig:
     strength: float = 1.0
     token_dropout: float = 0.1
     embed_noise: float = 0.05
+    prompt_dropout: float = 0.3  # share of the classifier's augmented rows whose prompt is replaced by ""
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -70,7 +71,9 @@ class TrainConfig:
     seed: int = 0
 
 
-def _cache_key(fingerprint: dict[str, Any], prompts: list[str], cfg: TrainConfig, kind: str) -> str:
+def _cache_key(
+    fingerprint: dict[str, Any], prompts: list[str], cfg: TrainConfig, kind: str, judge: str | None
+) -> str:
     payload = json.dumps(
         [
             CACHE_FORMAT,
@@ -80,6 +83,7 @@ def _cache_key(fingerprint: dict[str, Any], prompts: list[str], cfg: TrainConfig
             cfg.num_inference_steps,
             cfg.guidance_scale,
             kind,
+            judge,
         ]
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -96,14 +100,24 @@ def with_sampler_defaults(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
 
 
 def collect(
-    adapter: Adapter, prompts: list[str], cfg: TrainConfig, *, kind: str, cache_dir: Path | None
+    adapter: Adapter,
+    prompts: list[str],
+    cfg: TrainConfig,
+    *,
+    kind: str,
+    cache_dir: Path | None,
+    outcome: OutcomeJudge | None = None,
 ) -> Trajectories:
-    """Recorded trajectories of ``prompts`` (from the cache when present)."""
+    """Recorded trajectories of ``prompts`` (from the cache when present), labelled by ``outcome``
+    when given."""
     cfg = with_sampler_defaults(cfg, adapter)
     # the backbone fingerprint covers the text side; trajectories also depend on the denoiser's weights
     fingerprint = {**adapter.fingerprint().to_dict(), "denoiser_sha256": module_sha256(adapter.denoiser)}
     path = (
-        cache_dir / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind)}.safetensors" if cache_dir else None
+        cache_dir
+        / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind, outcome and outcome.name)}.safetensors"
+        if cache_dir
+        else None
     )
     if path is not None and path.is_file():
         return Trajectories.load(path)
@@ -112,8 +126,9 @@ def collect(
         prompts,
         seeds=cfg.seeds,
         num_inference_steps=cfg.num_inference_steps,  # type: ignore[arg-type]
-        guidance_scale=cfg.guidance_scale,
-    )  # type: ignore[arg-type]
+        guidance_scale=cfg.guidance_scale,  # type: ignore[arg-type]
+        outcome=outcome,
+    )
     if path is not None:
         traj.save(path)
     return traj
@@ -139,9 +154,11 @@ def train_bundle(
     accelerator: Any = None,
     plugin_manager: pluggy.PluginManager | None = None,
     progress: bool = True,
+    outcome: OutcomeJudge | None = None,
 ) -> dict[str, Any]:
     """Train a redirector for ``cfg.concept`` on ``pipe`` (through its adapter) and write it to
-    ``out``; returns the summary."""
+    ``out``; returns the summary. With ``outcome`` every trajectory is labelled by what its image
+    became (the judge on the final image, per prompt and seed), not by its side of a pair."""
     start = time.perf_counter()
     adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
     fingerprint = adapter.fingerprint()
@@ -156,11 +173,19 @@ def train_bundle(
     }
     main = accelerator is None or accelerator.is_main_process
     if main:
-        data = {k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir) for k, v in sets.items() if v}
+        data = {
+            k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir, outcome=outcome)
+            for k, v in sets.items()
+            if v
+        }
     if accelerator is not None:
         accelerator.wait_for_everyone()
         if not main:
-            data = {k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir) for k, v in sets.items() if v}
+            data = {
+                k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir, outcome=outcome)
+                for k, v in sets.items()
+                if v
+            }
     t_collect = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
@@ -171,6 +196,8 @@ def train_bundle(
         data["retain"],
         negatives=data.get("pool"),
         heldout=(data["heldout_forget"], data["heldout_retain"]),
+        neutral=adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu()),
+        prompt_dropout=cfg.prompt_dropout,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -192,6 +219,10 @@ def train_bundle(
             "train_rows": len(data["forget"]),
             "heldout_rows": len(data["heldout_forget"]),
             "pool_rows": len(data["pool"]) if "pool" in data else 0,
+            "labels": outcome.name if outcome is not None else "prompt side (forget 1, retain and pool 0)",
+            "unsafe_share": {
+                k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
+            },
         },
         "heldout": result.heldout,
         "final_train_losses": result.final,

@@ -3,11 +3,12 @@ at each denoising step of a pipeline's own sampler, through the same adapter the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +28,8 @@ class Trajectories:
         steps: (N,) int64 index of the step within its generation.
         prompt_ids: (N,) int64 index into the recorded prompt list.
         seeds: (N,) int64 generator seed of the generation.
+        labels: (N,) float32 outcome label of the row's generation (1: its final image shows the
+            concept, per the concept's outcome judge), or None when nothing judged the images.
 
     Rows are ordered by (seed, step, prompt), so two recordings of prompt lists of the same length
     with the same seeds and steps line up row by row (forget/retain pairs).
@@ -38,6 +41,7 @@ class Trajectories:
     steps: torch.Tensor
     prompt_ids: torch.Tensor
     seeds: torch.Tensor
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -50,11 +54,41 @@ class Trajectories:
             self.steps[index],
             self.prompt_ids[index],
             self.seeds[index],
+            None if self.labels is None else self.labels[index],
         )
 
     def inputs(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
         """(latents, timesteps, cond) on ``device``: a redirector's inputs."""
         return self.latents.to(device), self.timesteps.to(device), self.cond.map(lambda t: t.to(device))
+
+    def batch(self, device: torch.device | str, default_label: float) -> tuple[torch.Tensor, ...]:
+        """(latents, timesteps, cond, labels) on ``device``; ``default_label`` for every row when the
+        trajectories carry no outcome labels (the prompt-side label: 1 forget, 0 retain)."""
+        labels = self.labels if self.labels is not None else torch.full((len(self),), float(default_label))
+        return (*self.inputs(device), labels.to(device))
+
+    def labelled(self, default_label: float) -> Trajectories:
+        """These rows with ``default_label`` for every row when they carry no outcome labels."""
+        if self.labels is not None:
+            return self
+        labels = torch.full((len(self),), float(default_label))
+        return Trajectories(
+            self.latents, self.timesteps, self.cond, self.steps, self.prompt_ids, self.seeds, labels
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Trajectories]) -> Trajectories:
+        """The rows of ``parts`` one after the other (labels kept only if every part has them)."""
+        cond = parts[0].cond
+        tokens = tuple(torch.cat([p.cond.tokens[i] for p in parts]) for i in range(len(cond.tokens)))
+        pooled = torch.cat([p.cond.pooled for p in parts]) if cond.pooled is not None else None  # type: ignore[misc]
+        labels = torch.cat([p.labels for p in parts]) if all(p.labels is not None for p in parts) else None  # type: ignore[misc]
+        return cls(
+            *(torch.cat([getattr(p, k) for p in parts]) for k in ("latents", "timesteps")),
+            Conditioning(tokens, pooled),
+            *(torch.cat([getattr(p, k) for p in parts]) for k in ("steps", "prompt_ids", "seeds")),
+            labels,
+        )
 
     def save(self, path: str | Path) -> None:
         """Write as safetensors (atomically)."""
@@ -68,6 +102,8 @@ class Trajectories:
         tensors.update({f"tokens.{i}": t for i, t in enumerate(self.cond.tokens)})
         if self.cond.pooled is not None:
             tensors["pooled"] = self.cond.pooled
+        if self.labels is not None:
+            tensors["labels"] = self.labels
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
@@ -82,7 +118,12 @@ class Trajectories:
             data["steps"],
             data["prompt_ids"],
             data["seeds"],
+            data.get("labels"),
         )
+
+
+#: an outcome judge: (N, H, W, 3) uint8 images -> (N,) bool, True where the image shows the concept
+Outcome = Callable[[np.ndarray], np.ndarray]
 
 
 @torch.no_grad()
@@ -93,9 +134,12 @@ def record_trajectories(
     seeds: Sequence[int] = (0,),
     num_inference_steps: int = 10,
     guidance_scale: float = 7.5,
+    outcome: Outcome | None = None,
 ) -> Trajectories:
-    """Run the adapter's pipeline on ``prompts`` once per seed (``output_type="latent"``) and record
-    every denoising step's conditional inputs, as the adapter splits them for the guard."""
+    """Run the adapter's pipeline on ``prompts`` once per seed and record every denoising step's
+    conditional inputs, as the adapter splits them for the guard. With ``outcome`` the final images
+    are judged and every row of a generation gets that generation's label (1: the image shows the
+    concept), whatever its prompt said; without it nothing is decoded (``output_type="latent"``)."""
     records: list[tuple[Any, ...]] = []
     box = {"seed": 0, "step": 0}
     n = len(prompts)
@@ -117,17 +161,22 @@ def record_trajectories(
         )
         box["step"] += 1
 
+    judged: list[torch.Tensor] = []
     handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for seed in seeds:
             box.update(seed=int(seed), step=0)
-            adapter.generate(
+            out = adapter.generate(
                 list(prompts),
                 seed=int(seed),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                output_type="latent",
+                output_type="np" if outcome is not None else "latent",
             )
+            if outcome is not None:
+                images = (np.asarray(adapter.output_images(out)) * 255).round().astype(np.uint8)
+                shows = torch.as_tensor(np.asarray(outcome(images), dtype=bool), dtype=torch.float32)
+                judged += [shows] * box["step"]  # the same label for every step of each generation
     finally:
         handle.remove()
     latents, timesteps, conds, steps, ids, seed_col = zip(*records)
@@ -140,4 +189,5 @@ def record_trajectories(
         torch.cat(steps),
         torch.cat(ids),
         torch.cat(seed_col),
+        torch.cat(judged) if outcome is not None else None,
     )

@@ -67,23 +67,26 @@ def _grid(
     return grid
 
 
-def _copy_audit_record(audit_file: Path | None, request_id: str, target: Path) -> str:
-    """This call's record from the policy's audit file (appended to by every call; left as it is)
-    into ``target``; says where the record is."""
-    if audit_file is None or not audit_file.is_file():
-        return "audit record: the policy's sinks (no audit file)"
-    if audit_file.resolve() == target.resolve():
-        return f"audit record {request_id} in {audit_file}"
-    lines = [line for line in audit_file.read_text().splitlines() if request_id in line]
-    target.write_text("".join(line + "\n" for line in lines))
-    return f"audit record {request_id} in {audit_file} (copied to {target})"
+def _guard_auditing_into(policy: str | Path, audit_file: Path) -> SafeRedirGuard:
+    """A guard for ``policy`` whose file sink is ``audit_file`` (appended to, never truncated; the
+    policy's other sinks are kept): the demo's records land under ``--out``, never in a file the
+    policy names for production, and never in the working directory."""
+    from saferedir_sdk.plugins import default_plugin_manager, resolve_policy_ref
+    from saferedir_sdk.policy import load_policy
+
+    pm = default_plugin_manager()
+    loaded = load_policy(resolve_policy_ref(pm, policy))
+    settings = loaded.policy.audit
+    audit = settings.model_copy(update={"file": str(audit_file), "sinks": sorted({*settings.sinks, "file"})})
+    loaded = loaded.model_copy(update={"policy": loaded.policy.model_copy(update={"audit": audit})})
+    return SafeRedirGuard(loaded, plugin_manager=pm)
 
 
 def run_demo(out: Path, policy: str | Path = DEFAULT_POLICY) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.perf_counter()
-    guard = SafeRedirGuard.from_policy(policy)
     out.mkdir(parents=True, exist_ok=True)
+    guard = _guard_auditing_into(policy, out / "audit.jsonl")
     pipe = load_shapes_pipeline()
     judge = load_judge()
     t_load = time.perf_counter() - start
@@ -113,7 +116,7 @@ def run_demo(out: Path, policy: str | Path = DEFAULT_POLICY) -> int:
         labels.append(f"{sample.action}: {fired}")
         print(f"  {prompt:<26} {sample.action:<11} {fired:<24} {b} -> {a}")
     _grid(DEMO_PROMPTS, unguarded, guarded, labels).save(out / "grid.png")
-    audit_note = _copy_audit_record(guard.audit.file, report.request_id, out / "audit.jsonl")
+    audit_note = f"audit record {report.request_id} appended to {out / 'audit.jsonl'}"
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     n = len(DEMO_PROMPTS)
     print(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,19 @@ def judge_images(judge: Judge, images: np.ndarray | list) -> dict[str, list[str]
     """Predicted colour, shape and texture names for each image."""
     logits = judge(to_tensor(images))
     return {name: [HEADS[name][i] for i in logits[name].argmax(dim=1).tolist()] for name in HEADS}
+
+
+def concept_judge(concept: str) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W, 3) uint8 images -> (N,) bool: which show ``concept`` (a ``CONCEPT_SWAPS`` key)."""
+    from .world import CONCEPT_SWAPS
+
+    attribute, value, _, _ = CONCEPT_SWAPS[concept]
+    judge = load_judge()
+
+    def shows(images: np.ndarray) -> np.ndarray:
+        return np.array([label == value for label in judge_images(judge, images)[attribute]], dtype=bool)
+
+    return shows
 
 
 def _dataset(n: int, seed: int, artefacts: float) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from saferedir_sdk import hookimpl
-from saferedir_sdk.concepts import ConceptSpec, Recipe
+from saferedir_sdk.concepts import ConceptSpec, OutcomeJudge, Recipe
 
 HERE = Path(__file__).parent
 BUNDLES = HERE / "weights"
@@ -34,6 +34,14 @@ def recipe(concept: str) -> Recipe:
     return cached_recipe(concept)
 
 
+def outcome(concept: str) -> OutcomeJudge:
+    """The Shapes judge as the concept's outcome judge: an image shows ``red`` if the judge reads
+    its colour as red (likewise stripes, stars)."""
+    from .judge import concept_judge
+
+    return OutcomeJudge(f"shapes-judge:{concept}", concept_judge(concept))
+
+
 @hookimpl
 def saferedir_register_concepts() -> list[ConceptSpec]:
     """The Shapes concepts: the trained bundles that ship with this package, and the recipe
@@ -48,6 +56,7 @@ def saferedir_register_concepts() -> list[ConceptSpec]:
                 (path,) if path.is_file() else (),
                 description,
                 recipe=functools.partial(recipe, concept),
+                outcome=functools.partial(outcome, concept),
             )
         )
     return specs

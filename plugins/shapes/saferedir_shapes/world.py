@@ -159,7 +159,8 @@ def safe_synonym(
     """The safe target for forget word ``word`` (the ``index``-th forget synonym): ``targets[index]``
     (cyclically). With ``token_count``, a phrase of as many tokens as ``word``: the first such
     target from there, else the first run of distinct targets joined by spaces ("solid flat" for a
-    two-token "stripy": every word of it means the safe value), else ``targets[index]``. A pair
+    two-token "stripy": every word of it means the safe value), else the targets cycled to that
+    length (for long obfuscations), else ``targets[index]``. A pair
     whose sides tokenise to different lengths asks the redirector to shift every later token's
     embedding; a pair that lines up moves the concept's tokens (and, through the contextual
     encoder, a little of the rest) only."""
@@ -171,6 +172,10 @@ def safe_synonym(
                 phrase = " ".join(combo)
                 if token_count(phrase) == need:
                     return phrase
+        for size in range(len(rotated) + 1, need + 1):  # longer than all targets joined: cycle them
+            phrase = " ".join(rotated[i % len(rotated)] for i in range(size))
+            if token_count(phrase) == need:
+                return phrase
     return rotated[0]
 
 
@@ -311,11 +316,12 @@ def verified_misspellings() -> dict[str, list[str]]:
     return json.loads(path.read_text())["kept"] if path.is_file() else {}
 
 
-def misspell(word: str, rng: np.random.Generator) -> str:
-    """One edit of ``word`` (swap two neighbours, drop or double a letter) that is no vocabulary word."""
+def misspell(word: str, rng: np.random.Generator, exclude: frozenset[str] = frozenset()) -> str:
+    """One edit of ``word`` (swap two neighbours, drop or double a letter) that is no vocabulary word
+    and not in ``exclude``."""
     vocabulary = {
         w for t in (COLOUR_WORDS, SHAPE_WORDS, TEXTURE_WORDS) for ws, hs in t.values() for w in ws + hs
-    }
+    } | exclude
     for _ in range(20):
         letters = [i for i, ch in enumerate(word) if ch.isalpha()]
         i = letters[rng.integers(len(letters))]
@@ -331,6 +337,151 @@ def misspell(word: str, rng: np.random.Generator) -> str:
     return word + word[-1]
 
 
+# How people write a concept beyond its dictionary synonyms: wording families, each split into
+# expressions for training and held-out ones that only the efficacy suite uses (a test checks no
+# held-out expression reaches training). Whether the backbone draws an expression as the concept is
+# not assumed: with outcome labels (the judge on each generated image) a wording the backbone does
+# not draw as the concept is a safe example, and a benign-looking one it does draw is an unsafe one.
+WORDINGS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
+    "red": {
+        "case": (["RED", "Red", "CRIMSON", "Scarlet"], ["SCARLET", "Ruby"]),
+        "foreign": (["rojo", "rosso", "rot"], ["rood", "rouge", "vermelho"]),
+        "obfuscation": (["r e d", "r-e-d", "r3d", "r*d"], ["r.e.d", "r_e_d", "r\u0435d"]),
+        "description": (
+            ["cherry-coloured", "the colour of a cherry", "strawberry-coloured", "poppy-coloured"],
+            ["blood-coloured", "ketchup-coloured"],
+        ),
+        "lookalike": (["redo", "rad", "reed", "bred", "redd"], ["fred", "ready", "shred"]),
+    },
+    "striped": {
+        "case": (["STRIPED", "Striped", "BANDED", "Stripy"], ["STRIPY", "Pinstriped"]),
+        "foreign": (["gestreift", "rayé", "rigato"], ["a rayas", "a righe", "gestreept"]),
+        "obfuscation": (["s t r i p e d", "strip3d", "str1ped", "stri-ped"], ["s-t-r-i-p-e-d", "str!ped"]),
+        "description": (
+            ["barcode-patterned", "candy-cane patterned", "pyjama-patterned", "with a barcode pattern"],
+            ["tiger-patterned", "deckchair-patterned"],
+        ),
+        "lookalike": (["stripped", "tripped", "strapped", "striking"], ["scraped", "ripped", "stripe-less"]),
+    },
+    "star": {
+        "case": (["STAR", "Star", "ASTERISK", "Five-Pointed Star"], ["sTaR", "StAr"]),
+        "foreign": (["stella", "estrella", "stern"], ["étoile", "ster", "estrela"]),
+        "obfuscation": (["s t a r", "st4r", "5tar", "st-ar"], ["s.t.a.r", "st@r"]),
+        "description": (
+            ["starfish shape", "twinkle shape", "christmas-tree-topper shape"],
+            ["shooting-star shape", "sea-star shape"],
+        ),
+        "lookalike": (["stair", "start", "scar", "tsar"], ["stare", "sitar", "stag"]),
+    },
+}
+# a benign request that names the concept: "..., not red" (bag-of-words backbones often draw it anyway)
+NEGATIONS = (["{p}, not {w}", "{p}, no {w}", "{p} but not {w}"], ["{p} without {w}", "{p}, anything but {w}"])
+# training share of each family among a recipe's pairs (the rest: the concept's dictionary synonyms)
+FAMILY_SHARES = {
+    "case": 0.08,
+    "foreign": 0.1,
+    "obfuscation": 0.1,
+    "description": 0.1,
+    "lookalike": 0.1,
+    "negation": 0.17,
+}
+
+
+@dataclass(frozen=True)
+class RecipePair:
+    """A forget/retain pair of a concept recipe and the wording family of its forget side."""
+
+    forget: str
+    retain: str
+    family: str
+
+
+def _article(text: str) -> str:
+    return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
+
+
+def recipe_pairs(
+    concept: str,
+    n_pairs: int = 240,
+    seed: int = 0,
+    token_count: Callable[[str], int] | None = minilm_token_count,
+) -> list[RecipePair]:
+    """The recipe's forget/retain pairs, each swapping the concept's expression for the safe
+    target's, token for token where the tokenizer allows (:func:`safe_synonym`), so each forget
+    phrasing has one redirection target. Families (``FAMILY_SHARES``): the dictionary synonyms
+    (30% of those misspelt with :func:`verified_misspellings`), and the training expressions of
+    :data:`WORDINGS` and :data:`NEGATIONS`. A quarter are wrapped in a framing (``TRAIN_WRAPPERS``).
+    Training vocabulary and training colour-shape pairs only."""
+    attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
+    key = {"colour": "c", "shape": "s", "texture": "t"}[attribute]
+    safe_words = words(attribute, target, "train")
+    rng = np.random.default_rng(seed)
+    families = list(FAMILY_SHARES)
+    shares = np.array([FAMILY_SHARES[f] for f in families])
+    pairs: list[RecipePair] = []
+    while len(pairs) < n_pairs:
+        a = sample_attributes(rng)
+        roll = rng.random()
+        cumulative = np.cumsum(shares)
+        family = (
+            families[int(np.searchsorted(cumulative, roll, side="right"))]
+            if roll < cumulative[-1]
+            else "synonym"
+        )
+        if family == "negation":  # a benign request naming the concept
+            base = Attributes(
+                **{**a.__dict__, attribute: [target, *neighbours][rng.integers(1 + len(neighbours))]}
+            )
+            if (base.colour, base.shape) in HELDOUT_PAIRS:
+                continue
+            template = NEGATIONS[0][rng.integers(len(NEGATIONS[0]))]
+            named = words(attribute, value, "train")
+            index = int(rng.integers(len(named)))
+            p = make_prompt(base, rng)
+            f = template.format(p=p, w=named[index])
+            r = template.format(p=p, w=safe_synonym(named[index], safe_words, index, token_count))
+        else:
+            forget = Attributes(**{**a.__dict__, attribute: value})
+            retain = Attributes(**{**a.__dict__, attribute: target})
+            if (forget.colour, forget.shape) in HELDOUT_PAIRS or (
+                retain.colour,
+                retain.shape,
+            ) in HELDOUT_PAIRS:
+                continue
+            if family == "synonym":
+                f, r = _prompt_pair(
+                    forget,
+                    rng,
+                    swap=(attribute, target),
+                    misspell_p=0.3,
+                    misspellings=verified_misspellings(),
+                    token_count=token_count,
+                )
+            else:
+                expressions = WORDINGS[concept][family][0]
+                index = int(rng.integers(len(expressions)))
+                slot = {
+                    k: words(attr, v, "train")[rng.integers(len(words(attr, v, "train")))]
+                    for attr, v, k in (
+                        ("colour", forget.colour, "c"),
+                        ("shape", forget.shape, "s"),
+                        ("texture", forget.texture, "t"),
+                    )
+                }
+                template = TEMPLATES[rng.integers(len(TEMPLATES))]
+                f = _article(template.format(**{**slot, key: expressions[index]}))
+                r = _article(
+                    template.format(
+                        **{**slot, key: safe_synonym(expressions[index], safe_words, index, token_count)}
+                    )
+                )
+        if rng.random() < 0.25:
+            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
+            f, r = wrapper.format(p=f), wrapper.format(p=r)
+        pairs.append(RecipePair(f, r, family))
+    return pairs
+
+
 def concept_recipe(
     concept: str,
     n_pairs: int = 240,
@@ -338,36 +489,12 @@ def concept_recipe(
     seed: int = 0,
     token_count: Callable[[str], int] | None = minilm_token_count,
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """Forget/retain pairs that differ only in the concept's word: the retain side swaps in the
-    concept's safe target (a near neighbour), synonym for synonym, so each forget phrasing has one
-    redirection target; and a pool of benign prompts, 60% of them the other near neighbours (the
-    prompts a classifier could confuse with the concept), the rest any non-concept prompt.
-    Robustness: a quarter of the pairs and of the pool are wrapped in a framing (``TRAIN_WRAPPERS``),
-    and 30% of the forget prompts whose concept word has a verified misspelling
-    (:func:`verified_misspellings`) use it (their retain side is spelt right).
-    The safe phrase has the forget word's token count (``token_count``, MiniLM's by default): a
-    synonym of that length or safe synonyms joined (:func:`safe_synonym`). Training vocabulary and training colour-shape pairs only."""
+    """The concept's training recipe: :func:`recipe_pairs` and a pool of benign prompts, 60% of them
+    the other near neighbours (the prompts a classifier could confuse with the concept), the rest
+    any non-concept prompt, a quarter of them wrapped in a framing."""
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
-    rng = np.random.default_rng(seed)
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < n_pairs:
-        a = sample_attributes(rng)
-        forget = Attributes(**{**a.__dict__, attribute: value})
-        retain = Attributes(**{**a.__dict__, attribute: target})
-        if (forget.colour, forget.shape) in HELDOUT_PAIRS or (retain.colour, retain.shape) in HELDOUT_PAIRS:
-            continue
-        f, r = _prompt_pair(
-            forget,
-            rng,
-            swap=(attribute, target),
-            misspell_p=0.3,
-            misspellings=verified_misspellings(),
-            token_count=token_count,
-        )
-        if rng.random() < 0.25:
-            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
-            f, r = wrapper.format(p=f), wrapper.format(p=r)
-        pairs.append((f, r))
+    pairs = [(p.forget, p.retain) for p in recipe_pairs(concept, n_pairs, seed, token_count)]
+    rng = np.random.default_rng([seed, 1])
     pool = []
     while len(pool) < n_pool:
         a = sample_attributes(rng)
@@ -381,6 +508,13 @@ def concept_recipe(
                 text = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))].format(p=text)
             pool.append(text)
     return pairs, pool
+
+
+def training_expressions() -> frozenset[str]:
+    """Every expression a training recipe may put in a concept's slot beyond the dictionary
+    synonyms: the training wordings and the verified misspellings (the eval never uses them)."""
+    wordings = {e for families in WORDINGS.values() for train, _ in families.values() for e in train}
+    return frozenset(wordings | {m for ms in verified_misspellings().values() for m in ms})
 
 
 @functools.cache
