@@ -12,6 +12,15 @@ STEPS = 4
 RED_PAIRS = PAIRS["red"]
 STAR_PAIRS = PAIRS["star"]
 FORGET, RETAIN = "a red circle", "a tan circle"  # the two prompts most tests generate
+# the smallest valid policy document (its one rule at lines 4-6)
+GOOD_POLICY = """\
+version: 1
+name: t
+concepts:
+  - concept: nudity
+    category: nsfw
+    redirector: {plugin: nudity}
+"""
 
 
 class UNetRecorder:

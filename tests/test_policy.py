@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import GOOD_POLICY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,14 +17,7 @@ from saferedir_sdk.cli import main
 from saferedir_sdk.policy import parse_policy, policy_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = """\
-version: 1
-name: t
-concepts:
-  - concept: nudity
-    category: nsfw
-    redirector: {plugin: nudity}
-"""
+GOOD = GOOD_POLICY
 
 
 SHIPPED = sorted((ROOT / "policies").glob("*.yaml")) + sorted((ROOT / "plugins").glob("*/*/policies/*.yaml"))

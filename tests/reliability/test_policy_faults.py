@@ -7,20 +7,14 @@ import os
 import time
 
 import pytest
+from helpers import GOOD_POLICY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saferedir_sdk import PolicyError, load_policy
 from saferedir_sdk.policy import MAX_POLICY_BYTES, parse_policy, parse_policy_bytes
 
-GOOD = """\
-version: 1
-name: t
-concepts:
-  - concept: nudity
-    category: nsfw
-    redirector: {plugin: nudity}
-"""
+GOOD = GOOD_POLICY
 # billion laughs, 8 levels of 10: 10^8 strings from 456 bytes
 BOMB = 'version: 1\nname: t\na: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
     f"{c}: &{c} [{','.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")
