@@ -288,6 +288,12 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     ps = psub.add_parser("schema", help="print the policy JSON Schema (for editors)")
     ps.add_argument("--out", help="write to this file instead of stdout")
     ps.set_defaults(func=_cmd_schema)
+    pp = psub.add_parser(
+        "pin", help="pin every rule's redirector bundle by its sha256 (in place, comments kept; or --out)"
+    )
+    pp.add_argument("policy", help="the policy file")
+    pp.add_argument("--out", help="write the pinned policy here instead of replacing the file")
+    pp.set_defaults(func=_cmd_policy_pin)
 
     p = sub.add_parser("plugins", help="installed plugins: their concepts, policies and commands")
     p.add_argument("--json", action="store_true")
@@ -393,6 +399,54 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
 
         default_plugin_manager().hook.saferedir_add_commands(subparsers=sub)
     return parser
+
+
+def _cmd_policy_pin(args: argparse.Namespace) -> int:
+    """Pin every rule's bundle by sha256, in place (or into ``--out``), comments kept."""
+    from .atomic import write_text_atomic
+    from .bundle import file_sha256
+    from .policy import load_policy, pin_policy_text
+
+    loaded = load_policy(args.policy)
+    registry = None
+    pins: dict[int, str] = {}
+    for i, rule in enumerate(loaded.policy.concepts):
+        ref = rule.redirector
+        if ref.path is not None:
+            path = Path(ref.path) if Path(ref.path).is_absolute() else loaded.folder / ref.path
+            if not path.is_file():
+                raise SafeRedirError(f"concepts.{i} ({rule.concept}): no bundle file {path} to pin")
+            files = [path]
+        else:
+            if registry is None:
+                from .plugins import default_plugin_manager, registered_concepts
+
+                registry = registered_concepts(default_plugin_manager())
+            spec = registry.get(str(ref.plugin))
+            files = list(spec.bundles) if spec is not None else []
+            if len(files) != 1:
+                raise SafeRedirError(
+                    f"concepts.{i} ({rule.concept}): plugin concept '{ref.plugin}' ships {len(files)} bundles; "
+                    "a pin names exactly one (pin by path instead)"
+                )
+        digest = file_sha256(files[0])
+        if ref.sha256 is not None and ref.sha256 != digest:
+            raise SafeRedirError(
+                f"concepts.{i} ({rule.concept}): pinned to {ref.sha256}, but {files[0]} has {digest}; "
+                "remove the old pin first if the new bundle is the one you trust"
+            )
+        if ref.sha256 is None:
+            pins[i] = digest
+            print(f"concepts.{i} ({rule.concept}): {files[0]} sha256 {digest}")
+    text = pin_policy_text(Path(args.policy).read_text(encoding="utf-8"), pins, args.policy)
+    target = Path(args.out) if args.out else Path(args.policy)
+    write_text_atomic(target, text)
+    print(
+        f"{len(pins)} pin(s) written to {target}"
+        if pins
+        else f"nothing to pin: every rule of {args.policy} has one"
+    )
+    return 0
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:

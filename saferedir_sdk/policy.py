@@ -425,6 +425,42 @@ def parse_policy_bytes(raw: bytes, path: str | Path = "<bytes>") -> Policy:
     return parse_policy(text, path)
 
 
+def pin_policy_text(text: str, pins: dict[int, str], path: str | Path = "<string>") -> str:
+    """``text`` (a valid policy) with ``sha256: PIN`` added to the ``redirector`` of each rule index
+    in ``pins``, everything else (comments, order, layout) unchanged; the result is validated and
+    must carry exactly those pins. Rules that already have a pin are not touched."""
+    path = Path(path)
+    node = _compose_checked(text, path)
+    concepts = next((v for k, v in node.value if k.value == "concepts"), None) if node is not None else None
+    edits: list[tuple[int, str]] = []
+    for index, pin in pins.items():
+        rule = concepts.value[index]  # type: ignore[union-attr]
+        ref = next(v for k, v in rule.value if k.value == "redirector")
+        if any(k.value == "sha256" for k, _ in ref.value):
+            continue
+        if ref.flow_style:  # {plugin: x} -> {plugin: x, sha256: ...}
+            end = ref.end_mark.index - 1
+            while text[end] != "}":
+                end -= 1
+            edits.append((end, f", sha256: {pin}"))
+        else:  # a block mapping: one more line at the indentation of its keys
+            last = ref.value[-1][1]
+            indent = " " * ref.value[0][0].start_mark.column
+            line_end = text.find("\n", last.end_mark.index)  # after the value's comment, if any
+            edits.append((len(text) if line_end < 0 else line_end, f"\n{indent}sha256: {pin}"))
+    for at, insert in sorted(edits, reverse=True):
+        text = text[:at] + insert + text[at:]
+    policy = parse_policy(text, path)
+    for index, pin in pins.items():
+        if policy.concepts[index].redirector.sha256 not in (pin, None) or (
+            policy.concepts[index].redirector.sha256 is None
+        ):
+            raise PolicyError(
+                path, [PolicyIssue(f"concepts.{index}.redirector", "the pin could not be written")]
+            )
+    return text
+
+
 def policy_json_schema() -> dict[str, Any]:
     """JSON Schema of the policy document, for editors (``saferedir policy schema``)."""
     schema = Policy.model_json_schema()
