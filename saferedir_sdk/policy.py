@@ -452,9 +452,7 @@ def pin_policy_text(text: str, pins: dict[int, str], path: str | Path = "<string
         text = text[:at] + insert + text[at:]
     policy = parse_policy(text, path)
     for index, pin in pins.items():
-        if policy.concepts[index].redirector.sha256 not in (pin, None) or (
-            policy.concepts[index].redirector.sha256 is None
-        ):
+        if policy.concepts[index].redirector.sha256 != pin:
             raise PolicyError(
                 path, [PolicyIssue(f"concepts.{index}.redirector", "the pin could not be written")]
             )
