@@ -81,9 +81,9 @@ class EngineState:
     boost: torch.Tensor
     first_step: torch.Tensor
     max_score: torch.Tensor
+    nonfinite: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
-    nonfinite: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -132,9 +132,9 @@ class RedirectionEngine:
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
+            nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
             deltas=[_zeros_like(cond) for _ in range(k)],
             checks=[0] * k,
-            nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
         )
 
     def _check_shapes(
@@ -223,8 +223,7 @@ class RedirectionEngine:
                 for part in delta.parts():
                     bad = bad | ~torch.isfinite(part).flatten(1).all(dim=1)
                 state.deltas[k] = delta.map(lambda d: torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0))
-            if state.nonfinite is not None:
-                state.nonfinite[:, k] |= bad
+            state.nonfinite[:, k] |= bad
         state.step = step + 1
         new_cond = self._apply(cond, state, step, uncond_side=False)
         new_uncond = None if uncond is None else self._apply(uncond, state, step, uncond_side=True)
@@ -277,9 +276,7 @@ class RedirectionEngine:
                 state.max_score.to(torch.float64),
                 state.triggered.to(torch.float64),
                 state.boost.to(torch.float64),
-                (state.nonfinite if state.nonfinite is not None else state.triggered & False).to(
-                    torch.float64
-                ),
+                state.nonfinite.to(torch.float64),
             ]
         ).cpu()
         first, score, on, boost, bad = (packed[i].tolist() for i in range(5))

@@ -282,20 +282,24 @@ class SafeRedirGuard:
         )
         return None
 
-    def _withheld(self, ctx: _CallContext, latents: Any) -> Any:
-        """``latents`` (B, ...) with the rows of the samples a ``block`` rule flags now replaced by
-        zeros (unchanged when nothing blocks or the shape is not the call's batch)."""
+    def _blocked_rows(self, ctx: _CallContext, latents: Any) -> torch.Tensor | None:
+        """A bool mask broadcastable over ``latents`` (B, ...): the samples a ``block`` rule flags
+        now; None when nothing blocks or ``latents`` is not shaped like the call's batch."""
         if (
             ctx.state is None
             or not isinstance(latents, torch.Tensor)
             or latents.shape[0] != ctx.state.batch_size
         ):
-            return latents
+            return None
         flagged = ctx.wrapping.engine.blocked_now(ctx.state)
         if flagged is None:
-            return latents
-        flagged = flagged.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
-        return torch.where(flagged, torch.zeros_like(latents), latents)
+            return None
+        return flagged.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
+
+    def _withheld(self, ctx: _CallContext, latents: Any) -> Any:
+        """``latents`` with the rows of the samples a ``block`` rule flags now replaced by zeros."""
+        rows = self._blocked_rows(ctx, latents)
+        return latents if rows is None else torch.where(rows, torch.zeros_like(latents), latents)
 
     def _withholding_callbacks(self, ctx: _CallContext, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``block`` means blocked: with a block rule, the caller's step callbacks
@@ -311,17 +315,12 @@ class SafeRedirGuard:
 
             def guarded_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> Any:
                 real = tensors.get("latents")
-                shown = {**tensors, "latents": self._withheld(ctx, real)} if real is not None else tensors
-                returned = on_step_end(pipe, step, t, shown)
-                if real is not None and isinstance(returned, dict) and "latents" in returned:
-                    kept = (
-                        self._withheld(ctx, torch.ones_like(real)) if isinstance(real, torch.Tensor) else None
-                    )
-                    if kept is not None:  # 1 where the caller's rows count, 0 where a block rule flags
-                        returned = {
-                            **returned,
-                            "latents": torch.where(kept.bool(), returned["latents"], real),
-                        }
+                rows = self._blocked_rows(ctx, real)
+                if rows is None:
+                    return on_step_end(pipe, step, t, tensors)
+                returned = on_step_end(pipe, step, t, {**tensors, "latents": torch.where(rows, 0.0, real)})
+                if isinstance(returned, dict) and "latents" in returned:  # the flagged rows stay real
+                    returned = {**returned, "latents": torch.where(rows, real, returned["latents"])}
                 return returned
 
             if hasattr(on_step_end, "tensor_inputs"):  # a PipelineCallback: keep its class and fields
@@ -340,6 +339,20 @@ class SafeRedirGuard:
             kwargs["callback"] = lambda step, t, latents: legacy(step, t, self._withheld(ctx, latents))
         return kwargs
 
+    def _not_enforced(self, ctx: _CallContext, problem: str, concept: str = "*") -> EnforcementError | None:
+        """Something of this call cannot be enforced. Closed: the :class:`EnforcementError` to fail
+        the call with. Open: a warning and a ``fail_open`` entry in the call's record; None."""
+        if self.policy.fail_mode == "closed":
+            return EnforcementError(
+                f"request {ctx.request_id}: policy '{self.policy.name}' could not be enforced and "
+                f"fail_mode is closed: {problem}"
+            )
+        warnings.warn(
+            f"saferedir: request {ctx.request_id}: {problem}; NOT enforced (fail_mode: open)", stacklevel=4
+        )
+        ctx.runtime_failures.append({"concept": concept, "reason": problem})
+        return None
+
     def _check_components(self, wrapping: _Wrapping) -> str | None:
         """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None."""
         now = wrapping.adapter.components()
@@ -357,21 +370,13 @@ class SafeRedirGuard:
         redirector's judgement was not available. Closed: the call fails (no images). Open: the
         record lists it under ``fail_open``."""
         bad = sorted({(d.concept, i) for i, row in enumerate(decisions) for d in row if d.nonfinite})
-        if not bad:
-            return None
-        where = ", ".join(f"{concept} (sample {i})" for concept, i in bad[:10])
-        reason = f"non-finite redirector output (NaN/inf score or delta): {where}"
-        if self.policy.fail_mode == "closed":
-            return EnforcementError(
-                f"request {ctx.request_id}: policy '{self.policy.name}' could not be enforced and "
-                f"fail_mode is closed: {reason}"
-            )
-        warnings.warn(f"saferedir: request {ctx.request_id} (fail_mode: open): {reason}", stacklevel=3)
         for concept in sorted({c for c, _ in bad}):
             samples = [i for c, i in bad if c == concept]
-            ctx.runtime_failures.append(
-                {"concept": concept, "reason": f"non-finite score or delta for samples {samples}"}
+            error = self._not_enforced(
+                ctx, f"non-finite redirector output (NaN/inf score or delta) for samples {samples}", concept
             )
+            if error is not None:
+                return error
         return None
 
     def _guarded_call(
@@ -401,22 +406,19 @@ class SafeRedirGuard:
                     },
                 )
                 problem = self._check_components(wrapping)
-                if problem is not None:
-                    if self.policy.fail_mode == "closed":
-                        raise EnforcementError(f"request {ctx.request_id}: {problem}; fail_mode is closed")
-                    warnings.warn(f"saferedir: {problem}; NOT enforced (fail_mode: open)", stacklevel=3)
-                    ctx.runtime_failures.append({"concept": "*", "reason": problem})
+                if problem is not None and (failed := self._not_enforced(ctx, problem)) is not None:
+                    raise failed
                 token = _ACTIVE.set(ctx)
                 try:
                     output = call(*args, **self._withholding_callbacks(ctx, kwargs))
                 finally:
                     _ACTIVE.reset(token)
                 if ctx.steps == 0 and wrapping.engine.concepts and not ctx.runtime_failures:
-                    problem = "the call finished without one denoiser call reaching the guard's hook"
-                    if self.policy.fail_mode == "closed":
-                        raise EnforcementError(f"request {ctx.request_id}: {problem}; fail_mode is closed")
-                    warnings.warn(f"saferedir: {problem}; NOT enforced (fail_mode: open)", stacklevel=3)
-                    ctx.runtime_failures.append({"concept": "*", "reason": problem})
+                    failed = self._not_enforced(
+                        ctx, "the call finished without one denoiser call reaching the hook"
+                    )
+                    if failed is not None:
+                        raise failed
             except BaseException as exc:  # recorded, then re-raised unchanged
                 error = exc
                 if isinstance(exc, EnforcementError):
