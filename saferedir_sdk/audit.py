@@ -7,7 +7,8 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 3; 2 had no start records and no chain, 1 a flat fingerprint)::
+Events (``schema_version`` 4; 3 did not name the bundles, 2 had no start records and no chain, 1 a
+flat fingerprint)::
 
     saferedir.call_started   before a guarded call generates: request_id, time, adapter,
                              batch_size, fail_mode (a call killed mid-way leaves this one alone;
@@ -19,6 +20,9 @@ Events (``schema_version`` 3; 2 had no start records and no chain, 1 a flat fing
 
     common           event, schema_version, time (ISO 8601, UTC), request_id (32 hex),
                      policy {"name", "sha256"}
+    bundles          [{"concept", "sha256", "file", "source"}] per enforced concept, the bundle that
+                     enforced it and where it came from: "file" (a path in the policy) or
+                     "plugin NAME (DIST VERSION)" / "plugin NAME (registered in code)"
     backbone         the pipeline's BackboneFingerprint: {"streams", "pooled_dim",
                      "latent_channels", "encoders": [{"name", "tokenizer_sha256",
                      "weights_sha256"}], "family"}
@@ -71,7 +75,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 3
+AUDIT_SCHEMA_VERSION = 4
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

@@ -98,10 +98,17 @@ def _plugin_commands(pm: Any) -> dict[str, list[str]]:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import default_plugin_manager, describe_plugins, registered_concepts, registered_policies
+    from .plugins import (
+        default_plugin_manager,
+        describe_plugins,
+        discovered_plugins,
+        registered_concepts,
+        registered_policies,
+    )
 
     pm = default_plugin_manager()
     rows = describe_plugins(pm)
+    found = discovered_plugins(pm)
     concepts = registered_concepts(pm)
     policies = registered_policies(pm)
     commands = _plugin_commands(pm)
@@ -109,6 +116,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
+                    "discovered": [d.__dict__ for d in found],
                     "plugins": rows,
                     "concepts": {k: [str(p) for p in v.bundles] for k, v in concepts.items()},
                     "policies": {k: str(v) for k, v in policies.items()},
@@ -118,7 +126,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print("plugins (entry point group 'saferedir'):")
+    print("installed (entry point group 'saferedir'; imported only if allowed):")
+    for d in found:
+        state = "loaded " if d.loaded else "SKIPPED"
+        print(f"  {state} {d.name:<14} {d.distribution + ' ' + d.version:<30} {d.value:<32} {d.reason}")
+    if not found:
+        print("  none")
+    print("registered plugins:")
     for row in rows:
         print(
             f"  {row['name']:<16} {row['module']:<32} {row['distribution']:<28} "
@@ -137,10 +151,30 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plugins_new(args: argparse.Namespace) -> int:
+    from .scaffold import write_pack
+
+    def split(value: str | None, sep: str) -> list[str] | None:
+        return None if value is None else [v.strip() for v in value.split(sep) if v.strip()]
+
+    target = write_pack(
+        args.name,
+        args.dir,
+        category=args.category,
+        description=args.description,
+        words=split(args.words, ",") or [],
+        neighbours=split(args.neighbours, ",") or [],
+        templates=split(args.templates, "|"),
+        pool=split(args.pool, "|"),
+    )
+    print(f"wrote {target} (pip install -e {target}; its README says how to train a bundle)")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .capacity import Capacity
     from .optional import optional
-    from .plugins import default_plugin_manager, load_backbone, registered_concepts
+    from .plugins import default_plugin_manager, load_backbone, not_loaded_note, registered_concepts
     from .training import PromptPairs, TrainConfig, igmu_pairs, load_pairs, train_bundle
 
     accelerate = optional("accelerate")  # several processes under `accelerate launch`; one without it
@@ -151,7 +185,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = registered_concepts(pm).get(args.pairs.removeprefix("plugin:"))
         if spec is None or spec.recipe is None:
             raise SafeRedirError(
-                f"{args.pairs}: no installed plugin registers a concept with a prompt recipe by that name"
+                f"{args.pairs}: no loaded plugin registers a concept with a prompt recipe by that name"
+                f"{not_loaded_note(pm)}"
             )
         pairs_list, pool = spec.recipe()
         pairs = PromptPairs(list(pairs_list), list(pool))
@@ -295,9 +330,30 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     pp.add_argument("--out", help="write the pinned policy here instead of replacing the file")
     pp.set_defaults(func=_cmd_policy_pin)
 
-    p = sub.add_parser("plugins", help="installed plugins: their concepts, policies and commands")
+    p = sub.add_parser(
+        "plugins", help="installed plugins (loaded or not, and why): their concepts, policies and commands"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plugins)
+    plsub = p.add_subparsers(dest="plugins_command")
+    pn = plsub.add_parser(
+        "new", help="write a ready-to-install concept pack saferedir-NAME (plugins/README.md)"
+    )
+    pn.add_argument("name", help="the concept and plugin name: lowercase, digits, hyphens (acme-logo)")
+    pn.add_argument("--dir", type=Path, default=Path("."), help="the folder to write saferedir-NAME into")
+    pn.add_argument("--category", default="custom", choices=CATEGORIES)
+    pn.add_argument("--description", default="")
+    pn.add_argument("--words", required=True, help="comma-separated wordings of the concept (forget side)")
+    pn.add_argument(
+        "--neighbours", required=True, help="comma-separated benign neighbours, one per word (retain side)"
+    )
+    pn.add_argument(
+        "--templates", help="'|'-separated prompt templates with one {} (default: 8 photo/art ones)"
+    )
+    pn.add_argument(
+        "--pool", help="'|'-separated benign subjects for the retain pool (default: 8 everyday ones)"
+    )
+    pn.set_defaults(func=_cmd_plugins_new)
 
     p = sub.add_parser("train", help="train a redirector bundle from prompt pairs on a real pipeline")
     p.add_argument("--backbone", required=True, help="'shapes' (embedded) or a diffusers pipeline folder")

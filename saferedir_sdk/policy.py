@@ -165,6 +165,21 @@ class ConceptRule(RuleSettings):
         return self.model_copy(update=inherited)
 
 
+#: an allow-list entry: a distribution name, optionally pinned to one version (``saferedir-shapes==0.3.0``)
+PluginAllow = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9.+!_-]+)?$", max_length=200)
+]
+
+
+class PluginSettings(_Strict):
+    allow: list[PluginAllow] | None = Field(
+        None,
+        description="Distributions whose saferedir plugins a guard built from this policy may import "
+        "(NAME or NAME==VERSION); others are never imported. Unset: whatever SAFEREDIR_PLUGINS allows "
+        "(all installed plugins when that is unset too). Applies together with SAFEREDIR_PLUGINS.",
+    )
+
+
 class BlockSettings(_Strict):
     """What `block` does to a flagged sample."""
 
@@ -192,6 +207,7 @@ class Policy(_Strict):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     defaults: RuleSettings = Field(default_factory=RuleSettings)
     block: BlockSettings = Field(default_factory=BlockSettings)
+    plugins: PluginSettings = Field(default_factory=PluginSettings)
     concepts: list[ConceptRule] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -50,7 +50,7 @@ def test_policy_can_name_a_concept_from_a_plugin(pipe, write_policy, bundles, au
 
 def test_unknown_plugin_concept_fails_closed(write_policy):
     policy = write_policy([{"concept": "x", "category": "custom", "redirector": {"plugin": "not-installed"}}])
-    with pytest.raises(GuardBuildError, match="no installed plugin registers concept 'not-installed'"):
+    with pytest.raises(GuardBuildError, match="no loaded plugin registers concept 'not-installed'"):
         SafeRedirGuard.from_policy(policy, plugin_manager=make_plugin_manager())
 
 

@@ -175,7 +175,11 @@ def test_cli_validate_ok_and_failures(tmp_path, capsys):
 
 def test_cli_validate_check_bundles_reports_unenforceable(capsys):
     assert main(["validate", "--check-bundles", str(ROOT / "policies" / "corp.yaml")]) == 1
-    assert "no installed plugin registers concept 'nudity'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no loaded plugin registers concept 'nudity'" in err
+    # its allow-list keeps the installed Shapes pack out, and the message says so and what to do
+    assert "saferedir-shapes (not in policy 'corp' plugins.allow" in err
+    assert "saferedir plugins new nudity" in err
 
 
 def test_console_script_schema_is_json_and_loads_no_plugin_or_model_code():

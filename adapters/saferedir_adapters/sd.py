@@ -119,11 +119,7 @@ class StableDiffusionAdapter(Adapter):
         cond: Conditioning | None = None,
         uncond: Conditioning | None = None,
     ) -> Any:
-        kwargs: dict[str, Any] = {}
-        if cond is not None:
-            kwargs["prompt_embeds"] = cond.tokens[0]
-        if uncond is not None:
-            kwargs["negative_prompt_embeds"] = uncond.tokens[0]
+        kwargs: dict[str, Any] = self._embeds_kwargs(cond, uncond)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = negative_prompt
         return self.pipe(
@@ -134,6 +130,15 @@ class StableDiffusionAdapter(Adapter):
             output_type=output_type,
             **kwargs,
         )
+
+    def _embeds_kwargs(self, cond: Conditioning | None, uncond: Conditioning | None) -> dict[str, Any]:
+        """The pipeline-call arguments that pass ``cond`` / ``uncond`` instead of prompts."""
+        kwargs: dict[str, Any] = {}
+        if cond is not None:
+            kwargs["prompt_embeds"] = cond.tokens[0]
+        if uncond is not None:
+            kwargs["negative_prompt_embeds"] = uncond.tokens[0]
+        return kwargs
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, torch.Tensor]:
@@ -196,9 +201,24 @@ class StableDiffusionAdapter(Adapter):
             raise TensorShapeError("timestep", f"() or ({sample.shape[0]},)", tuple(timestep.shape))
         timestep = self.normalise_timestep(t).expand(b)
         latents = sample[rows, : self.latent_channels()]
-        cond = Conditioning((embeds[rows],))
-        uncond = Conditioning((embeds[:half],)) if half is not None else None
+        cond = self._cut(embeds, kwargs, rows)
+        uncond = self._cut(embeds, kwargs, slice(None, half)) if half is not None else None
         return DenoiserInputs(latents=latents, timestep=timestep, cond=cond, uncond=uncond)
+
+    def _cut(self, embeds: torch.Tensor, kwargs: dict[str, Any], rows: slice) -> Conditioning:
+        """The conditioning of the denoiser batch's ``rows`` (``embeds``: its encoder_hidden_states)."""
+        return Conditioning((embeds[rows],))
+
+    def _put(
+        self, args: tuple, kwargs: dict[str, Any], halves: list[Conditioning]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The call's arguments with the conditioning of ``halves`` (in batch order) put back."""
+        return _with_embeds(args, kwargs, torch.cat([c.tokens[0] for c in halves], dim=0))
+
+    def _denoiser_conditioning(self, kwargs: dict[str, Any], cond: Conditioning) -> dict[str, Any]:
+        """Keyword arguments that condition a denoiser call on ``cond`` (the other ``kwargs`` already
+        cut to its rows)."""
+        return {**kwargs, "encoder_hidden_states": cond.tokens[0]}
 
     def merge(
         self, args: tuple, kwargs: dict[str, Any], inputs: DenoiserInputs
@@ -207,11 +227,7 @@ class StableDiffusionAdapter(Adapter):
             raise TypeError(
                 "the SD adapter batches both CFG halves in one call; an unconditional-only call cannot occur"
             )
-        cond = inputs.cond.tokens[0]
-        embeds = cond if inputs.uncond is None else torch.cat([inputs.uncond.tokens[0], cond], dim=0)
-        if "encoder_hidden_states" in kwargs or len(args) < 3:
-            return args, {**kwargs, "encoder_hidden_states": embeds}
-        return (*args[:2], embeds, *args[3:]), kwargs
+        return self._put(args, kwargs, [c for c in (inputs.uncond, inputs.cond) if c is not None])
 
     def split_output(
         self, output: Any, inputs: DenoiserInputs
@@ -239,9 +255,16 @@ class StableDiffusionAdapter(Adapter):
         rest = {k: _rows(v, rows, full) for k, v in kwargs.items() if k not in _UNET_ARGS}
         rest["return_dict"] = False
         out = self.denoiser(
-            sample[rows], _rows(timestep, rows, full), encoder_hidden_states=cond.tokens[0], **rest
+            sample[rows], _rows(timestep, rows, full), **self._denoiser_conditioning(rest, cond)
         )
         return out[0]
+
+
+def _with_embeds(args: tuple, kwargs: dict[str, Any], embeds: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """A UNet call's (args, kwargs) with ``encoder_hidden_states`` replaced, wherever it was passed."""
+    if "encoder_hidden_states" in kwargs or len(args) < 3:
+        return args, {**kwargs, "encoder_hidden_states": embeds}
+    return (*args[:2], embeds, *args[3:]), kwargs
 
 
 def _replace(images: Any, indices: list[int], color: tuple[int, int, int], *, latent: bool) -> Any:

@@ -8,10 +8,20 @@ over a byte-level vocabulary without merges (one token per character).
 
 from __future__ import annotations
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from typing import Any
 
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from saferedir_sdk.adapter import Adapter
 from saferedir_sdk.capacity import Capacity
 from saferedir_sdk.redirector import Redirector, RedirectorConfig
 from saferedir_sdk.training import fit_redirector, record_trajectories
@@ -19,7 +29,7 @@ from saferedir_sdk.training import fit_redirector, record_trajectories
 from .sd import StableDiffusionAdapter
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -38,7 +48,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def char_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIPTokenizer with one token per byte (vocab 514: bytes, bytes + ``</w>``, start, end)."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
@@ -46,14 +56,24 @@ def char_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -> StableDiffusionPipeline:
-    """A random-weights SD 1.x pipeline (64x64 images, 32x32x4 latents), deterministic in ``seed``."""
+def tiny_sd_pipeline(
+    seed: int = 0,
+    *,
+    token_dim: int = 32,
+    seq_len: int = 77,
+    in_channels: int = 4,
+    prediction_type: str = "epsilon",
+    pipeline_class: type | None = None,
+) -> StableDiffusionPipeline:
+    """A random-weights SD 1.x pipeline (64x64 images, 32x32x4 latents), deterministic in ``seed``.
+    SD 2.x-shaped: another ``token_dim`` and ``prediction_type="v_prediction"``; inpainting:
+    ``in_channels=9`` with ``pipeline_class=StableDiffusionInpaintPipeline``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -66,6 +86,7 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -76,24 +97,10 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
     )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=2,
-            hidden_size=token_dim,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            pad_token_id=1,
-            vocab_size=1000,
-            max_position_embeddings=seq_len,
-        )
-    )
-    pipe = StableDiffusionPipeline(
+    text_encoder = _tiny_clip(seed, token_dim, seq_len)
+    pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        text_encoder=text_encoder,
         tokenizer=char_clip_tokenizer(seq_len),
         unet=unet.eval(),
         scheduler=scheduler,
@@ -101,6 +108,80 @@ def tiny_sd_pipeline(seed: int = 0, *, token_dim: int = 32, seq_len: int = 77) -
         feature_extractor=None,
         image_encoder=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_clip(seed: int, token_dim: int, seq_len: int, projection_dim: int | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_size=token_dim,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        pad_token_id=1,
+        vocab_size=1000,
+        max_position_embeddings=seq_len,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )
+    model = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return model.eval()
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0, *, token_dim: int = 32, seq_len: int = 77, pipeline_class: type | None = None
+) -> StableDiffusionXLPipeline:
+    """A random-weights SDXL pipeline (two text encoders of ``token_dim`` each side by side, a
+    pooled ``token_dim`` projection, ``text_time`` added conditioning; 64x64 images), deterministic
+    in ``seed``. ``pipeline_class``: the img2img or inpaint class over the same components."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + token_dim,
+        cross_attention_dim=2 * token_dim,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=128,
+    )
+    cls = pipeline_class or StableDiffusionXLPipeline
+    pipe = cls(
+        vae=vae.eval(),
+        text_encoder=_tiny_clip(seed, token_dim, seq_len),
+        text_encoder_2=_tiny_clip(seed + 1, token_dim, seq_len, projection_dim=token_dim),
+        tokenizer=char_clip_tokenizer(seq_len),
+        tokenizer_2=char_clip_tokenizer(seq_len),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -130,8 +211,15 @@ RETAIN_POOL = ["a tan circle", "a blue moon", "a green square", "tan star", "a b
 TINY_CAPACITY = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=0)
 
 
+def tiny_adapter(pipe: Any) -> Adapter:
+    """The first-party adapter for ``pipe`` (SDXL-shaped or SD-shaped)."""
+    from .sdxl import StableDiffusionXLAdapter, is_sdxl_like
+
+    return StableDiffusionXLAdapter(pipe) if is_sdxl_like(pipe) else StableDiffusionAdapter(pipe)
+
+
 def fit_tiny_redirector(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     pairs: list[tuple[str, str]],
     *,
     num_inference_steps: int = 4,
@@ -142,7 +230,7 @@ def fit_tiny_redirector(
 ) -> Redirector:
     """A real redirector fitted on ``pipe``'s own trajectories of ``pairs`` (plus the benign
     :data:`RETAIN_POOL` prompts that are not forget prompts), in seconds."""
-    adapter = StableDiffusionAdapter(pipe)
+    adapter = tiny_adapter(pipe)
     kwargs = {"seeds": seeds, "num_inference_steps": num_inference_steps, "guidance_scale": 7.5}
     forget = record_trajectories(adapter, [f for f, _ in pairs], **kwargs)
     retain = record_trajectories(adapter, [r for _, r in pairs], **kwargs)

@@ -38,7 +38,7 @@ from ..audit import START_EVENT, UNATTRIBUTED_EVENT, VOIDED_EVENT, AuditTrail, s
 from ..engine import EngineState, RedirectionEngine
 from ..errors import AuditWriteError, EnforcementError, GenerationBlocked, GuardBuildError
 from ..fingerprint import BackboneFingerprint
-from ..plugins import default_plugin_manager, find_adapter, resolve_policy_ref
+from ..plugins import find_adapter, policy_plugin_manager, resolve_policy_ref
 from ..policy import LoadedPolicy, load_policy
 from .report import CallReport, build_report
 from .resolve import FailOpen, match_backbone, resolve_policy
@@ -52,6 +52,7 @@ class _Wrapping:
     fingerprint: BackboneFingerprint
     engine: RedirectionEngine
     fail_open: list[FailOpen]
+    bundles: list[dict[str, str]]  # per enforced concept: sha256, file, source (in every record)
     original_class: type
     components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
     handle: Any = None
@@ -99,13 +100,20 @@ def _guarded_class(cls: type) -> type:
     return guarded
 
 
+def _shares_enforcement(active: _Wrapping, mine: _Wrapping, denoiser: Any) -> bool:
+    """The running call belongs to another pipeline that the same guard wrapped and that shares this
+    denoiser (``Img2ImgPipeline(**pipe.components)`` then ``guard.wrap`` on it too): that wrapping's
+    hook on this module enforces the same policy, so this one stands aside."""
+    return active.guard is mine.guard and active.active and active.adapter.denoiser is denoiser
+
+
 class SafeRedirGuard:
     """Enforces one policy on any number of wrapped pipelines."""
 
     def __init__(self, policy: LoadedPolicy, *, plugin_manager: pluggy.PluginManager | None = None):
         self.loaded_policy = policy
         self.policy = policy.policy
-        self.plugin_manager = plugin_manager or default_plugin_manager()
+        self.plugin_manager = policy_plugin_manager(policy, plugin_manager)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._unwritten: list[FailOpen] = []  # fail_mode open: records some sink lost, told in the next one
@@ -131,11 +139,12 @@ class SafeRedirGuard:
 
         Raises:
             PolicyError: the file is missing or invalid, or no plugin ships ``PACK:NAME``.
+            PluginError: ``plugin_manager`` holds a plugin the policy's ``plugins.allow`` does not
+                allow, or a plugin implements a hook no specification declares.
             GuardBuildError: under ``fail_mode: closed``, a concept's redirector cannot be loaded
                 (missing file, bad format, sha256 pin mismatch, unknown plugin concept).
         """
-        pm = plugin_manager or default_plugin_manager()
-        return cls(load_policy(resolve_policy_ref(pm, ref)), plugin_manager=pm)
+        return cls(load_policy(resolve_policy_ref(plugin_manager, ref)), plugin_manager=plugin_manager)
 
     @property
     def concepts(self) -> list[str]:
@@ -167,14 +176,15 @@ class SafeRedirGuard:
         fingerprint = adapter.fingerprint()
         denoiser = adapter.denoiser
         device = next(denoiser.parameters()).device
-        enforced, fail_open = match_backbone(self.loaded_policy, self._resolution, fingerprint, device)
+        matched = match_backbone(self.loaded_policy, self._resolution, fingerprint, device)
         wrapping = _Wrapping(
             guard=self,
             pipe=pipe,
             adapter=adapter,
             fingerprint=fingerprint,
-            engine=RedirectionEngine(enforced),
-            fail_open=fail_open,
+            engine=RedirectionEngine(matched.enforced),
+            fail_open=matched.fail_open,
+            bundles=matched.bundles,
             original_class=type(pipe),
             components=dict(adapter.components()),
         )
@@ -215,6 +225,8 @@ class SafeRedirGuard:
         ) -> tuple[tuple, dict[str, Any]] | None:
             ctx = _ACTIVE.get()
             if ctx is None or ctx.wrapping is not wrapping:
+                if ctx is not None and _shares_enforcement(ctx.wrapping, wrapping, _module):
+                    return None  # that pipeline's own hook (same guard, same denoiser) enforces this call
                 return self._unattributed(wrapping, ctx)
             try:
                 inputs = adapter.split(args, kwargs, ctx.info.batch_size)
@@ -466,6 +478,7 @@ class SafeRedirGuard:
         record = report.to_dict()
         request_id = record.pop("request_id")
         record.update(
+            bundles=wrapping.bundles,
             backbone=wrapping.fingerprint.to_dict(),
             adapter=wrapping.adapter.describe(),
             fail_mode=self.policy.fail_mode,

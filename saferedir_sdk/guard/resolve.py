@@ -21,7 +21,7 @@ from ..errors import (
     SafeRedirError,
 )
 from ..fingerprint import BackboneFingerprint
-from ..plugins import registered_concepts
+from ..plugins import concept_registry, not_loaded_note, plugin_distribution
 from ..policy import ConceptRule, LoadedPolicy
 
 FailOpen = dict[str, str]  # {"concept", "reason"}
@@ -29,10 +29,12 @@ FailOpen = dict[str, str]  # {"concept", "reason"}
 
 @dataclass(frozen=True)
 class ResolvedConcept:
-    """An effective rule and every bundle that could enforce it (one per backbone)."""
+    """An effective rule, every bundle that could enforce it (one per backbone), and where they came
+    from (``"file"``, or ``"plugin NAME (DIST VERSION)"``)."""
 
     rule: ConceptRule
     bundles: list[RedirectorBundle]
+    source: str = "file"
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,24 @@ def cannot_enforce(
     return {"concept": concept, "reason": f"{type(exc).__name__}: {exc}"}
 
 
-def _plugin_bundles(rule: ConceptRule, registry: dict[str, ConceptSpec]) -> list[RedirectorBundle]:
+def _plugin_bundles(
+    rule: ConceptRule, registry: dict[str, tuple[ConceptSpec, str]], pm: pluggy.PluginManager
+) -> tuple[list[RedirectorBundle], str]:
     ref = rule.redirector
-    spec = registry.get(str(ref.plugin))
-    if spec is None:
+    found = registry.get(str(ref.plugin))
+    if found is None:
         raise PluginError(
-            f"no installed plugin registers concept '{ref.plugin}' (registered: {sorted(registry) or 'none'})"
+            f"no loaded plugin registers concept '{ref.plugin}' (registered: {sorted(registry) or 'none'}"
+            f"{not_loaded_note(pm)}); install the pack that ships it, or start one: saferedir plugins new "
+            f"{ref.plugin} --words ... --neighbours ..."
         )
+    spec, plugin = found
     if not spec.bundles:
-        raise PluginError(f"plugin concept '{ref.plugin}' ships no trained bundle yet")
+        raise PluginError(
+            f"plugin concept '{ref.plugin}' ships no trained bundle yet: train one for your backbone with "
+            f"saferedir train --backbone FOLDER --pairs plugin:{ref.plugin} --concept {rule.concept} "
+            f"--category {rule.category} --out PACK/bundles/{ref.plugin}.BACKBONE.safetensors, then reinstall the pack"
+        )
     bundles = []
     for path in spec.bundles:
         bundle = load_bundle(path)
@@ -76,7 +87,7 @@ def _plugin_bundles(rule: ConceptRule, registry: dict[str, ConceptSpec]) -> list
             bundles.append(bundle)
     if not bundles:  # re-raise the integrity error of the first file, naming it and both hashes
         load_bundle(spec.bundles[0], sha256=ref.sha256)
-    return bundles
+    return bundles, f"plugin {plugin} ({plugin_distribution(pm, plugin)})"
 
 
 def _check_concept(rule: ConceptRule, bundle: RedirectorBundle) -> None:
@@ -94,9 +105,10 @@ def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution
     """Load the bundles of every rule of ``loaded`` (plugins are asked only if a rule names one)."""
     concepts: list[ResolvedConcept] = []
     fail_open: list[FailOpen] = []
-    registry: dict[str, ConceptSpec] | None = None
+    registry: dict[str, tuple[ConceptSpec, str]] | None = None
     for rule in loaded.policy.effective_rules():
         ref = rule.redirector
+        source = "file"
         try:
             if ref.path is not None:
                 path = Path(ref.path)
@@ -104,24 +116,35 @@ def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution
                     load_bundle(path if path.is_absolute() else loaded.folder / path, sha256=ref.sha256)
                 ]
             else:
-                registry = registry if registry is not None else registered_concepts(pm)
-                bundles = _plugin_bundles(rule, registry)
+                registry = registry if registry is not None else concept_registry(pm)
+                bundles, source = _plugin_bundles(rule, registry, pm)
             for bundle in bundles:
                 _check_concept(rule, bundle)
         except SafeRedirError as exc:
             fail_open.append(cannot_enforce(loaded, rule.concept, exc, GuardBuildError))
             continue
-        concepts.append(ResolvedConcept(rule, bundles))
+        concepts.append(ResolvedConcept(rule, bundles, source))
     return Resolution(concepts, fail_open)
+
+
+@dataclass(frozen=True)
+class Matched:
+    """What enforces a policy on one backbone: the engine's concepts, what failed open, and per
+    enforced concept which bundle (sha256, file name, source) -- as every audit record says."""
+
+    enforced: list[EngineConcept]
+    fail_open: list[FailOpen]
+    bundles: list[dict[str, str]]
 
 
 def match_backbone(
     loaded: LoadedPolicy, resolution: Resolution, fingerprint: BackboneFingerprint, device: object
-) -> tuple[list[EngineConcept], list[FailOpen]]:
+) -> Matched:
     """Per resolved concept, the bundle trained for ``fingerprint`` (moved to ``device``); a concept
     with none stops the wrap under ``closed`` (:class:`BackboneMismatchError`) or fails open."""
     enforced: list[EngineConcept] = []
     fail_open: list[FailOpen] = []
+    bundles: list[dict[str, str]] = []
     for resolved in resolution.concepts:
         match = next((b for b in resolved.bundles if b.backbone.first_difference(fingerprint) is None), None)
         if match is None:
@@ -131,4 +154,12 @@ def match_backbone(
             fail_open.append(cannot_enforce(loaded, resolved.rule.concept, error, None))
             continue
         enforced.append(EngineConcept(resolved.rule, match.redirector.to(device)))  # type: ignore[arg-type]
-    return enforced, fail_open
+        bundles.append(
+            {
+                "concept": resolved.rule.concept,
+                "sha256": match.sha256,
+                "file": match.path.name if match.path is not None else "<bundle>",
+                "source": resolved.source,
+            }
+        )
+    return Matched(enforced, fail_open, bundles)

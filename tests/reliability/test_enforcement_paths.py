@@ -54,6 +54,28 @@ def test_the_guarded_denoiser_refuses_calls_it_cannot_attribute(pipe, write_poli
     assert guard.last_report.outcome == "redirected"
 
 
+def test_a_pipeline_built_from_wrapped_components_is_guarded_once_wrapped_by_the_same_guard(
+    pipe, write_policy, audit_records
+):
+    policy = write_policy()
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
+    img2img = guard.wrap(StableDiffusionImg2ImgPipeline(**pipe.components))
+    image = torch.rand(1, 3, 64, 64)
+    img2img([FORGET], image=image, num_inference_steps=STEPS, strength=0.8, output_type="np")
+    assert guard.last_report.outcome == "redirected"  # its own hook enforced; pipe's stood aside
+    generate(pipe)
+    assert guard.last_report.outcome == "redirected"
+    assert len(audit_records()) == 2
+    # another guard (another policy, possibly weaker) on the shared UNet: pipe's policy is not
+    # enforced on that call, so pipe's hook still refuses it
+    other = SafeRedirGuard.from_policy(write_policy())
+    guard.unwrap(img2img)
+    other.wrap(img2img)
+    with pytest.raises(EnforcementError, match="inside request"):
+        img2img([FORGET], image=image, num_inference_steps=STEPS, strength=0.8)
+
+
 def test_under_open_an_unattributed_denoiser_call_runs_and_is_audited(pipe, write_policy, audit_records):
     guard = SafeRedirGuard.from_policy(write_policy(fail_mode="open"))
     guard.wrap(pipe)

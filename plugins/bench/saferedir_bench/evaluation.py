@@ -260,9 +260,9 @@ def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, 
     adapter, suite = runner.adapter, runner.suite
     loaded = single_concept_policy(runner.policy, concept.name, runner.out)  # type: ignore[arg-type]
     resolution = resolve_policy(loaded, default_plugin_manager())
-    enforced, _ = match_backbone(
+    enforced = match_backbone(
         loaded, resolution, adapter.fingerprint(), next(adapter.denoiser.parameters()).device
-    )
+    ).enforced
     prompts = [p.text for ps in concept.sets.values() for p in ps]
 
     def shows(images: np.ndarray) -> np.ndarray:

@@ -71,15 +71,14 @@ def _guard_auditing_into(policy: str | Path, audit_file: Path) -> SafeRedirGuard
     """A guard for ``policy`` whose file sink is ``audit_file`` (appended to, never truncated; the
     policy's other sinks are kept): the demo's records land under ``--out``, never in a file the
     policy names for production, and never in the working directory."""
-    from saferedir_sdk.plugins import default_plugin_manager, resolve_policy_ref
+    from saferedir_sdk.plugins import resolve_policy_ref
     from saferedir_sdk.policy import load_policy
 
-    pm = default_plugin_manager()
-    loaded = load_policy(resolve_policy_ref(pm, policy))
+    loaded = load_policy(resolve_policy_ref(None, policy))
     settings = loaded.policy.audit
     audit = settings.model_copy(update={"file": str(audit_file), "sinks": sorted({*settings.sinks, "file"})})
     loaded = loaded.model_copy(update={"policy": loaded.policy.model_copy(update={"audit": audit})})
-    return SafeRedirGuard(loaded, plugin_manager=pm)
+    return SafeRedirGuard(loaded)  # the plugins the policy allows (plugins.allow), or the installed ones
 
 
 def run_demo(out: Path, policy: str | Path = DEFAULT_POLICY) -> int:

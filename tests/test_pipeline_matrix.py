@@ -1,0 +1,145 @@
+"""One ``guard.wrap(pipe)`` for every supported pipeline (issue #13): tiny random-weights pipelines
+built offline, a redirector fitted on the family's own trajectories, and per pipeline: the concept
+prompt is redirected and only it, the benign sample is bit-identical to an unwrapped run with the
+same seed, and each call leaves exactly one generation record.
+
+Redirectors are fitted once per backbone family on the text-to-image pipeline; its img2img,
+inpaint and ControlNet variants share the text encoders and the latent channels, which is what a
+bundle's fingerprint names (the UNet is not part of it: a pre-unlearned UNet keeps bundles valid).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
+from helpers import FORGET, RED_PAIRS, RETAIN, STEPS
+from saferedir_adapters.tiny import fit_tiny_redirector, tiny_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+from saferedir_sdk import ConceptInfo, SafeRedirGuard, save_bundle
+
+FAMILIES = {  # family -> builder of its text-to-image pipeline (seed 0)
+    "sd1": lambda **kw: tiny_sd_pipeline(0, **kw),
+    "sd2-v": lambda **kw: tiny_sd_pipeline(0, token_dim=48, prediction_type="v_prediction", **kw),
+    "sdxl": lambda **kw: tiny_sdxl_pipeline(0, **kw),
+}
+
+
+def _image() -> torch.Tensor:
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    return mask
+
+
+def _controlnet_pipe():
+    base = tiny_sd_pipeline(0)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=32,
+        conditioning_embedding_out_channels=(16, 32),
+    ).eval()
+    return StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+
+
+# pipeline -> (family, builder, extra call arguments)
+CASES = {
+    "sd1 txt2img": ("sd1", lambda: tiny_sd_pipeline(0), {}),
+    "sd1 img2img": (
+        "sd1",
+        lambda: StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline(0).components),
+        {"image": _image(), "strength": 0.75},
+    ),
+    "sd1 inpaint (9-channel UNet)": (
+        "sd1",
+        lambda: tiny_sd_pipeline(0, in_channels=9, pipeline_class=StableDiffusionInpaintPipeline),
+        {"image": _image(), "mask_image": _mask()},
+    ),
+    "sd1 controlnet": ("sd1", _controlnet_pipe, {"image": _image()}),
+    "sd2 v-prediction txt2img": ("sd2-v", FAMILIES["sd2-v"], {}),
+    "sdxl txt2img": ("sdxl", FAMILIES["sdxl"], {}),
+    "sdxl img2img": (
+        "sdxl",
+        lambda: tiny_sdxl_pipeline(0, pipeline_class=StableDiffusionXLImg2ImgPipeline),
+        {"image": _image(), "strength": 0.75},
+    ),
+    "sdxl inpaint": (
+        "sdxl",
+        lambda: tiny_sdxl_pipeline(0, pipeline_class=StableDiffusionXLInpaintPipeline),
+        {"image": _image(), "mask_image": _mask(), "strength": 0.9},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def family_bundles(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("family-bundles")
+    paths = {}
+    for family, build in FAMILIES.items():
+        pipe = build()
+        redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
+        paths[family] = str(folder / f"red-{family}.safetensors")
+        save_bundle(paths[family], redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
+    return paths
+
+
+def _run(pipe, extra):
+    out = pipe(
+        [FORGET, RETAIN],
+        num_inference_steps=STEPS,
+        output_type="np",
+        generator=torch.Generator().manual_seed(7),
+        **extra,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_wrap_guards_every_supported_pipeline(case, family_bundles, tmp_path):
+    family, build, extra = CASES[case]
+    audit = tmp_path / "audit.jsonl"
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "name": "matrix",
+                "audit": {"sinks": ["file"], "file": str(audit)},
+                "concepts": [
+                    {"concept": "red", "category": "custom", "redirector": {"path": family_bundles[family]}}
+                ],
+            }
+        )
+    )
+    pipe = build()
+    unguarded = _run(pipe, extra)
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
+    guarded = _run(pipe, extra)
+    report = guard.last_report
+    assert [s.action for s in report.samples] == ["redirected", "none"], case
+    assert report.steps > 0
+    assert np.array_equal(guarded[1], unguarded[1]), f"{case}: the benign sample changed"
+    assert not np.array_equal(guarded[0], unguarded[0]), f"{case}: the flagged sample did not change"
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    generation = [r for r in records if r["event"] == "saferedir.generation"]
+    assert len(generation) == 1 and generation[0]["backbone"]["family"] == tiny_adapter(pipe).name
+    guard.unwrap(pipe)
+    assert np.array_equal(_run(pipe, extra), unguarded), f"{case}: unwrap did not restore the pipeline"
