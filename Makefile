@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saferedir-installed
-PKGS   := pyproject.toml adapters/pyproject.toml plugins/shapes/pyproject.toml plugins/bench/pyproject.toml
+PKGS   := pyproject.toml adapters/pyproject.toml plugins/shapes/pyproject.toml plugins/bench/pyproject.toml \
+          plugins/nudity/pyproject.toml plugins/vangogh/pyproject.toml plugins/weapons/pyproject.toml
 
 .PHONY: demo test lint bench
 
@@ -11,7 +12,8 @@ $(STAMP): $(PKGS) constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,train]' -e ./adapters -e './plugins/bench[leace,plots]' -e ./plugins/shapes
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,train]' -e ./adapters -e './plugins/bench[leace,plots]' -e ./plugins/shapes \
+		-e ./plugins/nudity -e ./plugins/vangogh -e ./plugins/weapons
 	touch $(STAMP)
 
 demo: $(STAMP)

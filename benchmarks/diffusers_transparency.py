@@ -3,7 +3,7 @@
     python benchmarks/diffusers_transparency.py --diffusers-src DIR [--work DIR] [--threads 2]
 
 ``DIR`` is a diffusers source checkout (its ``tests/`` are not in the wheel; tag v0.40.0's run
-unchanged against diffusers 0.42). The tests of every pipeline the SD adapter supports run once
+unchanged against diffusers 0.42). The tests of every pipeline the SD and SDXL adapters support run once
 plain and once with every instance of those pipeline classes wrapped, as soon as it is built, in a
 never-firing guard (``transparency_plugin.py``: a real guard, policy, engine and audit trail,
 ``fail_mode: closed``, with a random redirector whose classifier bias is -100), at the same torch
@@ -33,14 +33,28 @@ from pathlib import Path
 from saferedir_adapters.tiny import bytes_to_unicode
 
 HERE = Path(__file__).resolve().parent
-SUITES = {  # test file -> the pipeline classes its fast tests build
-    "tests/pipelines/stable_diffusion/test_stable_diffusion.py": ["StableDiffusionPipeline"],
-    "tests/pipelines/stable_diffusion/test_stable_diffusion_img2img.py": ["StableDiffusionImg2ImgPipeline"],
-    "tests/pipelines/stable_diffusion/test_stable_diffusion_inpaint.py": ["StableDiffusionInpaintPipeline"],
-    "tests/pipelines/stable_diffusion_2/test_stable_diffusion.py": ["StableDiffusionPipeline"],
-    "tests/pipelines/stable_diffusion_2/test_stable_diffusion_v_pred.py": ["StableDiffusionPipeline"],
-    "tests/pipelines/controlnet/test_controlnet.py": ["StableDiffusionControlNetPipeline"],
-}
+SUITES = [  # diffusers' fast tests of the pipelines the first-party adapters claim
+    "tests/pipelines/stable_diffusion/test_stable_diffusion.py",
+    "tests/pipelines/stable_diffusion/test_stable_diffusion_img2img.py",
+    "tests/pipelines/stable_diffusion/test_stable_diffusion_inpaint.py",
+    "tests/pipelines/stable_diffusion_2/test_stable_diffusion.py",
+    "tests/pipelines/stable_diffusion_2/test_stable_diffusion_v_pred.py",
+    "tests/pipelines/controlnet/test_controlnet.py",
+    "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py",
+    "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_img2img.py",
+    "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_inpaint.py",
+]
+#: instrumented in every suite: a test that builds one from another's components (SDXL base +
+#: refiner, img2img from a txt2img pipeline) gets both wrapped, as a user guarding both would
+CLASSES = [
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+]
 TINY_CLIP = "hf-internal-testing/tiny-random-clip"
 
 
@@ -93,7 +107,7 @@ def _bpe_file(deps: Path | None) -> Path:
     )
 
 
-def run_suite(src: Path, test_file: str, classes: list[str], mode: str, work: Path, env: dict) -> list[dict]:
+def run_suite(src: Path, test_file: str, mode: str, work: Path, env: dict) -> list[dict]:
     out = work / f"{Path(test_file).stem}-{Path(test_file).parent.name}-{mode}.jsonl"
     out.unlink(missing_ok=True)
     run_env = {
@@ -101,7 +115,7 @@ def run_suite(src: Path, test_file: str, classes: list[str], mode: str, work: Pa
         "SAFEREDIR_TRANSPARENCY": mode,
         "SAFEREDIR_TRANSPARENCY_OUT": str(out),
         "SAFEREDIR_TRANSPARENCY_WORK": str(work / f"guard-{mode}"),
-        "SAFEREDIR_TRANSPARENCY_CLASSES": ",".join(classes),
+        "SAFEREDIR_TRANSPARENCY_CLASSES": ",".join(CLASSES),
     }
     cmd = [
         sys.executable,
@@ -189,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         "SAFEREDIR_TRANSPARENCY_THREADS": str(args.threads),
     }
     results = {}
-    for test_file, classes in SUITES.items():
+    for test_file in SUITES:
         if args.suite and test_file not in args.suite:
             continue
         if not (src / test_file).exists():
             print(f"{test_file}: not in {src}, skipped")
             continue
         t0 = time.perf_counter()
-        plain = run_suite(src, test_file, classes, "plain", work, env)
-        wrapped = run_suite(src, test_file, classes, "wrapped", work, env)
+        plain = run_suite(src, test_file, "plain", work, env)
+        wrapped = run_suite(src, test_file, "wrapped", work, env)
         results[test_file] = {**compare(plain, wrapped), "seconds": round(time.perf_counter() - t0, 1)}
         r = results[test_file]
         print(

@@ -85,6 +85,22 @@ def rates(flags: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 4) for k, v in flags.items()}
 
 
+def embedding_cosine(pipe, pairs):
+    """(prompts -> bool flags, threshold): cosine of a prompt's MiniLM sentence embedding to the
+    concept phrases', flagged at the threshold with the best balanced accuracy on ``pairs``
+    (forget, retain)."""
+    from saferedir_shapes.text import sentence_embeddings
+
+    embed = lambda texts: sentence_embeddings(pipe.text_encoder, pipe.tokenizer, texts)  # noqa: E731
+    concept = embed(CONCEPT_PHRASES)
+    score = lambda prompts: (embed(prompts) @ concept.T).max(dim=1).values.numpy()  # noqa: E731
+    f_train, r_train = score([f for f, _ in pairs]), score([r for _, r in pairs])
+    candidates = np.unique(np.concatenate([f_train, r_train]))
+    balanced = [((f_train >= c).mean() + (r_train < c).mean()) / 2 for c in candidates]
+    threshold = float(candidates[int(np.argmax(balanced))])
+    return (lambda prompts: score(prompts) >= threshold), threshold
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/i2p"))
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from saferedir_bench.baselines import KeywordBlocklist
     from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_shapes_pipeline
-    from saferedir_shapes.text import SEQ_LEN, sentence_embeddings
+    from saferedir_shapes.text import SEQ_LEN
 
     from saferedir_sdk import SafeRedirGuard
     from saferedir_sdk.training import TrainConfig, igmu_pairs, igmu_prompts, train_bundle
@@ -184,16 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Latent Guard idea: cosine of the prompt's sentence embedding to the concept's, threshold
     # calibrated on the training pairs (the one maximising balanced accuracy)
-    embed = lambda texts: sentence_embeddings(pipe.text_encoder, pipe.tokenizer, texts)  # noqa: E731
-    concept = embed(CONCEPT_PHRASES)
-    score = lambda prompts: (embed(prompts) @ concept.T).max(dim=1).values.numpy()  # noqa: E731
-    f_train = score([f for f, _ in train_pairs.pairs])
-    r_train = score([r for _, r in train_pairs.pairs])
-    candidates = np.unique(np.concatenate([f_train, r_train]))
-    balanced = [((f_train >= c).mean() + (r_train < c).mean()) / 2 for c in candidates]
-    threshold = float(candidates[int(np.argmax(balanced))])
+    flagged, threshold = embedding_cosine(pipe, train_pairs.pairs)
     for name, prompts in sets.items():
-        flags["embedding_cosine"][name] = score(prompts) >= threshold
+        flags["embedding_cosine"][name] = flagged(prompts)
 
     try:
         import en_prompt_nsfw_pipeline_bow

@@ -23,6 +23,10 @@ flat fingerprint)::
     bundles          [{"concept", "sha256", "file", "source"}] per enforced concept, the bundle that
                      enforced it and where it came from: "file" (a path in the policy) or
                      "plugin NAME (DIST VERSION)" / "plugin NAME (registered in code)"
+    backbone_mismatch  [{"concept", "encoder", "bundle", "pipeline"}]: concepts enforced by a bundle
+                     trained for other text-encoder weights (rule ``encoder_mismatch: warn``)
+    components       {"unet": sha256, "text_encoder": sha256, ...}: the weights hash of each
+                     module the call depended on, taken at wrap (which variant served the request)
     backbone         the pipeline's BackboneFingerprint: {"streams", "pooled_dim",
                      "latent_channels", "encoders": [{"name", "tokenizer_sha256",
                      "weights_sha256"}], "family"}

@@ -129,7 +129,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     print("installed (entry point group 'saferedir'; imported only if allowed):")
     for d in found:
         state = "loaded " if d.loaded else "SKIPPED"
-        print(f"  {state} {d.name:<14} {d.distribution + ' ' + d.version:<30} {d.value:<32} {d.reason}")
+        print(f"  {state} {d.name:<17} {d.distribution + ' ' + d.version:<26} {d.value:<30} {d.reason}")
     if not found:
         print("  none")
     print("registered plugins:")

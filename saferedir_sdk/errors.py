@@ -118,6 +118,12 @@ class AdapterNotFoundError(PluginError):
     """No installed adapter knows how to guard this pipeline."""
 
 
+class ComponentWeightsError(SafeRedirError):
+    """Weights for a pipeline component (an edited, pre-unlearned UNet or text encoder) cannot be
+    loaded: the file is missing or not safetensors, its tensors do not fit the module, or the
+    pipeline is wrapped (load before ``wrap``)."""
+
+
 # --- enforcement ----------------------------------------------------------------------------
 
 

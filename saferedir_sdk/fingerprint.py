@@ -106,6 +106,22 @@ class BackboneFingerprint:
                     return f"encoders[{a.name}].{key}", getattr(a, key), getattr(b, key)
         return None
 
+    def weight_differences(self, other: BackboneFingerprint) -> list[tuple[str, str, str]] | None:
+        """Where ``other`` is this backbone with other text-encoder *weights* only (an
+        AdvUnlearn-style edited encoder: same streams, pooled width, latent channels, encoders and
+        tokenizers): (encoder, self's weights hash, other's) per changed encoder. None when anything
+        else differs, or nothing does."""
+        first = self.first_difference(other)
+        if first is None or not first[0].endswith(".weights_sha256"):
+            return None
+        changed = []
+        for a, b in zip(self.encoders, other.encoders):
+            if a.name != b.name or a.tokenizer_sha256 != b.tokenizer_sha256:
+                return None
+            if a.weights_sha256 != b.weights_sha256:
+                changed.append((a.name, a.weights_sha256, b.weights_sha256))
+        return changed
+
 
 def _list(data: Mapping[str, Any], key: str) -> list[Any]:
     value = data.get(key)

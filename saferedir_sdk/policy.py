@@ -101,6 +101,12 @@ class RuleSettings(_Strict):
         False,
         description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves.",
     )
+    encoder_mismatch: Literal["error", "warn"] = Field(
+        "error",
+        description="A pipeline whose text encoder weights differ from the bundle's (an edited, "
+        "pre-unlearned encoder; same shapes and tokenizer): error = the bundle does not fit (closed: wrap "
+        "fails); warn = enforce anyway, warn, and record the mismatch in every audit record.",
+    )
 
 
 class StepWindow(_Strict):

@@ -118,7 +118,7 @@ def write_pack(
         f"{package}/__init__.py": INIT,
         f"{package}/plugin.py": PLUGIN,
         f"{package}/policies/default.yaml": POLICY,
-        "tests/test_pack.py": TESTS,
+        f"tests/test_{package}.py": TESTS,  # a unique module name: packs' tests can run in one session
     }
     Path(folder).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".saferedir-{name}-", dir=folder))
@@ -247,7 +247,7 @@ A [saferedir](https://pypi.org/project/saferedir-sdk/) concept pack: @DESCRIPTIO
 | `@PACKAGE@/recipe.json` | training `pairs` ([forget, retain]), a benign `pool`, and `held_out` prompts that training never sees |
 | `@PACKAGE@/bundles/` | trained bundles, one `.safetensors` file per backbone |
 | `@PACKAGE@/policies/default.yaml` | a policy naming the concept (allow-lists this pack and the adapters) |
-| `tests/test_pack.py` | the pack's own tests |
+| `tests/test_@PACKAGE@.py` | the pack's own tests |
 
 ## Use
 

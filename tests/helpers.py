@@ -39,6 +39,17 @@ class UNetRecorder:
         self.handle.remove()
 
 
+def write_red_pairs(path):
+    """A pairs file (JSON lines) of the red pairs twice and the tiny retain pool; returns ``path``."""
+    import json
+
+    from saferedir_adapters.tiny import RETAIN_POOL
+
+    lines = [json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2]
+    path.write_text("\n".join(lines + [json.dumps({"retain": p}) for p in RETAIN_POOL]))
+    return path
+
+
 def generate(pipe, prompts=(FORGET, RETAIN), *, seed=7, **kwargs):
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("output_type", "np")

@@ -19,6 +19,8 @@ FIELDS = {
     "policy",
     "backbone",
     "bundles",
+    "backbone_mismatch",
+    "components",
     "adapter",
     "fail_mode",
     "fail_open",

@@ -32,6 +32,7 @@ FAMILIES = {  # family -> builder of its text-to-image pipeline (seed 0)
     "sd1": lambda **kw: tiny_sd_pipeline(0, **kw),
     "sd2-v": lambda **kw: tiny_sd_pipeline(0, token_dim=48, prediction_type="v_prediction", **kw),
     "sdxl": lambda **kw: tiny_sdxl_pipeline(0, **kw),
+    "sdxl-refiner": lambda **kw: tiny_sdxl_pipeline(0, second_encoder_only=True, **kw),
 }
 
 
@@ -84,6 +85,13 @@ CASES = {
         "sdxl",
         lambda: tiny_sdxl_pipeline(0, pipeline_class=StableDiffusionXLInpaintPipeline),
         {"image": _image(), "mask_image": _mask(), "strength": 0.9},
+    ),
+    "sdxl refiner-style img2img (text_encoder_2 only)": (
+        "sdxl-refiner",
+        lambda: tiny_sdxl_pipeline(
+            0, second_encoder_only=True, pipeline_class=StableDiffusionXLImg2ImgPipeline
+        ),
+        {"image": _image(), "strength": 0.75},
     ),
 }
 
@@ -143,3 +151,38 @@ def test_one_wrap_guards_every_supported_pipeline(case, family_bundles, tmp_path
     assert len(generation) == 1 and generation[0]["backbone"]["family"] == tiny_adapter(pipe).name
     guard.unwrap(pipe)
     assert np.array_equal(_run(pipe, extra), unguarded), f"{case}: unwrap did not restore the pipeline"
+
+
+def test_sdxl_records_prompt_2_with_the_prompt():
+    pipe = tiny_sdxl_pipeline(0)
+    info = tiny_adapter(pipe).call_info((["a cat", "a dog"],), {"prompt_2": ["a cat", "in red"]})
+    assert info.prompts == ["a cat", "a dog\nin red"] and info.batch_size == 2
+    assert tiny_adapter(pipe).call_info(("a cat",), {}).prompts == ["a cat"]
+
+
+def test_sdxl_redirects_the_pooled_embedding_of_the_flagged_sample_only(family_bundles, tmp_path):
+    policy = tmp_path / "policy.json"
+    rule = {"concept": "red", "category": "custom", "redirector": {"path": family_bundles["sdxl"]}}
+    policy.write_text(
+        json.dumps({"version": 1, "name": "pooled", "audit": {"sinks": []}, "concepts": [rule]})
+    )
+
+    def pooled_seen(pipe) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        hook = pipe.unet.register_forward_pre_hook(  # after the guard's: sees what the UNet gets
+            lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["text_embeds"].clone()), with_kwargs=True
+        )
+        _run(pipe, {})
+        hook.remove()
+        return seen
+
+    pipe = tiny_sdxl_pipeline(0)
+    plain = pooled_seen(pipe)
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
+    guarded = pooled_seen(pipe)
+    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+    # batch [uncond forget, uncond retain, cond forget, cond retain]: only row 2 may change
+    changed = [not torch.equal(a, b) for a, b in zip(plain[-1], guarded[-1])]
+    assert changed == [False, False, True, False]
+    assert all(torch.equal(p[3], g[3]) and torch.equal(p[:2], g[:2]) for p, g in zip(plain, guarded))

@@ -173,13 +173,32 @@ def test_cli_validate_ok_and_failures(tmp_path, capsys):
         assert "INVALID" in err and str(bad) in err and needle in err
 
 
-def test_cli_validate_check_bundles_reports_unenforceable(capsys):
+def test_cli_validate_check_bundles_loads_the_packs_the_corp_policy_names(capsys):
+    assert main(["validate", "--check-bundles", str(ROOT / "policies" / "corp.yaml")]) == 0
+    assert "bundles: 3 concept(s) loaded" in capsys.readouterr().out
+
+
+def test_corp_policy_without_its_packs_is_unenforceable_and_says_what_to_do(capsys, monkeypatch):
+    monkeypatch.setenv("SAFEREDIR_PLUGINS", "saferedir-adapters,saferedir-shapes")  # the packs not trusted
     assert main(["validate", "--check-bundles", str(ROOT / "policies" / "corp.yaml")]) == 1
     err = capsys.readouterr().err
     assert "no loaded plugin registers concept 'nudity'" in err
-    # its allow-list keeps the installed Shapes pack out, and the message says so and what to do
+    assert "saferedir-nudity (not in SAFEREDIR_PLUGINS" in err
     assert "saferedir-shapes (not in policy 'corp' plugins.allow" in err
     assert "saferedir plugins new nudity" in err
+
+
+def test_corp_policy_on_a_backbone_its_packs_have_no_bundle_for_says_how_to_train_one(
+    pipe, tmp_path, monkeypatch
+):
+    from saferedir_sdk import BackboneMismatchError, SafeRedirGuard
+
+    monkeypatch.chdir(tmp_path)  # its audit file is relative to the working directory
+    guard = SafeRedirGuard.from_policy(ROOT / "policies" / "corp.yaml")
+    with pytest.raises(
+        BackboneMismatchError, match="train one with saferedir train --backbone PIPELINE_FOLDER"
+    ):
+        guard.wrap(pipe)  # the packs ship bundles for the Shapes backbone only
 
 
 def test_console_script_schema_is_json_and_loads_no_plugin_or_model_code():
@@ -209,7 +228,5 @@ def test_shipped_policy_by_package_reference(capsys):
     assert main(["validate", "shapes:demo"]) == 0
     assert "policy 'shapes-demo'" in capsys.readouterr().out
     assert main(["validate", "shapes:nope"]) == 1
-    assert (
-        "no installed plugin ships a policy 'shapes:nope' (shipped: ['shapes:demo'])"
-        in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "no installed plugin ships a policy 'shapes:nope' (shipped: [" in err and "'shapes:demo'" in err

@@ -36,7 +36,7 @@ def test_the_scaffold_writes_a_pack_whose_own_tests_pass(tmp_path, capsys):
         "saferedir_acme_logo/plugin.py",
         "saferedir_acme_logo/policies/default.yaml",
         "saferedir_acme_logo/recipe.json",
-        "tests/test_pack.py",
+        "tests/test_saferedir_acme_logo.py",
     ]
     assert 'acme-logo = "saferedir_acme_logo.plugin"' in (pack / "pyproject.toml").read_text()
     env = {**os.environ, "PYTHONPATH": str(pack)}

@@ -6,8 +6,7 @@ import json
 import os
 
 import pytest
-from helpers import ACCELERATE_TWO_CPU_PROCESSES, FORGET, RED_PAIRS, RETAIN, generate, run_ok
-from saferedir_adapters.tiny import RETAIN_POOL as POOL
+from helpers import ACCELERATE_TWO_CPU_PROCESSES, FORGET, RED_PAIRS, RETAIN, generate, run_ok, write_red_pairs
 
 from saferedir_sdk import SafeRedirGuard, load_bundle
 from saferedir_sdk.cli import main
@@ -50,13 +49,7 @@ def test_igmu_files_pair_up(tmp_path):
 def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_policy, monkeypatch):
     folder = tmp_path / "tiny-sd"
     pipe.save_pretrained(folder)
-    pairs = tmp_path / "red.jsonl"
-    pairs.write_text(
-        "\n".join(
-            [json.dumps({"forget": f, "retain": r}) for f, r in RED_PAIRS * 2]
-            + [json.dumps({"retain": p}) for p in POOL]
-        )
-    )
+    pairs = write_red_pairs(tmp_path / "red.jsonl")
     out = tmp_path / "red.safetensors"
     args = [
         *f"train --backbone {folder} --concept red --pairs {pairs} --out {out} --seeds 0 1".split(),

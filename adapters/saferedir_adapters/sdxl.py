@@ -28,7 +28,7 @@ from saferedir_sdk.conditioning import Conditioning, TokenStream
 from saferedir_sdk.errors import TensorShapeError
 from saferedir_sdk.fingerprint import BackboneFingerprint, TextEncoderPrint, module_sha256, vocab_sha256
 
-from .sd import StableDiffusionAdapter, _with_embeds
+from .sd import StableDiffusionAdapter, _call_signature, _with_embeds
 
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
@@ -71,8 +71,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         """As SD's; a ``prompt_2`` (the second encoder's prompt) is part of what the audit records:
         each prompt becomes ``"PROMPT\\nPROMPT_2"`` where the two differ."""
         info = super().call_info(args, kwargs)
-        from .sd import _call_signature
-
         second = _call_signature(self.pipe).bind_partial(self.pipe, *args, **kwargs).arguments.get("prompt_2")
         if info.prompts is None or second is None:
             return info

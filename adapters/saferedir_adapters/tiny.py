@@ -133,11 +133,17 @@ def _tiny_clip(seed: int, token_dim: int, seq_len: int, projection_dim: int | No
 
 
 def tiny_sdxl_pipeline(
-    seed: int = 0, *, token_dim: int = 32, seq_len: int = 77, pipeline_class: type | None = None
+    seed: int = 0,
+    *,
+    token_dim: int = 32,
+    seq_len: int = 77,
+    pipeline_class: type | None = None,
+    second_encoder_only: bool = False,
 ) -> StableDiffusionXLPipeline:
     """A random-weights SDXL pipeline (two text encoders of ``token_dim`` each side by side, a
     pooled ``token_dim`` projection, ``text_time`` added conditioning; 64x64 images), deterministic
-    in ``seed``. ``pipeline_class``: the img2img or inpaint class over the same components."""
+    in ``seed``. ``pipeline_class``: the img2img or inpaint class over the same components;
+    ``second_encoder_only``: refiner-style, ``text_encoder_2`` alone."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -153,7 +159,7 @@ def tiny_sdxl_pipeline(
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + token_dim,
-        cross_attention_dim=2 * token_dim,
+        cross_attention_dim=(1 if second_encoder_only else 2) * token_dim,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -175,9 +181,9 @@ def tiny_sdxl_pipeline(
     cls = pipeline_class or StableDiffusionXLPipeline
     pipe = cls(
         vae=vae.eval(),
-        text_encoder=_tiny_clip(seed, token_dim, seq_len),
+        text_encoder=None if second_encoder_only else _tiny_clip(seed, token_dim, seq_len),
         text_encoder_2=_tiny_clip(seed + 1, token_dim, seq_len, projection_dim=token_dim),
-        tokenizer=char_clip_tokenizer(seq_len),
+        tokenizer=None if second_encoder_only else char_clip_tokenizer(seq_len),
         tokenizer_2=char_clip_tokenizer(seq_len),
         unet=unet.eval(),
         scheduler=scheduler,

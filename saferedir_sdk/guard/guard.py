@@ -37,7 +37,7 @@ from ..adapter import Adapter, CallInfo
 from ..audit import START_EVENT, UNATTRIBUTED_EVENT, VOIDED_EVENT, AuditTrail, scrub
 from ..engine import EngineState, RedirectionEngine
 from ..errors import AuditWriteError, EnforcementError, GenerationBlocked, GuardBuildError
-from ..fingerprint import BackboneFingerprint
+from ..fingerprint import BackboneFingerprint, module_sha256
 from ..plugins import find_adapter, policy_plugin_manager, resolve_policy_ref
 from ..policy import LoadedPolicy, load_policy
 from .report import CallReport, build_report
@@ -53,6 +53,8 @@ class _Wrapping:
     engine: RedirectionEngine
     fail_open: list[FailOpen]
     bundles: list[dict[str, str]]  # per enforced concept: sha256, file, source (in every record)
+    mismatches: list[dict[str, str]]  # bundles enforcing despite other encoder weights (in every record)
+    component_hashes: dict[str, str]  # module_sha256 of the denoiser and text encoders at wrap time
     original_class: type
     components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
     handle: Any = None
@@ -185,6 +187,8 @@ class SafeRedirGuard:
             engine=RedirectionEngine(matched.enforced),
             fail_open=matched.fail_open,
             bundles=matched.bundles,
+            mismatches=matched.mismatches,
+            component_hashes={name: module_sha256(m) for name, m in adapter.components().items()},
             original_class=type(pipe),
             components=dict(adapter.components()),
         )
@@ -479,6 +483,8 @@ class SafeRedirGuard:
         request_id = record.pop("request_id")
         record.update(
             bundles=wrapping.bundles,
+            backbone_mismatch=wrapping.mismatches,
+            components=wrapping.component_hashes,
             backbone=wrapping.fingerprint.to_dict(),
             adapter=wrapping.adapter.describe(),
             fail_mode=self.policy.fail_mode,

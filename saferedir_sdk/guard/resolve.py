@@ -135,6 +135,7 @@ class Matched:
     enforced: list[EngineConcept]
     fail_open: list[FailOpen]
     bundles: list[dict[str, str]]
+    mismatches: list[dict[str, str]]  # encoder_mismatch: warn, per concept and changed encoder
 
 
 def match_backbone(
@@ -145,12 +146,36 @@ def match_backbone(
     enforced: list[EngineConcept] = []
     fail_open: list[FailOpen] = []
     bundles: list[dict[str, str]] = []
+    mismatches: list[dict[str, str]] = []
     for resolved in resolution.concepts:
         match = next((b for b in resolved.bundles if b.backbone.first_difference(fingerprint) is None), None)
+        if match is None and resolved.rule.encoder_mismatch == "warn":
+            match = next((b for b in resolved.bundles if b.backbone.weight_differences(fingerprint)), None)
+            for encoder, trained, actual in match.backbone.weight_differences(fingerprint) if match else []:
+                mismatches.append(
+                    {
+                        "concept": resolved.rule.concept,
+                        "encoder": encoder,
+                        "bundle": trained,
+                        "pipeline": actual,
+                    }
+                )
+                warnings.warn(
+                    f"saferedir: concept '{resolved.rule.concept}' is enforced by a bundle trained for other "
+                    f"'{encoder}' weights (encoder_mismatch: warn); every audit record says so",
+                    stacklevel=4,
+                )
         if match is None:
             first = resolved.bundles[0]
             diff = first.backbone.first_difference(fingerprint)
             error = BackboneMismatchError(first.path or "<bundle>", *(diff or ("backbone", "?", "?")))
+            if resolved.source != "file":  # a pack without a bundle for this backbone: say how to make one
+                rule, ref = resolved.rule, resolved.rule.redirector
+                error.args = (
+                    f"{error.args[0]}; none of the {len(resolved.bundles)} bundle(s) of {resolved.source} fits "
+                    f"this backbone: train one with saferedir train --backbone PIPELINE_FOLDER --pairs "
+                    f"plugin:{ref.plugin} --concept {rule.concept} --category {rule.category} --out FILE",
+                )
             fail_open.append(cannot_enforce(loaded, resolved.rule.concept, error, None))
             continue
         enforced.append(EngineConcept(resolved.rule, match.redirector.to(device)))  # type: ignore[arg-type]
@@ -162,4 +187,4 @@ def match_backbone(
                 "source": resolved.source,
             }
         )
-    return Matched(enforced, fail_open, bundles)
+    return Matched(enforced, fail_open, bundles, mismatches)

@@ -1,0 +1,3 @@
+"""saferedir concept pack: weapons (concept ``weapons``, category ``object``)."""
+
+__version__ = "0.1.0"
