@@ -17,6 +17,7 @@ _EXPORTS = {
     "DenoiserInputs": "adapter",
     "ConceptInfo": "concepts",
     "ConceptSpec": "concepts",
+    "PackFiles": "concepts",
     "CATEGORIES": "concepts",
     "Conditioning": "conditioning",
     "TokenStream": "conditioning",
@@ -76,6 +77,7 @@ __all__ = [
     "ConceptReport",
     "ConceptRule",
     "ConceptSpec",
+    "PackFiles",
     "Conditioning",
     "DenoiserInputs",
     "EnforcementError",
@@ -123,7 +125,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .adapter import Adapter, CallInfo, DenoiserInputs
     from .bundle import RedirectorBundle, load_bundle, save_bundle, upgrade_bundle
     from .capacity import Capacity
-    from .concepts import CATEGORIES, ConceptInfo, ConceptSpec
+    from .concepts import CATEGORIES, ConceptInfo, ConceptSpec, PackFiles
     from .conditioning import Conditioning, TokenStream
     from .engine import EngineConcept, EngineState, RedirectionEngine
     from .errors import (

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -83,3 +84,40 @@ class ConceptSpec:
 
     def __post_init__(self) -> None:
         check_category(self.category)
+
+
+@dataclass(frozen=True)
+class PackFiles:
+    """A concept pack laid out as ``saferedir plugins new`` writes it: ``recipe.json`` (``pairs``,
+    ``pool``, ``held_out``), ``bundles/*.safetensors`` and ``policies/*.yaml`` in ``folder``. A
+    pack's plugin module builds one and answers its hooks with it; nothing is read until asked.
+    """
+
+    folder: Path
+    concept: str
+    category: str
+    description: str = ""
+    _recipe: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def recipe_data(self) -> dict[str, Any]:
+        """recipe.json: training ``pairs`` [forget, retain], benign ``pool``, ``held_out`` prompts."""
+        if not self._recipe:
+            self._recipe.update(json.loads((self.folder / "recipe.json").read_text(encoding="utf-8")))
+        return self._recipe
+
+    def recipe(self) -> Recipe:
+        """What ``saferedir train --pairs plugin:CONCEPT`` trains on (never the held-out prompts)."""
+        data = self.recipe_data()
+        return [(f, r) for f, r in data["pairs"]], list(data["pool"])
+
+    def bundles(self) -> tuple[Path, ...]:
+        """The trained bundles the pack ships, one per backbone."""
+        return tuple(sorted((self.folder / "bundles").glob("*.safetensors")))
+
+    def spec(self) -> ConceptSpec:
+        """What the pack's ``saferedir_register_concepts`` returns."""
+        return ConceptSpec(self.concept, self.category, self.bundles(), self.description, recipe=self.recipe)
+
+    def policies(self) -> dict[str, Path]:
+        """What its ``saferedir_register_policies`` returns: ``{name: file}`` per ``policies/NAME.yaml``."""
+        return {p.stem: p for p in sorted((self.folder / "policies").glob("*.yaml"))}

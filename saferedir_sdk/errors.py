@@ -96,14 +96,14 @@ class BackboneMismatchError(BundleError):
     """The bundle was trained for another backbone (token dim, sequence length, latent channels,
     tokenizer or text-encoder weights)."""
 
-    def __init__(self, path: str | Path, field: str, expected: Any, actual: Any):
+    def __init__(self, path: str | Path, field: str, expected: Any, actual: Any, hint: str = ""):
         self.field = field
         self.expected = expected
         self.actual = actual
         super().__init__(
             path,
             f"backbone mismatch on '{field}': the bundle was trained for {expected!r}, "
-            f"the pipeline has {actual!r}",
+            f"the pipeline has {actual!r}" + (f"; {hint}" if hint else ""),
         )
 
 

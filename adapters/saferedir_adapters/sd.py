@@ -51,6 +51,17 @@ def _call_signature(pipe: Any) -> inspect.Signature:
     raise TypeError(f"{type(pipe).__name__}.__call__ has no 'prompt' parameter")
 
 
+def real_tokens(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """(B, T) bool: which of a tokenizer's max-length-padded positions hold real tokens."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).attention_mask.bool()
+
+
 def _rows(value: Any, index: slice, full: int) -> Any:
     """``value`` cut to the batch rows ``index`` wherever it is a tensor batched like the call
     (``full`` rows), inside lists, tuples and dicts too; anything else unchanged."""
@@ -143,15 +154,7 @@ class StableDiffusionAdapter(Adapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, torch.Tensor]:
         embeds, _ = self.pipe.encode_prompt(list(prompts), self.pipe._execution_device, 1, False)
-        tokenizer = self.pipe.tokenizer
-        mask = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).attention_mask.bool()
-        return Conditioning((embeds,)), mask
+        return Conditioning((embeds,)), real_tokens(self.pipe.tokenizer, prompts)
 
     def output_images(self, output: Any) -> Any:
         return output[0] if isinstance(output, tuple) else output.images

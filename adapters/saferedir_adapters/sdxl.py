@@ -28,7 +28,7 @@ from saferedir_sdk.conditioning import Conditioning, TokenStream
 from saferedir_sdk.errors import TensorShapeError
 from saferedir_sdk.fingerprint import BackboneFingerprint, TextEncoderPrint, module_sha256, vocab_sha256
 
-from .sd import StableDiffusionAdapter, _call_signature, _with_embeds
+from .sd import StableDiffusionAdapter, _call_signature, _with_embeds, real_tokens
 
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
@@ -97,16 +97,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
         )
-        masks = [
-            tok(
-                list(prompts),
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).attention_mask.bool()
-            for _, _, tok in self._encoders()
-        ]
+        masks = [real_tokens(tok, prompts) for _, _, tok in self._encoders()]
         return self._tokens(embeds, pooled), torch.cat(masks, dim=1)
 
     def _tokens(self, embeds: torch.Tensor, pooled: torch.Tensor) -> Conditioning:

@@ -88,15 +88,7 @@ def tiny_sd_pipeline(
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-    )
+    vae = _tiny_vae(seed)
     text_encoder = _tiny_clip(seed, token_dim, seq_len)
     pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=vae.eval(),
@@ -111,6 +103,20 @@ def tiny_sd_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_vae(seed: int, **extra: Any) -> AutoencoderKL:
+    """The tiny VAE (64x64 images <-> 32x32x4 latents), seeded."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        **extra,
+    )
 
 
 def _tiny_clip(seed: int, token_dim: int, seq_len: int, projection_dim: int | None = None) -> torch.nn.Module:
@@ -168,16 +174,7 @@ def tiny_sdxl_pipeline(
         steps_offset=1,
         timestep_spacing="leading",
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=128,
-    )
+    vae = _tiny_vae(seed, sample_size=128)
     cls = pipeline_class or StableDiffusionXLPipeline
     pipe = cls(
         vae=vae.eval(),

@@ -167,15 +167,16 @@ def match_backbone(
                 )
         if match is None:
             first = resolved.bundles[0]
-            diff = first.backbone.first_difference(fingerprint)
-            error = BackboneMismatchError(first.path or "<bundle>", *(diff or ("backbone", "?", "?")))
+            diff = first.backbone.first_difference(fingerprint) or ("backbone", "?", "?")
+            hint = ""
             if resolved.source != "file":  # a pack without a bundle for this backbone: say how to make one
-                rule, ref = resolved.rule, resolved.rule.redirector
-                error.args = (
-                    f"{error.args[0]}; none of the {len(resolved.bundles)} bundle(s) of {resolved.source} fits "
-                    f"this backbone: train one with saferedir train --backbone PIPELINE_FOLDER --pairs "
-                    f"plugin:{ref.plugin} --concept {rule.concept} --category {rule.category} --out FILE",
+                rule = resolved.rule
+                hint = (
+                    f"none of the {len(resolved.bundles)} bundle(s) of {resolved.source} fits this backbone: "
+                    f"train one with saferedir train --backbone PIPELINE_FOLDER --pairs plugin:{rule.redirector.plugin} "
+                    f"--concept {rule.concept} --category {rule.category} --out FILE"
                 )
+            error = BackboneMismatchError(first.path or "<bundle>", *diff, hint=hint)
             fail_open.append(cannot_enforce(loaded, resolved.rule.concept, error, None))
             continue
         enforced.append(EngineConcept(resolved.rule, match.redirector.to(device)))  # type: ignore[arg-type]
