@@ -7,7 +7,8 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 4; 3 did not name the bundles, 2 had no start records and no chain, 1 a
+Events (``schema_version`` 5; 4 did not say whether a later released trigger had moved a sample,
+3 did not name the bundles, 2 had no start records and no chain, 1 a
 flat fingerprint)::
 
     saferedir.call_started   before a guarded call generates: request_id, time, adapter,
@@ -37,7 +38,8 @@ flat fingerprint)::
     cfg              whether classifier-free guidance batched an unconditional half
     samples          [{"index", "prompt_index", "prompt", "action",
                        "concepts": [{"concept", "category", "rule_action", "checks",
-                                     "max_score", "triggered", "first_step", "escalation"}]}]
+                                     "max_score", "triggered", "first_step", "escalation",
+                                     "applied"}]}]
     latency_ms       wall time of the call
     outcome          "ok" | "redirected" | "blocked" | "error"
     error            {"type", "message"} when outcome is "error", else null (prompt text is
@@ -79,7 +81,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 4
+AUDIT_SCHEMA_VERSION = 5
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

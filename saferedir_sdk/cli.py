@@ -211,6 +211,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         capacity=capacity,
         patience=args.patience,
         prompt_dropout=args.prompt_dropout,
+        pooled=not args.no_pooled,
     )
     device = str(accelerator.device) if accelerator is not None else "cpu"
     pipe = load_backbone(pm, args.backbone, device)
@@ -417,6 +418,11 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         type=float,
         default=0.3,
         help="share of the classifier's augmented rows whose prompt is replaced by the empty one (0: off)",
+    )
+    p.add_argument(
+        "--no-pooled",
+        action="store_true",
+        help="leave the backbone's pooled embedding (SDXL's text_embeds) alone: neither read nor moved",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "saferedir" / "trajectories"))

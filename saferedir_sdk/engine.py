@@ -66,6 +66,8 @@ class EngineState:
         boost: (B, K) float32, the escalation multiplier of the strength (1 until escalated).
         first_step: (B, K) int64, first step a check triggered, -1 if never.
         max_score: (B, K) float32, highest finite p(unsafe) seen at a check, -1 if never checked.
+        applied: (B, K) bool, the concept's redirection moved the sample's conditional
+            conditioning at some step (a trigger released later still moved it then).
         nonfinite: (B, K) bool, a check produced a NaN/inf score or delta for the sample (an
             enforcement failure: the guard fails the call under ``closed``). Such a score counts as
             a trigger and such a delta as zero, so nothing non-finite reaches the denoiser.
@@ -81,6 +83,7 @@ class EngineState:
     boost: torch.Tensor
     first_step: torch.Tensor
     max_score: torch.Tensor
+    applied: torch.Tensor
     nonfinite: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
@@ -100,6 +103,7 @@ class ConceptDecision:
     triggered: bool  # the sample was still triggered when the call ended
     first_step: int | None  # the first step a check triggered (also for a trigger later released)
     escalation: float = 1.0  # the final strength multiplier
+    applied: bool = False  # its redirection moved the sample at some step (also if released later)
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
 
 
@@ -132,6 +136,7 @@ class RedirectionEngine:
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
+            applied=torch.zeros(b, k, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
             deltas=[_zeros_like(cond) for _ in range(k)],
             checks=[0] * k,
@@ -252,6 +257,8 @@ class RedirectionEngine:
             ):
                 continue
             on = state.triggered[:, k]
+            if not uncond_side:
+                state.applied[:, k] |= on
             contribution = state.deltas[k].masked(on)
             total = contribution if total is None else total.zip_with(contribution, torch.add)
             moved = moved | on
@@ -277,9 +284,10 @@ class RedirectionEngine:
                 state.triggered.to(torch.float64),
                 state.boost.to(torch.float64),
                 state.nonfinite.to(torch.float64),
+                state.applied.to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad = (packed[i].tolist() for i in range(5))
+        first, score, on, boost, bad, moved = (packed[i].tolist() for i in range(6))
         result = []
         for i in range(state.batch_size):
             row = []
@@ -292,6 +300,7 @@ class RedirectionEngine:
                         triggered=on[i][k] > 0,
                         first_step=int(first[i][k]) if first[i][k] >= 0 else None,
                         escalation=round(boost[i][k], 4),
+                        applied=moved[i][k] > 0,
                         nonfinite=bad[i][k] > 0,
                     )
                 )

@@ -31,9 +31,11 @@ class UNetRecorder:
         self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module, args, kwargs):
-        self.calls.append(
-            {"ehs": kwargs["encoder_hidden_states"].detach().clone(), "sample": args[0].detach().clone()}
-        )
+        call = {"ehs": kwargs["encoder_hidden_states"].detach().clone(), "sample": args[0].detach().clone()}
+        pooled = (kwargs.get("added_cond_kwargs") or {}).get("text_embeds")
+        if pooled is not None:
+            call["pooled"] = pooled.detach().clone()
+        self.calls.append(call)
 
     def remove(self):
         self.handle.remove()

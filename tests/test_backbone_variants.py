@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FORGET, RETAIN, generate, write_red_pairs
+from helpers import FORGET, RETAIN, UNetRecorder, generate, write_red_pairs
 from saferedir_adapters.loading import load_component_weights
 from saferedir_adapters.tiny import tiny_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
 from safetensors.torch import save_file
@@ -18,12 +18,13 @@ from saferedir_sdk.plugins import load_backbone, make_plugin_manager
 BUILDERS = {
     "sd2-v": lambda: tiny_sd_pipeline(0, token_dim=48, prediction_type="v_prediction"),
     "sdxl": lambda: tiny_sdxl_pipeline(0),
+    "sdxl --no-pooled": lambda: tiny_sdxl_pipeline(0),
 }
 
 
 @pytest.mark.parametrize("family", BUILDERS)
 def test_saferedir_train_collects_through_the_adapter_for_every_family(family, tmp_path, write_policy):
-    folder = tmp_path / family
+    folder = tmp_path / family.split()[0]
     BUILDERS[family]().save_pretrained(folder)
     pairs = write_red_pairs(tmp_path / "red.jsonl")
     out = tmp_path / "red.safetensors"
@@ -31,19 +32,29 @@ def test_saferedir_train_collects_through_the_adapter_for_every_family(family, t
         *f"train --backbone {folder} --concept red --pairs {pairs} --out {out} --seeds 0 1".split(),
         *"--sampler-steps 4 --guidance 7.5 --steps 200 --batch-size 32 --patience 0".split(),
         *"--hidden-dim 64 --rank 8 --latent-pool 8 --token-layers 0 --quiet --no-cache".split(),
+        *family.split()[1:],
     ]
     assert main(args) == 0
     bundle = load_bundle(out)
     pipe = load_backbone(make_plugin_manager(), str(folder))
     assert bundle.backbone.first_difference(tiny_adapter(pipe).fingerprint()) is None
-    assert bundle.backbone.family == ("sdxl" if family == "sdxl" else "sd1")
+    assert bundle.backbone.family == ("sdxl" if family.startswith("sdxl") else "sd1")
     assert bundle.config.pooled_dim == (32 if family == "sdxl" else 0)
+    plain = UNetRecorder(pipe.unet)
+    generate(pipe, prompts=[FORGET, RETAIN], guidance_scale=7.5)
+    plain.remove()
     guard = SafeRedirGuard.from_policy(
         write_policy([{"concept": "red", "category": "custom", "redirector": {"path": str(out)}}])
     )
     guard.wrap(pipe)
+    seen = UNetRecorder(pipe.unet)
     generate(pipe, prompts=[FORGET, RETAIN], guidance_scale=7.5)
+    seen.remove()
     assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+    assert not torch.equal(plain.calls[-1]["ehs"], seen.calls[-1]["ehs"])
+    if family.startswith("sdxl"):  # the pooled embedding moves unless trained --no-pooled
+        moved = not torch.equal(plain.calls[-1]["pooled"], seen.calls[-1]["pooled"])
+        assert moved == (family == "sdxl")
 
 
 def _edited(module, tmp_path, name, scale=0.02):

@@ -221,8 +221,9 @@ def test_shipped_shapes_bundles_were_trained_on_outcomes_and_read_the_latent():
     decides the last timestep quarter (figures: benchmarks/README.md)."""
     from saferedir_shapes.plugin import CONCEPTS, bundle_path
 
-    for concept, _, _ in CONCEPTS.values():
-        bundle = load_bundle(bundle_path(concept))
+    for concept, layout in [(c, layout) for c, _, _ in CONCEPTS.values() for layout in ("sd", "xl")]:
+        bundle = load_bundle(bundle_path(concept, layout))
+        assert bundle.config.pooled_dim == (384 if layout == "xl" else 0)
         training = bundle.training
         assert training["data"]["labels"] == f"shapes-judge:{concept}"
         assert bundle.config.capacity.latent_readout == "mean+max"

@@ -36,6 +36,7 @@ class ConceptReport:
     triggered: bool  # still triggered when the call ended (a released trigger keeps its first_step)
     first_step: int | None
     escalation: float = 1.0  # the strength multiplier escalation reached
+    applied: bool = False  # a redirect rule moved the sample at some step (also a released trigger)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ class CallReport:
 
 
 def sample_action(concepts: Sequence[ConceptReport]) -> SampleAction:
-    """The strongest action among the triggered rules (block > redirect > monitor), else none."""
+    """The strongest action among the rules that triggered at the end or, for redirect rules, moved
+    the sample at some step (block > redirect > monitor), else none: a released redirection
+    changed the image, so its sample reports ``redirected``."""
     return max(
-        (_ACTION_OF_RULE[c.rule_action] for c in concepts if c.triggered),
+        (_ACTION_OF_RULE[c.rule_action] for c in concepts if c.triggered or c.applied),
         key=_ACTION_RANK.__getitem__,
         default="none",
     )
@@ -132,6 +135,7 @@ def build_report(
                 triggered=d.triggered,
                 first_step=d.first_step,
                 escalation=d.escalation,
+                applied=d.applied,
             )
             for d in row
         ]

@@ -1,10 +1,14 @@
 """Measure the Shapes backbone with the judge, at the demo's settings, on held-out seeds.
 
     python -m saferedir_shapes.evaluate [--n 240] [--json results.json]
+    python -m saferedir_shapes.evaluate --layout xl [--only tokens|pooled]   # the Shapes-XL variant
 
 Sets: seen phrasings (training vocabulary and pairs), unseen colour-shape pairs, and held-out
 synonyms of each attribute. Per set: judge accuracy per attribute, empty images, background
-brightness against training renders; and sampling speed (20 steps, batches of 8).
+brightness against training renders; and sampling speed (20 steps, batches of 8). ``--only`` (XL):
+the UNet reads one conditioning channel, the other replaced by the empty prompt's (``tokens``: the
+pooled embedding is the empty prompt's; ``pooled``: the tokens are) - how much of the prompt each
+channel draws on its own.
 """
 
 from __future__ import annotations
@@ -52,19 +56,34 @@ def prompt_set(name: str, n: int, seed: int) -> tuple[list[str], list[Attributes
     return [make_prompt(a, rng, heldout=heldout) for a in attrs], attrs
 
 
+def _one_channel(pipe: Any, prompts: list[str], only: str) -> dict[str, Any]:
+    """Shapes-XL call arguments for ``prompts`` with one channel kept (``tokens`` / ``pooled``) and
+    the other the empty prompt's."""
+    tokens, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    empty_tokens, _, empty_pooled, _ = pipe.encode_prompt(
+        [""] * len(prompts), do_classifier_free_guidance=False
+    )
+    if only == "tokens":
+        return {"prompt_embeds": tokens, "pooled_prompt_embeds": empty_pooled}
+    return {"prompt_embeds": empty_tokens, "pooled_prompt_embeds": pooled}
+
+
 def generate(
-    pipe: Any, prompts: list[str], seed: int, batch: int = 8, guidance: float = GUIDANCE
+    pipe: Any,
+    prompts: list[str],
+    seed: int,
+    batch: int = 8,
+    guidance: float = GUIDANCE,
+    only: str | None = None,
 ) -> np.ndarray:
     out = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
+        chunk = prompts[i : i + batch]
+        inputs = {"prompt": chunk} if only is None else _one_channel(pipe, chunk, only)
         out.append(
             pipe(
-                prompts[i : i + batch],
-                num_inference_steps=STEPS,
-                guidance_scale=guidance,
-                generator=g,
-                output_type="np",
+                **inputs, num_inference_steps=STEPS, guidance_scale=guidance, generator=g, output_type="np"
             ).images
         )
     return (np.concatenate(out) * 255).round().astype(np.uint8)
@@ -151,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--layout", choices=["sd", "xl"], default="sd", help="xl: the Shapes-XL variant")
+    parser.add_argument(
+        "--only",
+        choices=["tokens", "pooled"],
+        help="xl: condition on one channel (the other: empty prompt's)",
+    )
     parser.add_argument(
         "--sets",
         nargs="+",
@@ -165,15 +190,23 @@ def main(argv: list[str] | None = None) -> int:
         help="only write a contact sheet of 80 generated samples with the judge's labels",
     )
     args = parser.parse_args(argv)
+    if args.only and args.layout != "xl":
+        parser.error("--only needs --layout xl")
     if args.sheet:
         contact_sheet(args.sheet)
         return 0
-    pipe = load_shapes_pipeline(args.weights)
+    pipe = load_shapes_pipeline(args.weights, layout=args.layout)
     judge = load_judge()
     rng = np.random.default_rng(0)
     renders = [render(sample_attributes(rng), rng) for _ in range(500)]
     results: dict[str, Any] = {
-        "settings": {"steps": STEPS, "guidance": args.guidance, "n": args.n},
+        "settings": {
+            "steps": STEPS,
+            "guidance": args.guidance,
+            "n": args.n,
+            "layout": args.layout,
+            "only": args.only,
+        },
         "training_render_background": round(float(np.mean([background_brightness(r) for r in renders])), 4),
     }
     tables = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "texture": TEXTURE_WORDS}
@@ -181,16 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets:
         k = all_sets.index(name)
         prompts, attrs = prompt_set(name, args.n, seed=100 + k)
-        images = generate(pipe, prompts, EVAL_SEED + 1000 * k, guidance=args.guidance)
+        images = generate(pipe, prompts, EVAL_SEED + 1000 * k, guidance=args.guidance, only=args.only)
         s = score(judge, images, attrs)
         pred = s.pop("pred")
         if name.startswith("heldout_"):
             attribute = name.split("_")[1]
             s["per_synonym"] = synonym_breakdown(pred, prompts, attrs, attribute, tables[attribute])
             s["misses_nearest_training_word"] = {
-                w: nearest_training_word(
-                    pipe.text_encoder, pipe.tokenizer, w.split(" (")[0], attribute, tables[attribute]
-                )
+                w: nearest_training_word(*pipe.minilm(), w.split(" (")[0], attribute, tables[attribute])
                 for w, acc in s["per_synonym"].items()
                 if acc < 0.7
             }

@@ -1,5 +1,6 @@
-"""saferedir plugin entry point of the Shapes pack: its backbone, its concepts and their recipes,
-its demo policy (``shapes:demo``), ``saferedir demo``, and its efficacy suite for the benchmark.
+"""saferedir plugin entry point of the Shapes pack: its backbones (``shapes``, and ``shapes-xl`` with
+SDXL's conditioning layout), their concepts and recipes, the policies ``shapes:demo`` and
+``shapes:xl``, ``saferedir demo``, and the efficacy suite of each backbone for the benchmark.
 
 Registration is cheap: nothing heavy is imported and no recipe is built until something asks.
 """
@@ -15,16 +16,19 @@ from saferedir_sdk.concepts import ConceptSpec, OutcomeJudge, Recipe
 
 HERE = Path(__file__).parent
 BUNDLES = HERE / "weights"
-POLICIES = {"demo": HERE / "policies" / "demo.yaml"}
+POLICIES = {"demo": HERE / "policies" / "demo.yaml", "xl": HERE / "policies" / "xl.yaml"}
 CONCEPTS = {
     "shapes-red": ("red", "nsfw", "the colour red (stands in for an NSFW attribute)"),
     "shapes-striped": ("striped", "artist_style", "striped texture (stands in for an artist's style)"),
     "shapes-star": ("star", "object", "star shapes (stands in for an object)"),
 }
+#: backbone name -> (pipeline layout, prefix of its concepts' names and bundle files)
+BACKBONES = {"shapes": ("sd", ""), "shapes-xl": ("xl", "xl-")}
+SUITE_POLICIES = {"shapes": "shapes:demo", "shapes-xl": "shapes:xl"}
 
 
-def bundle_path(concept: str) -> Path:
-    return BUNDLES / f"{concept}.safetensors"
+def bundle_path(concept: str, layout: str = "sd") -> Path:
+    return BUNDLES / f"{'xl-' if layout == 'xl' else ''}{concept}.safetensors"
 
 
 def recipe(concept: str) -> Recipe:
@@ -45,20 +49,22 @@ def outcome(concept: str) -> OutcomeJudge:
 @hookimpl
 def saferedir_register_concepts() -> list[ConceptSpec]:
     """The Shapes concepts: the trained bundles that ship with this package, and the recipe
-    (``saferedir train --pairs plugin:shapes-red``) they were trained from."""
+    (``saferedir train --pairs plugin:shapes-red``) they were trained from; ``shapes-xl-red`` etc.
+    are the same concepts and recipes with bundles for the Shapes-XL backbone."""
     specs = []
-    for name, (concept, category, description) in CONCEPTS.items():
-        path = bundle_path(concept)
-        specs.append(
-            ConceptSpec(
-                name,
-                category,
-                (path,) if path.is_file() else (),
-                description,
-                recipe=functools.partial(recipe, concept),
-                outcome=functools.partial(outcome, concept),
+    for layout, prefix in BACKBONES.values():
+        for name, (concept, category, description) in CONCEPTS.items():
+            path = bundle_path(concept, layout)
+            specs.append(
+                ConceptSpec(
+                    name.replace("shapes-", f"shapes-{prefix}", 1),
+                    category,
+                    (path,) if path.is_file() else (),
+                    description + (" - bundle for the Shapes-XL backbone" if prefix else ""),
+                    recipe=functools.partial(recipe, concept),
+                    outcome=functools.partial(outcome, concept),
+                )
             )
-        )
     return specs
 
 
@@ -69,11 +75,11 @@ def saferedir_register_policies() -> dict[str, Path]:
 
 @hookimpl
 def saferedir_load_backbone(name: str, device: str) -> Any:
-    if name != "shapes":
+    if name not in BACKBONES:
         return None
     from .pipeline import load_shapes_pipeline
 
-    return load_shapes_pipeline(device=device)
+    return load_shapes_pipeline(device=device, layout=BACKBONES[name][0])
 
 
 @hookimpl
@@ -85,9 +91,12 @@ def saferedir_add_commands(subparsers: Any) -> None:
 
 @hookimpl(optionalhook=True)
 def saferedir_eval_suite(backbone: str) -> Any:
-    """The Shapes efficacy suite for ``saferedir eval`` (a hook the benchmark plugin specifies)."""
-    if backbone != "shapes":
+    """The Shapes efficacy suite for ``saferedir eval`` (a hook the benchmark plugin specifies):
+    the same prompt sets and judge on either backbone, each with its own policy."""
+    if backbone not in BACKBONES:
         return None
+    from dataclasses import replace
+
     from .eval_suite import ShapesEvalSuite
 
-    return ShapesEvalSuite.build()
+    return replace(ShapesEvalSuite.build(), backbone=backbone, policy=SUITE_POLICIES[backbone])

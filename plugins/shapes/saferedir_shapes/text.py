@@ -36,30 +36,32 @@ def load_text_encoder() -> tuple[Any, Any]:
 
 
 @torch.no_grad()
+def encode_text_pooled(
+    encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token states (B, SEQ_LEN, 384) of ``prompts`` (padded to SEQ_LEN, truncated beyond) and
+    their (B, 384) unit-norm sentence embeddings: the states mean-pooled over real tokens (how
+    sentence-transformers pools all-MiniLM-L6-v2), within the backbone's ``SEQ_LEN`` window."""
+    batch = tokenizer(prompts, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
+    mask = batch.attention_mask.to(device)
+    states = encoder(input_ids=batch.input_ids.to(device), attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    pooled = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
+    return states, pooled
+
+
 def encode_text(
     encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Per-token states (B, SEQ_LEN, 384) of ``prompts`` (padded to SEQ_LEN, truncated beyond)."""
-    batch = tokenizer(prompts, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
-    out = encoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-    return out.last_hidden_state
+    return encode_text_pooled(encoder, tokenizer, prompts, device)[0]
 
 
-@torch.no_grad()
 def sentence_embeddings(encoder: Any, tokenizer: Any, texts: list[str], batch: int = 128) -> torch.Tensor:
-    """(N, 384) unit-norm MiniLM sentence embeddings: per-token states mean-pooled over real tokens
-    (how sentence-transformers pools all-MiniLM-L6-v2), within the backbone's ``SEQ_LEN`` window."""
-    out = []
-    for i in range(0, len(texts), batch):
-        chunk = texts[i : i + batch]
-        states = encode_text(encoder, tokenizer, chunk)
-        mask = (
-            tokenizer(chunk, padding="max_length", max_length=SEQ_LEN, truncation=True, return_tensors="pt")
-            .attention_mask.unsqueeze(-1)
-            .float()
-        )
-        out.append(torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+    """(N, 384) unit-norm MiniLM sentence embeddings (see :func:`encode_text_pooled`)."""
+    return torch.cat(
+        [encode_text_pooled(encoder, tokenizer, texts[i : i + batch])[1] for i in range(0, len(texts), batch)]
+    )
 
 
 @functools.cache
