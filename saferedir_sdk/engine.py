@@ -225,6 +225,8 @@ class RedirectionEngine:
             if rule.action == "redirect":
                 strength = rule.strength * state.boost[:, k] if rule.escalate > 1.0 else rule.strength
                 delta = redirection(cond, out, strength)
+                if not rule.move_pooled and delta.pooled is not None:
+                    delta = Conditioning(delta.tokens, torch.zeros_like(delta.pooled))
                 for part in delta.parts():
                     bad = bad | ~torch.isfinite(part).flatten(1).all(dim=1)
                 state.deltas[k] = delta.map(lambda d: torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0))

@@ -101,6 +101,11 @@ class RuleSettings(_Strict):
         False,
         description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves.",
     )
+    move_pooled: bool = Field(
+        True,
+        description="On a backbone with a pooled text embedding (SDXL's text_embeds): move it with the "
+        "tokens when the bundle has a pooled head. False: the classifier still reads it, only the tokens move.",
+    )
     encoder_mismatch: Literal["error", "warn"] = Field(
         "error",
         description="A pipeline whose text encoder weights differ from the bundle's (an edited, "

@@ -206,6 +206,11 @@ def test_redirector_sizes_come_from_the_config(streams, pooled, channels):
     moved, _, _ = engine.step(torch.zeros(2, channels, 16, 16), torch.tensor(0.5), c, engine.init_state(c))
     assert all(not torch.equal(a, b) for a, b in zip(moved.tokens, c.tokens))
     assert pooled == 0 or not torch.equal(moved.pooled, c.pooled)
+    if pooled:  # move_pooled: false moves the same tokens and leaves the pooled embedding exactly
+        keep = RedirectionEngine([EngineConcept(rule(threshold=1e-6, strength=1.0, move_pooled=False), red)])
+        kept, _, _ = keep.step(torch.zeros(2, channels, 16, 16), torch.tensor(0.5), c, keep.init_state(c))
+        assert torch.equal(kept.pooled, c.pooled)
+        assert all(torch.equal(a, b) for a, b in zip(kept.tokens, moved.tokens))
 
 
 def test_a_trigger_the_latent_contradicts_is_released_before_it_sticks(recorded):
