@@ -36,6 +36,7 @@ from .conditioning import Conditioning
 from .errors import TensorShapeError
 from .policy import ConceptRule
 from .redirector import Redirector, redirection
+from .stacked import StackedRedirectors
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,13 @@ class EngineState:
         nonfinite: (B, K) bool, a check produced a NaN/inf score or delta for the sample (an
             enforcement failure: the guard fails the call under ``closed``). Such a score counts as
             a trigger and such a delta as zero, so nothing non-finite reaches the denoiser.
-        deltas: per concept, the last computed redirection delta (float32, shaped like the
-            conditional conditioning).
-        checks: (K,) host ints, how many checks each concept ran.
+        deltas: per concept group, the last computed redirection deltas (float32, (K_g, ...) of
+            the conditional conditioning's shapes).
+        checks: (K,) host ints, how many checks each concept ran (in the engine's concept order).
+        token_shapes: the conditional token streams' shapes the state was made for.
+
+    The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
+    :meth:`RedirectionEngine.column` ``(k)``.
     """
 
     step: int
@@ -87,6 +92,7 @@ class EngineState:
     nonfinite: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
+    token_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -107,12 +113,89 @@ class ConceptDecision:
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
 
 
-def _zeros_like(cond: Conditioning) -> Conditioning:
-    return cond.map(lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+def _stacked_zeros(cond: Conditioning, n: int) -> Conditioning:
+    """float32 zeros of (n, *shape) for every part of ``cond``."""
+    return cond.map(lambda t: torch.zeros((n, *t.shape), dtype=torch.float32, device=t.device))
+
+
+def _masked_sum(deltas: Conditioning, on: torch.Tensor) -> Conditioning:
+    """Per part: the sum over K of the (K, B, ...) deltas where ``on`` (K, B) holds."""
+
+    def pick(d: torch.Tensor) -> torch.Tensor:
+        return torch.where(on.view(*on.shape, *([1] * (d.ndim - 2))), d, 0.0).sum(0)
+
+    return deltas.map(pick)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The rules of a group's K_g concepts as (K_g,) tensors on one device (host-built once)."""
+
+    threshold: torch.Tensor
+    strength: torch.Tensor
+    confirm_checks: torch.Tensor
+    escalate: torch.Tensor
+    escalate_max: torch.Tensor
+    sticky: torch.Tensor
+    escalating: torch.Tensor
+    redirect: torch.Tensor
+    apply_to_uncond: torch.Tensor
+    move_pooled: torch.Tensor
+
+
+class _Group:
+    """Concepts whose redirectors share one architecture and whose rules share one check schedule
+    (window, ``replace_steps``): checked together, as one :class:`StackedRedirectors` call, and
+    laid out as adjacent columns ``columns`` of the engine state."""
+
+    def __init__(self, indices: list[int], concepts: list[EngineConcept], start: int):
+        self.indices = indices  # positions in the engine's (policy-ordered) concept list
+        self.concepts = concepts
+        self.columns = slice(start, start + len(concepts))
+        self.stack = StackedRedirectors([c.redirector for c in concepts])
+        rules = [c.rule for c in concepts]
+        self.window = rules[0].window
+        self.replace_steps = rules[0].replace_steps
+        self.redirects = any(r.action == "redirect" for r in rules)
+        self.acting_uncond = any(r.action == "redirect" and r.apply_to_uncond for r in rules)
+        self._settings: dict[torch.device, _Settings] = {}
+
+    def is_check_step(self, step: int) -> bool:
+        return self.concepts[0].is_check_step(step)
+
+    def settings(self, device: torch.device) -> _Settings:
+        """The rules' settings on ``device`` (built there once, then reused: no per-step copies)."""
+        if device not in self._settings:
+            rules = [c.rule for c in self.concepts]
+
+            def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+                return torch.tensor(values, dtype=dtype, device=device)
+
+            self._settings[device] = _Settings(
+                threshold=column([r.threshold for r in rules], torch.float32),
+                strength=column([r.strength for r in rules], torch.float32),
+                confirm_checks=column([r.confirm_checks for r in rules], torch.int64),
+                escalate=column([r.escalate for r in rules], torch.float32),
+                escalate_max=column([r.escalate_max for r in rules], torch.float32),
+                sticky=column([r.sticky for r in rules], torch.bool),
+                escalating=column([r.escalate > 1.0 for r in rules], torch.bool),
+                redirect=column([r.action == "redirect" for r in rules], torch.bool),
+                apply_to_uncond=column(
+                    [r.action == "redirect" and r.apply_to_uncond for r in rules], torch.bool
+                ),
+                move_pooled=column([r.move_pooled for r in rules], torch.bool),
+            )
+        return self._settings[device]
 
 
 class RedirectionEngine:
-    """Applies K concept redirectors to the conditional conditioning of a batch, step by step."""
+    """Applies K concept redirectors to the conditional conditioning of a batch, step by step.
+
+    Concepts are grouped by redirector architecture and check schedule; each group runs as one
+    batched computation per check (:mod:`~saferedir_sdk.stacked`), so the work per step grows
+    with the number of groups (one for a policy whose bundles share a capacity and schedule), not
+    with the number of concepts. The state's columns are in group order (:meth:`column`).
+    """
 
     def __init__(self, concepts: Sequence[EngineConcept]):
         self.concepts = list(concepts)
@@ -124,6 +207,22 @@ class RedirectionEngine:
             raise ValueError(
                 f"all redirectors of one engine must read the same token streams; got {sorted(map(str, streams))}"
             )
+        keyed: dict[tuple, list[int]] = {}
+        for k, c in enumerate(self.concepts):
+            key = (c.redirector.config, c.rule.window, c.rule.replace_steps)
+            keyed.setdefault(key, []).append(k)
+        self.groups: list[_Group] = []
+        self._columns = [0] * len(self.concepts)
+        start = 0
+        for indices in keyed.values():
+            for offset, k in enumerate(indices):
+                self._columns[k] = start + offset
+            self.groups.append(_Group(indices, [self.concepts[k] for k in indices], start))
+            start += len(indices)
+
+    def column(self, k: int) -> int:
+        """The state column of concept ``k`` (its position in :attr:`concepts`)."""
+        return self._columns[k]
 
     def init_state(self, cond: Conditioning) -> EngineState:
         """Fresh state for a batch shaped like ``cond``."""
@@ -138,23 +237,18 @@ class RedirectionEngine:
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
             applied=torch.zeros(b, k, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
-            deltas=[_zeros_like(cond) for _ in range(k)],
+            deltas=[_stacked_zeros(cond, len(g.concepts)) for g in self.groups],
             checks=[0] * k,
+            token_shapes=[tuple(t.shape) for t in cond.tokens],
         )
 
     def _check_shapes(
         self, latents: torch.Tensor, cond: Conditioning, state: EngineState, uncond: Conditioning | None
     ) -> None:
-        reference = state.deltas[0] if state.deltas else None
-        if cond.batch_size != state.batch_size or (
-            reference is not None and [t.shape for t in cond.tokens] != [t.shape for t in reference.tokens]
-        ):
-            expected = (
-                [tuple(t.shape) for t in reference.tokens]
-                if reference is not None
-                else f"batch {state.batch_size}"
+        if [tuple(t.shape) for t in cond.tokens] != state.token_shapes:
+            raise TensorShapeError(
+                "conditional token streams", str(state.token_shapes), tuple(cond.tokens[0].shape)
             )
-            raise TensorShapeError("conditional token streams", str(expected), tuple(cond.tokens[0].shape))
         if latents.shape[0] != state.batch_size:
             raise TensorShapeError(
                 "latents (conditional half)", f"({state.batch_size}, C, H, W)", tuple(latents.shape)
@@ -195,46 +289,61 @@ class RedirectionEngine:
         timestep = timestep.to(latents.device)
 
         step = state.step
-        for k, concept in enumerate(self.concepts):
-            if not concept.is_check_step(step):
+        for g, group in enumerate(self.groups):
+            if not group.is_check_step(step):
                 continue
-            rule = concept.rule
-            out = concept.redirector(latents, timestep, cond)
-            score = torch.sigmoid(out.logit.float())
-            finite = torch.isfinite(score)
-            hit = (score >= rule.threshold) | ~finite  # NaN never reads as "safe"
-            was_on = state.triggered[:, k].clone()  # (a view would see the update below)
-            if rule.sticky:
-                hits = torch.where(
-                    hit, state.hits[:, k] + 1, torch.where(state.stuck[:, k], state.hits[:, k], 0)
-                )
-                state.hits[:, k] = hits
-                state.stuck[:, k] = state.stuck[:, k] | (hits >= rule.confirm_checks)
-                state.triggered[:, k] = state.stuck[:, k] | hit
-            else:
-                state.triggered[:, k] = hit
-            if rule.escalate > 1.0:
-                raised = (state.boost[:, k] * rule.escalate).clamp(max=rule.escalate_max)
-                state.boost[:, k] = torch.where(hit & was_on, raised, state.boost[:, k])
-            state.first_step[:, k] = torch.where(
-                hit & (state.first_step[:, k] < 0), step, state.first_step[:, k]
-            )
-            state.max_score[:, k] = torch.maximum(state.max_score[:, k], torch.where(finite, score, -1.0))
-            bad = ~finite
-            state.checks[k] += 1
-            if rule.action == "redirect":
-                strength = rule.strength * state.boost[:, k] if rule.escalate > 1.0 else rule.strength
-                delta = redirection(cond, out, strength)
-                if not rule.move_pooled and delta.pooled is not None:
-                    delta = Conditioning(delta.tokens, torch.zeros_like(delta.pooled))
-                for part in delta.parts():
-                    bad = bad | ~torch.isfinite(part).flatten(1).all(dim=1)
-                state.deltas[k] = delta.map(lambda d: torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0))
-            state.nonfinite[:, k] |= bad
+            self._check_group(group, state, latents, timestep, cond, step, g)
         state.step = step + 1
         new_cond = self._apply(cond, state, step, uncond_side=False)
         new_uncond = None if uncond is None else self._apply(uncond, state, step, uncond_side=True)
         return new_cond, new_uncond, state
+
+    def _check_group(
+        self,
+        group: _Group,
+        state: EngineState,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        step: int,
+        g: int,
+    ) -> None:
+        """One check of every concept of ``group``: one stacked redirector forward, the decisions
+        of all its columns as (B, K_g) tensor updates (the rules' settings are (K_g,) tensors)."""
+        p = group.settings(latents.device)
+        cols = group.columns
+        out = group.stack(latents, timestep, cond)
+        score = torch.sigmoid(out.logit.float()).T  # (B, K_g)
+        finite = torch.isfinite(score)
+        hit = (score >= p.threshold) | ~finite  # NaN never reads as "safe"
+        was_on = state.triggered[:, cols].clone()
+        hits, stuck = state.hits[:, cols], state.stuck[:, cols]
+        counted = torch.where(hit, hits + 1, torch.where(stuck, hits, 0))
+        confirmed = stuck | (counted >= p.confirm_checks)
+        state.hits[:, cols] = torch.where(p.sticky, counted, hits)
+        state.stuck[:, cols] = torch.where(p.sticky, confirmed, stuck)
+        state.triggered[:, cols] = torch.where(p.sticky, confirmed | hit, hit)
+        boost = state.boost[:, cols]
+        raised = (boost * p.escalate).clamp(max=p.escalate_max)
+        boost = torch.where(hit & was_on & p.escalating, raised, boost)
+        state.boost[:, cols] = boost
+        first = state.first_step[:, cols]
+        state.first_step[:, cols] = torch.where(hit & (first < 0), step, first)
+        state.max_score[:, cols] = torch.maximum(state.max_score[:, cols], torch.where(finite, score, -1.0))
+        for k in group.indices:
+            state.checks[k] += 1
+        bad = ~finite
+        if group.redirects:
+            strength = (p.strength * torch.where(p.escalating, boost, 1.0)).T  # (K_g, B)
+            delta = redirection(cond, out, strength)
+            if delta.pooled is not None:
+                delta = Conditioning(
+                    delta.tokens, torch.where(p.move_pooled.view(-1, 1, 1), delta.pooled, 0.0)
+                )
+            for part in delta.parts():
+                bad = bad | (p.redirect & ~torch.isfinite(part).flatten(2).all(dim=2).T)
+            state.deltas[g] = delta.map(lambda d: torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0))
+        state.nonfinite[:, cols] = state.nonfinite[:, cols] | bad
 
     @torch.no_grad()
     def uncond_only(self, uncond: Conditioning, state: EngineState) -> Conditioning:
@@ -249,22 +358,19 @@ class RedirectionEngine:
     ) -> Conditioning:
         """``target`` plus the summed deltas of the ``redirect`` concepts triggered per sample."""
         total: Conditioning | None = None
-        moved = torch.zeros(state.batch_size, dtype=torch.bool, device=state.triggered.device)
-        for k, concept in enumerate(self.concepts):
-            rule = concept.rule
-            if (
-                rule.action != "redirect"
-                or not rule.window.contains(step)
-                or (uncond_side and not rule.apply_to_uncond)
-            ):
+        moved: torch.Tensor | None = None
+        for g, group in enumerate(self.groups):
+            acting = group.acting_uncond if uncond_side else group.redirects
+            if not acting or not group.window.contains(step):
                 continue
-            on = state.triggered[:, k]
+            p = group.settings(state.triggered.device)
+            on = state.triggered[:, group.columns] & (p.apply_to_uncond if uncond_side else p.redirect)
             if not uncond_side:
-                state.applied[:, k] |= on
-            contribution = state.deltas[k].masked(on)
+                state.applied[:, group.columns] = state.applied[:, group.columns] | on
+            contribution = _masked_sum(state.deltas[g], on.T)
             total = contribution if total is None else total.zip_with(contribution, torch.add)
-            moved = moved | on
-        if total is None:
+            moved = on.any(dim=1) if moved is None else moved | on.any(dim=1)
+        if total is None or moved is None:
             return target
         shifted = target.zip_with(total, lambda t, d: t + d.to(t.dtype))
         return shifted.where(moved, target)
@@ -272,7 +378,7 @@ class RedirectionEngine:
     def blocked_now(self, state: EngineState) -> torch.Tensor | None:
         """(B,) bool: the samples a ``block`` rule flags at this point of the call (device tensor,
         no host read), or None when no rule blocks."""
-        columns = [k for k, c in enumerate(self.concepts) if c.rule.action == "block"]
+        columns = [self._columns[k] for k, c in enumerate(self.concepts) if c.rule.action == "block"]
         if not columns:
             return None
         return state.triggered[:, columns].any(dim=1)
@@ -294,16 +400,17 @@ class RedirectionEngine:
         for i in range(state.batch_size):
             row = []
             for k, concept in enumerate(self.concepts):
+                j = self._columns[k]
                 row.append(
                     ConceptDecision(
                         concept=concept.name,
                         checks=state.checks[k],
-                        max_score=round(score[i][k], 6) if state.checks[k] else None,
-                        triggered=on[i][k] > 0,
-                        first_step=int(first[i][k]) if first[i][k] >= 0 else None,
-                        escalation=round(boost[i][k], 4),
-                        applied=moved[i][k] > 0,
-                        nonfinite=bad[i][k] > 0,
+                        max_score=round(score[i][j], 6) if state.checks[k] else None,
+                        triggered=on[i][j] > 0,
+                        first_step=int(first[i][j]) if first[i][j] >= 0 else None,
+                        escalation=round(boost[i][j], 4),
+                        applied=moved[i][j] > 0,
+                        nonfinite=bad[i][j] > 0,
                     )
                 )
             result.append(row)

@@ -152,25 +152,27 @@ def apply_redirection(
 
     Args:
         embeds: (B, T, D) token embeddings ``E`` (or (B, D) for a pooled embedding).
-        direction: raw delta ``D``, shaped like ``embeds``.
+        direction: raw delta ``D``, shaped like ``embeds``, or (K, B, ...) for K stacked
+            redirectors (:mod:`~saferedir_sdk.stacked`; ``mask``, ``alpha`` and a tensor
+            ``strength`` then lead with K too).
         mask: (B, T) token weights ``m`` (or (B,) for a pooled embedding).
         alpha: (B,) scales.
         strength: the policy's ``s`` (float, or (B,) tensor).
 
     Returns:
-        The delta to add to ``embeds`` (same shape, ``direction``'s dtype).
+        The delta to add to ``embeds`` (``direction``'s shape and dtype).
     """
     unit = F.normalize(direction, dim=-1, eps=1e-6)
     norm = embeds.to(direction.dtype).norm(dim=-1, keepdim=True)
-    view = (-1,) + (1,) * (embeds.ndim - 1)
+    trailing = (1,) * (embeds.ndim - 1)
     if isinstance(strength, torch.Tensor):
-        strength = strength.to(direction.dtype).view(view)
-    return strength * alpha.view(view) * mask.unsqueeze(-1) * unit * norm
+        strength = strength.to(direction.dtype).reshape(*strength.shape, *trailing)
+    return strength * alpha.reshape(*alpha.shape, *trailing) * mask.unsqueeze(-1) * unit * norm
 
 
 def redirection(cond: Conditioning, out: RedirectorOutput, strength: float | torch.Tensor) -> Conditioning:
     """The delta of every part of ``cond`` (float32); the pooled part gets zeros when the
-    redirector does not move it."""
+    redirector does not move it. With a stacked output (leading K) every delta leads with K."""
     tokens = tuple(
         apply_redirection(e, d.float(), m.float(), out.alpha.float(), strength)
         for e, d, m in zip(cond.tokens, out.directions, out.masks)
@@ -178,7 +180,8 @@ def redirection(cond: Conditioning, out: RedirectorOutput, strength: float | tor
     pooled = None
     if cond.pooled is not None:
         if out.pooled_direction is None or out.pooled_mask is None:
-            pooled = torch.zeros(cond.pooled.shape, dtype=torch.float32, device=cond.pooled.device)
+            shape = (*out.alpha.shape[:-1], *cond.pooled.shape)  # (K,) leads for stacked redirectors
+            pooled = torch.zeros(shape, dtype=torch.float32, device=cond.pooled.device)
         else:
             pooled = apply_redirection(
                 cond.pooled,

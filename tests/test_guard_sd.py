@@ -311,7 +311,7 @@ def test_runtime_failure_fails_closed_with_an_error_record(pipe, write_policy, a
     def broken(*_args, **_kwargs):
         raise RuntimeError("redirector exploded")
 
-    monkeypatch.setattr(wrapping.engine.concepts[0].redirector, "forward", broken)
+    monkeypatch.setattr(wrapping.engine.groups[0].stack, "forward", broken)
     with pytest.raises(EnforcementError, match="redirector exploded"):
         generate(pipe)
     record = audit_records()[0]
@@ -326,7 +326,7 @@ def test_runtime_failure_under_open_returns_images_and_records_fail_open(
     guard.wrap(pipe)
     wrapping = pipe.__dict__["_saferedir_wrapping"]
     monkeypatch.setattr(
-        wrapping.engine.concepts[0].redirector,
+        wrapping.engine.groups[0].stack,
         "forward",
         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")),
     )

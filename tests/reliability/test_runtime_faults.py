@@ -24,16 +24,12 @@ def _strict_json(record: dict) -> None:
 
 
 def _poison(pipe, part: str):
-    """Make the wrapped pipeline's redirector return NaN in ``part`` (a forward hook: what an fp16
-    overflow or a corrupted weight does)."""
-    redirector = pipe.__dict__["_saferedir_wrapping"].engine.concepts[0].redirector
-
-    def hook(_module, _args, out):
-        if part == "logit":
-            return out._replace(logit=torch.full_like(out.logit, math.nan))
-        return out._replace(directions=tuple(torch.full_like(d, math.nan) for d in out.directions))
-
-    return redirector.register_forward_hook(hook)
+    """Make the wrapped pipeline's redirector return NaN in ``part``: a NaN in the weights the engine
+    runs (what an fp16 overflow or a corrupted weight does) of its classifier's last layer or of
+    its token delta head."""
+    stack = pipe.__dict__["_saferedir_wrapping"].engine.groups[0].stack
+    name = "classifier.4.bias" if part == "logit" else "delta_ups.0.bias"
+    stack.weights[name].fill_(math.nan)
 
 
 @pytest.mark.parametrize("part", ["logit", "directions"])
