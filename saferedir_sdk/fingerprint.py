@@ -146,6 +146,14 @@ _SAMPLES_PER_TENSOR = 65536
 
 
 @torch.no_grad()
+def unwrap_compiled(module: Any) -> Any:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) compiles, else ``module``
+    itself: what adapters recognise and what weights are hashed (a compiled denoiser is the same
+    model)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
 def module_sha256(module: nn.Module) -> str:
     """A dtype- and device-independent hash of a module's weights.
 
@@ -155,6 +163,7 @@ def module_sha256(module: nn.Module) -> str:
     weights changes it.
     """
     digest = hashlib.sha256()
+    module = unwrap_compiled(module)
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
     for name in sorted(tensors):

@@ -25,7 +25,7 @@ CPU offload after ``guard.wrap`` is followed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -219,3 +219,26 @@ class StackedRedirectors:
             pooled_direction = linear("pooled_delta.1", linear("pooled_delta.0", context))
             pooled_mask = torch.sigmoid(mlp("pooled_gate", context, (0, 2)).squeeze(-1))
         return RedirectorOutput(logit, tuple(directions), tuple(masks), alpha, pooled_direction, pooled_mask)
+
+
+#: aten ops that only make views or allocate (no kernel runs): left out of :func:`kernel_ops`
+_METADATA_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "view alias _reshape_alias reshape _unsafe_view as_strided as_strided_ slice narrow select "
+        "expand transpose permute unsqueeze squeeze t detach split split_with_sizes chunk unbind "
+        "empty empty_like empty_strided resize_ lift_fresh contiguous flatten unflatten"
+    ).split()
+)
+
+
+def kernel_ops(fn: Callable[[], object]) -> dict[str, int]:
+    """Per aten op, how many times ``fn()`` ran it, counting only ops that run work (a kernel on
+    a GPU; views and allocations left out), by the profiler on the CPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {
+        e.key: e.count
+        for e in prof.key_averages()
+        if e.key.startswith("aten::") and e.key not in _METADATA_OPS
+    }

@@ -27,7 +27,13 @@ from saferedir_sdk import hookimpl
 from saferedir_sdk.adapter import Adapter, CallInfo, DenoiserInputs
 from saferedir_sdk.conditioning import Conditioning, TokenStream
 from saferedir_sdk.errors import TensorShapeError
-from saferedir_sdk.fingerprint import BackboneFingerprint, TextEncoderPrint, module_sha256, vocab_sha256
+from saferedir_sdk.fingerprint import (
+    BackboneFingerprint,
+    TextEncoderPrint,
+    module_sha256,
+    unwrap_compiled,
+    vocab_sha256,
+)
 
 _UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")
 STREAM = "text_encoder"
@@ -299,7 +305,7 @@ def is_sd_like(pipeline: Any) -> bool:
     added text-time conditioning."""
     from diffusers import UNet2DConditionModel
 
-    unet = getattr(pipeline, "unet", None)
+    unet = unwrap_compiled(getattr(pipeline, "unet", None))  # torch.compile(unet) is the same UNet
     return (
         isinstance(unet, UNet2DConditionModel)
         and getattr(pipeline, "text_encoder", None) is not None

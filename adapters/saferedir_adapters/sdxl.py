@@ -26,7 +26,13 @@ from saferedir_sdk import hookimpl
 from saferedir_sdk.adapter import Adapter, CallInfo
 from saferedir_sdk.conditioning import Conditioning, TokenStream
 from saferedir_sdk.errors import TensorShapeError
-from saferedir_sdk.fingerprint import BackboneFingerprint, TextEncoderPrint, module_sha256, vocab_sha256
+from saferedir_sdk.fingerprint import (
+    BackboneFingerprint,
+    TextEncoderPrint,
+    module_sha256,
+    unwrap_compiled,
+    vocab_sha256,
+)
 
 from .sd import StableDiffusionAdapter, _call_signature, _with_embeds, real_tokens
 
@@ -133,7 +139,7 @@ def is_sdxl_like(pipeline: Any) -> bool:
     encoder with a projection (the pooled embedding)."""
     from diffusers import UNet2DConditionModel
 
-    unet = getattr(pipeline, "unet", None)
+    unet = unwrap_compiled(getattr(pipeline, "unet", None))  # torch.compile(unet) is the same UNet
     encoder_2 = getattr(pipeline, "text_encoder_2", None)
     return (
         isinstance(unet, UNet2DConditionModel)

@@ -37,7 +37,7 @@ from ..adapter import Adapter, CallInfo
 from ..audit import START_EVENT, UNATTRIBUTED_EVENT, VOIDED_EVENT, AuditTrail, scrub
 from ..engine import EngineState, RedirectionEngine
 from ..errors import AuditWriteError, EnforcementError, GenerationBlocked, GuardBuildError
-from ..fingerprint import BackboneFingerprint, module_sha256
+from ..fingerprint import BackboneFingerprint, module_sha256, unwrap_compiled
 from ..plugins import find_adapter, policy_plugin_manager, resolve_policy_ref
 from ..policy import LoadedPolicy, load_policy
 from .report import CallReport, build_report
@@ -251,7 +251,9 @@ class SafeRedirGuard:
             except Exception as exc:
                 return self._enforcement_failed(ctx, exc)
 
-        return pre_hook
+        # torch.compile: dynamo does not trace the hook (a compiled denoiser's graph stays whole;
+        # with ``unet.compile()`` in place, the one frame the hook runs in is skipped, not split)
+        return torch.compiler.disable(pre_hook, recursive=True)
 
     def _enforcement_failed(self, ctx: _CallContext, exc: Exception) -> None:
         """Closed: raise :class:`EnforcementError` (the call fails, its record says error). Open: the
@@ -373,7 +375,9 @@ class SafeRedirGuard:
         """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None."""
         now = wrapping.adapter.components()
         for name, module in wrapping.components.items():
-            if now.get(name) is not module:
+            if (
+                now.get(name) is not module and unwrap_compiled(now.get(name)) is not module
+            ):  # compiled: same model
                 return (
                     f"pipe.{name} was replaced after wrap (the guard hooked and fingerprinted the old "
                     f"one): unwrap and wrap again"

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from helpers import generate
 
 from saferedir_sdk import EnforcementError, SafeRedirGuard
