@@ -159,6 +159,7 @@ class _Group:
         self.redirects = any(r.action == "redirect" for r in rules)
         self.acting_uncond = any(r.action == "redirect" and r.apply_to_uncond for r in rules)
         self._settings: dict[torch.device, _Settings] = {}
+        self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
     def is_check_step(self, step: int) -> bool:
         return self.concepts[0].is_check_step(step)
@@ -168,8 +169,8 @@ class _Group:
         if device not in self._settings:
             rules = [c.rule for c in self.concepts]
 
-            def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-                return torch.tensor(values, dtype=dtype, device=device)
+            def column(values: list, dtype: torch.dtype) -> torch.Tensor:  # built on the host, copied async
+                return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
             self._settings[device] = _Settings(
                 threshold=column([r.threshold for r in rules], torch.float32),

@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
 from .conditioning import Conditioning
@@ -74,8 +75,8 @@ class StackedRedirectors:
         """The weights on ``device`` (copied there once, then reused): a host-side check only."""
         if device == self.device:
             return self.weights
-        if device not in self._copies:
-            self._copies[device] = {n: t.to(device) for n, t in self.weights.items()}
+        if device not in self._copies:  # non_blocking: no host synchronisation on the first step there
+            self._copies[device] = {n: t.to(device, non_blocking=True) for n, t in self.weights.items()}
         return self._copies[device]
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> RedirectorOutput:
@@ -139,85 +140,90 @@ class StackedRedirectors:
             return linear(f"{name}.out_proj", out)
 
         # latent encoder: the pooling is shared; the first convolution runs the K kernels side by
-        # side over the shared input, the others as one grouped convolution
-        pooled_latent = F.adaptive_avg_pool2d(latents, cap.latent_pool)
-        c_mid = max(32, h // 4)
-        x = F.conv2d(
-            pooled_latent,
-            w["latent_encoder.0.weight"].flatten(0, 1),
-            w["latent_encoder.0.bias"].flatten(),
-            padding=1,
-        )
-        x = F.group_norm(
-            x,
-            k * (8 if c_mid % 8 == 0 else 1),
-            w["latent_encoder.1.weight"].flatten(),
-            w["latent_encoder.1.bias"].flatten(),
-        )
-        x = F.silu(x)
-        for index in range(3, 3 + 2 * (cap.latent_layers - 1), 2):
+        # side over the shared input, the others as one grouped convolution (profiler scopes name
+        # the parts: benchmarks/overhead.py reports them)
+        with record_function("saferedir.latent_encoder"):
+            pooled_latent = F.adaptive_avg_pool2d(latents, cap.latent_pool)
+            c_mid = max(32, h // 4)
             x = F.conv2d(
-                x,
-                w[f"latent_encoder.{index}.weight"].flatten(0, 1),
-                w[f"latent_encoder.{index}.bias"].flatten(),
-                stride=2,
+                pooled_latent,
+                w["latent_encoder.0.weight"].flatten(0, 1),
+                w["latent_encoder.0.bias"].flatten(),
                 padding=1,
-                groups=k,
+            )
+            x = F.group_norm(
+                x,
+                k * (8 if c_mid % 8 == 0 else 1),
+                w["latent_encoder.1.weight"].flatten(),
+                w["latent_encoder.1.bias"].flatten(),
             )
             x = F.silu(x)
-        latent_map = x.reshape(b, k, h, -1).transpose(0, 1)  # (K, B, h, h'w')
-        z = latent_map.mean(dim=-1)
-        if cap.latent_readout == "mean+max":
-            z = torch.cat([z, latent_map.amax(dim=-1)], dim=-1)
-        z = linear("latent_proj", z)  # (K, B, h)
-        temb = timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype)
-        temb = linear("time_mlp.2", F.silu(linear("time_mlp.0", temb.expand(k, b, h))))
-        tokens = torch.cat(
-            [
-                linear(f"token_projs.{i}", layer_norm(f"token_norms.{i}", e, shared=True))
-                + w[f"positions.{i}"].unsqueeze(1)
-                for i, e in enumerate(embeds)
-            ],
-            dim=2,
-        )  # (K, B, sum T_s, h)
-        pooled_tokens = tokens.mean(dim=2)
-        query = (z + temb).unsqueeze(2)  # (K, B, 1, h)
-        attended = attention("cross_attention", query, tokens).squeeze(2)
-        features = [z, temb, pooled_tokens, attended]
-        if cfg.pooled_dim:
-            features.append(
-                linear("pooled_proj", layer_norm("pooled_norm", cond.pooled.to(dtype), shared=True))
-            )  # type: ignore[union-attr]
-        fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
+            for index in range(3, 3 + 2 * (cap.latent_layers - 1), 2):
+                x = F.conv2d(
+                    x,
+                    w[f"latent_encoder.{index}.weight"].flatten(0, 1),
+                    w[f"latent_encoder.{index}.bias"].flatten(),
+                    stride=2,
+                    padding=1,
+                    groups=k,
+                )
+                x = F.silu(x)
+            latent_map = x.reshape(b, k, h, -1).transpose(0, 1)  # (K, B, h, h'w')
+            z = latent_map.mean(dim=-1)
+            if cap.latent_readout == "mean+max":
+                z = torch.cat([z, latent_map.amax(dim=-1)], dim=-1)
+            z = linear("latent_proj", z)  # (K, B, h)
+        with record_function("saferedir.prompt_and_classifier"):
+            temb = timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype)
+            temb = linear("time_mlp.2", F.silu(linear("time_mlp.0", temb.expand(k, b, h))))
+            tokens = torch.cat(
+                [
+                    linear(f"token_projs.{i}", layer_norm(f"token_norms.{i}", e, shared=True))
+                    + w[f"positions.{i}"].unsqueeze(1)
+                    for i, e in enumerate(embeds)
+                ],
+                dim=2,
+            )  # (K, B, sum T_s, h)
+            pooled_tokens = tokens.mean(dim=2)
+            query = (z + temb).unsqueeze(2)  # (K, B, 1, h)
+            attended = attention("cross_attention", query, tokens).squeeze(2)
+            features = [z, temb, pooled_tokens, attended]
+            if cfg.pooled_dim:
+                pooled = cond.pooled.to(dtype)  # type: ignore[union-attr]
+                features.append(linear("pooled_proj", layer_norm("pooled_norm", pooled, shared=True)))
+            fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
 
-        logit = mlp("classifier", fused, (0, 2, 4)).squeeze(-1)
-        context = linear("context", fused)
-        per_token = tokens + context.unsqueeze(2)
-        for i in range(cap.token_layers):  # TransformerEncoderLayer, norm_first, GELU, no dropout
-            name = f"token_layers.{i}"
-            per_token = per_token + attention(
-                f"{name}.self_attn", layer_norm(f"{name}.norm1", per_token), None
-            )
-            hidden = F.gelu(linear(f"{name}.linear1", layer_norm(f"{name}.norm2", per_token)))
-            per_token = per_token + linear(f"{name}.linear2", hidden)
-        per_token = F.silu(linear("token_mixer.1", layer_norm("token_mixer.0", per_token)))
-        directions, masks = [], []
-        offset = 0
-        for i, (e, stream) in enumerate(zip(embeds, cfg.streams)):
-            own = per_token[:, :, offset : offset + stream.seq_len]  # (K, B, T_s, h)
-            offset += stream.seq_len
-            direction = linear(f"delta_ups.{i}", linear("delta_down", own))
-            if cap.token_layers:
-                scores = linear("copy_query", own) @ linear("copy_key", own).transpose(-1, -2) / math.sqrt(h)
-                copied = scores.softmax(dim=-1) @ e  # (K, B, T_s, D_s)
-                direction = direction + torch.sigmoid(linear("copy_gate", own)) * (copied - e)
-            directions.append(direction)
-            masks.append(torch.sigmoid(mlp("mask_head", own, (0, 2)).squeeze(-1)))
-        alpha = torch.sigmoid(mlp("scale_head", context, (0, 2)).squeeze(-1))
-        pooled_direction = pooled_mask = None
-        if cfg.pooled_dim:
-            pooled_direction = linear("pooled_delta.1", linear("pooled_delta.0", context))
-            pooled_mask = torch.sigmoid(mlp("pooled_gate", context, (0, 2)).squeeze(-1))
+            logit = mlp("classifier", fused, (0, 2, 4)).squeeze(-1)
+        with record_function("saferedir.token_heads"):
+            context = linear("context", fused)
+            per_token = tokens + context.unsqueeze(2)
+            for i in range(cap.token_layers):  # TransformerEncoderLayer, norm_first, GELU, no dropout
+                name = f"token_layers.{i}"
+                per_token = per_token + attention(
+                    f"{name}.self_attn", layer_norm(f"{name}.norm1", per_token), None
+                )
+                hidden = F.gelu(linear(f"{name}.linear1", layer_norm(f"{name}.norm2", per_token)))
+                per_token = per_token + linear(f"{name}.linear2", hidden)
+            per_token = F.silu(linear("token_mixer.1", layer_norm("token_mixer.0", per_token)))
+            directions, masks = [], []
+            offset = 0
+            for i, (e, stream) in enumerate(zip(embeds, cfg.streams)):
+                own = per_token[:, :, offset : offset + stream.seq_len]  # (K, B, T_s, h)
+                offset += stream.seq_len
+                direction = linear(f"delta_ups.{i}", linear("delta_down", own))
+                if cap.token_layers:
+                    scores = (
+                        linear("copy_query", own) @ linear("copy_key", own).transpose(-1, -2) / math.sqrt(h)
+                    )
+                    copied = scores.softmax(dim=-1) @ e  # (K, B, T_s, D_s)
+                    direction = direction + torch.sigmoid(linear("copy_gate", own)) * (copied - e)
+                directions.append(direction)
+                masks.append(torch.sigmoid(mlp("mask_head", own, (0, 2)).squeeze(-1)))
+            alpha = torch.sigmoid(mlp("scale_head", context, (0, 2)).squeeze(-1))
+            pooled_direction = pooled_mask = None
+            if cfg.pooled_dim:
+                pooled_direction = linear("pooled_delta.1", linear("pooled_delta.0", context))
+                pooled_mask = torch.sigmoid(mlp("pooled_gate", context, (0, 2)).squeeze(-1))
         return RedirectorOutput(logit, tuple(directions), tuple(masks), alpha, pooled_direction, pooled_mask)
 
 

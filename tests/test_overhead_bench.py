@@ -1,0 +1,66 @@
+"""benchmarks/overhead.py runs end to end (at the tiny pipeline's size: the SD 1.5-scale figures are
+the README's, from the command it names) and its kernel counts say what issue #15 needs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def overhead(tmp_path_factory):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import overhead
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path_factory.mktemp("overhead")
+    overhead.main(
+        [
+            "--scale",
+            "tiny",
+            "--rounds",
+            "1",
+            "--reps",
+            "2",
+            "--configs",
+            "guard 3 triggered, every step",
+            "--out",
+            str(out),
+        ]
+    )
+    return json.loads((out / "overhead.json").read_text()), (out / "overhead.md").read_text()
+
+
+def test_kernels_per_checked_step_are_flat_in_the_number_of_concepts(overhead):
+    km = overhead[0]["kernels_memory"]
+    batched = {n: km[n]["kernels_batched_step"] for n in ("3", "10", "30")}
+    assert len(set(batched.values())) == 1, batched
+    loop = {n: km[n]["kernels_loop_of_forwards"] for n in ("1", "3", "10", "30")}
+    assert loop["30"] == 30 * loop["1"] and batched["30"] < loop["3"], (loop, batched)
+
+
+def test_every_table_is_filled(overhead):
+    result, table = overhead
+    e2e = result["end_to_end"]
+    assert set(e2e) == {
+        "unguarded",
+        "negative prompt",
+        "safe latent diffusion",
+        "guard 3 triggered, every step",
+    }
+    assert all(r["median"] > 0 and r["n"] == 1 for r in e2e.values())
+    parts = result["hook_parts"]["guard 3 triggered, every step"]
+    assert (
+        parts["latent_encoder_ms"] > 0
+        and parts["token_heads_ms"] > 0
+        and parts["per_call_outside_loop_ms"] > 0
+    )
+    km = result["kernels_memory"]
+    assert km["bundle_file_bytes"] > 0 and km["3"]["step_peak_bytes"] > km["1"]["step_peak_bytes"] > 0
+    assert "| safe latent diffusion |" in table and "kernels/checked step" in table
