@@ -13,7 +13,7 @@ what they learnt.
 
 It prints (and writes as JSON and Markdown under --out):
 
-1. **End to end**, interleaved (A B C ... A B C ..., ``--rounds`` times): s per pipeline call
+1. **End to end**, interleaved (A B C ... then ... C B A, ``--rounds`` times): s per pipeline call
    (``--steps`` denoising steps, ``output_type="latent"``), median and spread, ratio to unguarded:
    unguarded, a negative prompt, Safe Latent Diffusion (``saferedir_bench``'s hook: a third
    UNet pass per step), and the guard with 1/3/10/30 concepts, triggered and safe, checked every
@@ -46,8 +46,8 @@ CONCEPT_COUNTS = (1, 3, 10, 30)
 
 
 def build_pipeline(scale: str, device: str, dtype: torch.dtype) -> Any:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from saferedir_adapters.tiny import _tiny_vae, char_clip_tokenizer, tiny_sd_pipeline
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from saferedir_adapters.tiny import char_clip_tokenizer, tiny_sd_pipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if scale == "tiny":
@@ -78,7 +78,12 @@ def build_pipeline(scale: str, device: str, dtype: torch.dtype) -> Any:
                 eos_token_id=49407,
             )
         )
-        vae = _tiny_vae(0, **_vae_factor_8())  # only its scale factor matters: latents are returned
+        vae = AutoencoderKL(  # only its scale factor (8) matters: the calls return latents
+            block_out_channels=(32, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+        )
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=encoder,
@@ -94,14 +99,6 @@ def build_pipeline(scale: str, device: str, dtype: torch.dtype) -> Any:
         )
         pipe.set_progress_bar_config(disable=True)
     return pipe if (device, dtype) == ("cpu", torch.float32) else pipe.to(device=device, dtype=dtype)
-
-
-def _vae_factor_8() -> dict[str, Any]:
-    return {
-        "block_out_channels": (32, 32, 32, 32),
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-    }
 
 
 def write_policies(pipe: Any, folder: Path) -> dict[str, Path]:
@@ -229,8 +226,8 @@ def end_to_end(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
     for label in labels:  # warm-up: one call each (allocator, kernels, first-call caches)
         run(label)
     times: dict[str, list[float]] = {label: [] for label in labels}
-    for _ in range(args.rounds):
-        for label in labels:
+    for r in range(args.rounds):  # A B C ... then ... C B A: a drift over the run cancels out
+        for label in labels if r % 2 == 0 else labels[::-1]:
             times[label].append(run(label))
     base = statistics.median(times["unguarded"])
     return {
@@ -275,6 +272,13 @@ def hook_parts(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
 
     timed(split_merge)
     split_ms = timed(split_merge)
+
+    def unet_step() -> None:
+        with torch.no_grad():
+            pipe.unet(*args_in, **kwargs_in)
+
+    unet_ms = statistics.median([timed_once(unet_step, args.device) for _ in range(args.unet_reps)])
+    results["unet_step_ms"] = unet_ms
     for label, path in policies.items():
         if "every step" not in label:
             continue
@@ -298,7 +302,14 @@ def hook_parts(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
             for e in prof.key_averages()
             if e.key.startswith("saferedir.")
         }
-        forward_ms = sum(scopes.values())
+        profiled_ms = sum(scopes.values())
+
+        def forwards(engine: Any = engine, inputs: Any = inputs) -> None:
+            for group in engine.groups:
+                group.stack(inputs.latents, inputs.timestep, inputs.cond)
+
+        timed(forwards)
+        forward_ms = timed(forwards)  # the stacked forwards without the profiler; its parts below
 
         def per_call(engine: Any = engine, state: Any = state, guard: Any = guard) -> None:
             decisions = engine.decisions(state)
@@ -322,17 +333,23 @@ def hook_parts(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
         timed(per_call)
         results[label] = {
             "hook_ms": split_ms + step_ms,
+            "step_ratio": (unet_ms + split_ms + step_ms) / unet_ms,  # a denoising step with / without
             "split_merge_ms": split_ms,
             "engine_step_ms": step_ms,
-            # profiler scope times (measured with the profiler on, rescaled to the step's time)
-            **{
-                f"{name}_ms": ms * (step_ms / max(step_ms, forward_ms)) if forward_ms else 0.0
-                for name, ms in scopes.items()
-            },
-            "bookkeeping_ms": max(step_ms - forward_ms, 0.0),
+            # the forwards' time split as the profiler scopes split it (the profiler itself slows them)
+            **{f"{name}_ms": forward_ms * ms / profiled_ms for name, ms in scopes.items()},
+            "bookkeeping_ms": step_ms - forward_ms,
             "per_call_outside_loop_ms": timed(per_call),
         }
     return results
+
+
+def timed_once(fn: Any, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1000.0
 
 
 def kernels_and_memory(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -366,11 +383,13 @@ def kernels_and_memory(pipe: Any, policies: dict[str, Path], args: argparse.Name
         redirectors = [c.redirector.cpu() for c in engine.concepts]
         loop = sum(kernel_ops(lambda r=redirectors: [x(latents, t, cond) for x in r]).values())
         stack = engine.groups[0].stack
+        module_bytes = sum(p.numel() * p.element_size() for r in redirectors for p in r.parameters())
         peak = _peak_cpu_bytes(lambda e=engine, s=state: e.step(latents, t, cond, s))
         out[str(n)] = {
             "kernels_batched_step": batched,
             "kernels_loop_of_forwards": loop,
             "stacked_weight_bytes_per_concept": stack.nbytes() // n,
+            "module_weight_bytes_per_concept": module_bytes // n,  # the loaded bundle's module, kept too
             "step_peak_bytes_per_concept": peak // n,
             "step_peak_bytes": peak,
         }
@@ -449,40 +468,60 @@ def sync_check(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"# Overhead ({result['setup']})",
-        "",
-        "| configuration | s/call median | min | max | ratio |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for label, r in result["end_to_end"].items():
-        lines.append(f"| {label} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['ratio']:.4f} |")
-    lines += [
-        "",
-        "| guard (checked every step) | hook ms/call | split+merge | latent enc. | prompt+classifier | token heads | bookkeeping | per call, outside loop |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for label, r in result["hook_parts"].items():
-        lines.append(
-            f"| {label} | {r['hook_ms']:.2f} | {r['split_merge_ms']:.2f} | {r.get('latent_encoder_ms', 0):.2f} | "
-            f"{r.get('prompt_and_classifier_ms', 0):.2f} | {r.get('token_heads_ms', 0):.2f} | {r['bookkeeping_ms']:.2f} | "
-            f"{r['per_call_outside_loop_ms']:.2f} |"
-        )
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+            "| " + " | ".join(r) + " |" for r in rows
+        ]
+
+    lines = [f"# Overhead ({result['setup']})", ""]
+    lines += table(
+        ["configuration", "s/call median", "min", "max", "ratio"],
+        [
+            [label, f"{r['median']:.3f}", f"{r['min']:.3f}", f"{r['max']:.3f}", f"{r['ratio']:.4f}"]
+            for label, r in result["end_to_end"].items()
+        ],
+    )
+    parts = dict(result["hook_parts"])
+    unet_ms = parts.pop("unet_step_ms")
+    lines += ["", f"UNet step (one denoiser call, the CFG batch): {unet_ms:.1f} ms", ""]
+    names = ["split_merge", "latent_encoder", "prompt_and_classifier", "token_heads", "bookkeeping"]
+    lines += table(
+        ["guard (checked every step)", "hook ms/step", "step ratio", *names, "per call, outside loop"],
+        [
+            [label, f"{r['hook_ms']:.2f}", f"{r['step_ratio']:.5f}"]
+            + [f"{r.get(n + '_ms', 0.0):.2f}" for n in names]
+            + [f"{r['per_call_outside_loop_ms']:.2f}"]
+            for label, r in parts.items()
+        ],
+    )
     km = result["kernels_memory"]
-    lines += [
-        "",
-        "| concepts | kernels/checked step (batched) | loop of K forwards | weights MB/concept | step peak MB |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for n in CONCEPT_COUNTS:
-        r = km[str(n)]
-        lines.append(
-            f"| {n} | {r['kernels_batched_step']} | {r['kernels_loop_of_forwards']} | "
-            f"{r['stacked_weight_bytes_per_concept'] / 1e6:.2f} | {r['step_peak_bytes'] / 1e6:.1f} |"
-        )
+    lines.append("")
+    lines += table(
+        [
+            "concepts",
+            "kernels/checked step (batched)",
+            "loop of K forwards",
+            "MB/concept: stacked weights",
+            "module weights",
+            "step peak",
+            "step peak MB",
+        ],
+        [
+            [
+                str(n),
+                str(r["kernels_batched_step"]),
+                str(r["kernels_loop_of_forwards"]),
+                f"{r['stacked_weight_bytes_per_concept'] / 1e6:.2f}",
+                f"{r['module_weight_bytes_per_concept'] / 1e6:.2f}",
+                f"{r['step_peak_bytes_per_concept'] / 1e6:.2f}",
+                f"{r['step_peak_bytes'] / 1e6:.1f}",
+            ]
+            for n, r in ((n, km[str(n)]) for n in CONCEPT_COUNTS)
+        ],
+    )
     lines.append(f"\nbundle file per concept: {km['bundle_file_bytes'] / 1e6:.2f} MB")
     if "cuda_memory" in result:
-        lines.append("\n" + json.dumps(result["cuda_memory"]))
+        lines.append("\nadded peak GPU memory: " + json.dumps(result["cuda_memory"]))
     if "sync_check" in result:
         lines.append("\nsync check: " + result["sync_check"])
     return "\n".join(lines) + "\n"
@@ -495,8 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per end-to-end call")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="even: as many reversed rounds as forward")
     parser.add_argument("--reps", type=int, default=20, help="repetitions of the hook-part timings")
+    parser.add_argument("--unet-reps", type=int, default=3, help="bare UNet calls timed for the step ratio")
     parser.add_argument("--size", type=int, default=None, help="image size (default 512; tiny: 64)")
     parser.add_argument(
         "--configs",

@@ -228,7 +228,7 @@ class StackedRedirectors:
 
 
 #: aten ops that only make views or allocate (no kernel runs): left out of :func:`kernel_ops`
-_METADATA_OPS = frozenset(
+METADATA_OPS = frozenset(
     "aten::" + name
     for name in (
         "view alias _reshape_alias reshape _unsafe_view as_strided as_strided_ slice narrow select "
@@ -246,5 +246,5 @@ def kernel_ops(fn: Callable[[], object]) -> dict[str, int]:
     return {
         e.key: e.count
         for e in prof.key_averages()
-        if e.key.startswith("aten::") and e.key not in _METADATA_OPS
+        if e.key.startswith("aten::") and e.key not in METADATA_OPS
     }

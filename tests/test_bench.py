@@ -79,6 +79,11 @@ def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, wr
     assert cells["forget"]["saferedir"]["triggered"] == 1.0
     assert cells["retain"]["saferedir"]["triggered"] == 0.0
     assert cells["retain"]["saferedir"]["pixel_similarity"] == 1.0
+    # released triggers (acted, no longer triggered at the end) among the drawn images, per forget set
+    for s in ("forget", "paraphrase", "adversarial"):
+        cell = cells[s]["saferedir"]
+        assert 0 <= cell["released_drawn"] <= cell["drawn"]
+        assert (cell["present_released"] is None) == (cell["released_drawn"] == 0)
     # always-on methods change benign images and have no trigger
     for method in ("negative_prompt", "sld_medium", "sld_max", "leace"):
         assert "triggered" not in cells["retain"][method]

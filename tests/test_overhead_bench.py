@@ -63,4 +63,4 @@ def test_every_table_is_filled(overhead):
     )
     km = result["kernels_memory"]
     assert km["bundle_file_bytes"] > 0 and km["3"]["step_peak_bytes"] > km["1"]["step_peak_bytes"] > 0
-    assert "| safe latent diffusion |" in table and "kernels/checked step" in table
+    assert "| safe latent diffusion |" in table and "kernels/checked step" in table and "step ratio" in table

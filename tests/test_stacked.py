@@ -222,3 +222,24 @@ def test_weights_follow_the_latents_device():
         and stack.device.type == "cpu"
         and list(stack._copies) == [torch.device("meta")]
     )
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_stacked_forward_is_one_graph(layout):
+    """``torch.compile(fullgraph=True)`` captures the whole stacked forward (no graph break: static
+    shapes, no host reads), the precondition for CUDA graphs / ``mode="reduce-overhead"``."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = config(layout)
+    stack = StackedRedirectors(redirectors(cfg, 3))
+    latents, t, cond = inputs(cfg)
+    eager = stack(latents, t, cond)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(stack.forward, fullgraph=True, backend="aot_eager")(latents, t, cond)
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(
+        compiled.directions + (compiled.logit, compiled.alpha), eager.directions + (eager.logit, eager.alpha)
+    ):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -13,8 +13,11 @@ if TYPE_CHECKING:
 
 
 @hookspec(firstresult=True)
-def saferedir_eval_suite(backbone: str) -> EvalSuite | None:
-    """Called by ``saferedir eval --backbone NAME``. Return an
+def saferedir_eval_suite(backbone: str, split: str) -> EvalSuite | None:
+    """Called by ``saferedir eval --backbone NAME [--split dev]``. Return an
     :class:`~saferedir_bench.evaluation.EvalSuite` (prompt sets per concept, a judge, what each
     alternative needs, a default policy) for a backbone this plugin can judge, else None.
+    ``split``: ``"eval"`` (the reported figures) or ``"dev"`` (prompts drawn the same way with
+    other draws, for choosing settings: never tune on ``"eval"``); an implementation that has no
+    dev split may leave the argument out and is then not asked for one.
     """

@@ -31,7 +31,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise SafeRedirError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
     pm = default_plugin_manager()
-    suite = pm.hook.saferedir_eval_suite(backbone=args.backbone)
+    suite = pm.hook.saferedir_eval_suite(backbone=args.backbone, split=args.split)
     if suite is None:
         raise SafeRedirError(
             f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite "
@@ -85,5 +85,11 @@ def saferedir_add_commands(subparsers: Any) -> None:
     p.add_argument("--n", type=int, default=0, help="prompts per set (0: the suite's full sets)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument(
+        "--split",
+        choices=["eval", "dev"],
+        default="eval",
+        help="eval: the suite's reported prompt sets; dev: other draws of the same sets, to choose settings on",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_eval)

@@ -90,13 +90,15 @@ def saferedir_add_commands(subparsers: Any) -> None:
 
 
 @hookimpl(optionalhook=True)
-def saferedir_eval_suite(backbone: str) -> Any:
+def saferedir_eval_suite(backbone: str, split: str) -> Any:
     """The Shapes efficacy suite for ``saferedir eval`` (a hook the benchmark plugin specifies):
-    the same prompt sets and judge on either backbone, each with its own policy."""
+    the same prompt sets and judge on either backbone, each with its own policy. ``split="dev"``:
+    the prompt generator's seed 1 instead of 0 (same templates and wording pools, other draws)."""
     if backbone not in BACKBONES:
         return None
     from dataclasses import replace
 
     from .eval_suite import ShapesEvalSuite
 
-    return replace(ShapesEvalSuite.build(), backbone=backbone, policy=SUITE_POLICIES[backbone])
+    suite = ShapesEvalSuite.build(seed=1 if split == "dev" else 0)
+    return replace(suite, backbone=backbone, policy=SUITE_POLICIES[backbone])
