@@ -141,6 +141,7 @@ class _Settings:
     redirect: torch.Tensor
     apply_to_uncond: torch.Tensor
     move_pooled: torch.Tensor
+    block: torch.Tensor
 
 
 class _Group:
@@ -155,9 +156,9 @@ class _Group:
         self.stack = StackedRedirectors([c.redirector for c in concepts])
         rules = [c.rule for c in concepts]
         self.window = rules[0].window
-        self.replace_steps = rules[0].replace_steps
         self.redirects = any(r.action == "redirect" for r in rules)
         self.acting_uncond = any(r.action == "redirect" and r.apply_to_uncond for r in rules)
+        self.blocks = any(r.action == "block" for r in rules)
         self._settings: dict[torch.device, _Settings] = {}
         self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
@@ -185,6 +186,7 @@ class _Group:
                     [r.action == "redirect" and r.apply_to_uncond for r in rules], torch.bool
                 ),
                 move_pooled=column([r.move_pooled for r in rules], torch.bool),
+                block=column([r.action == "block" for r in rules], torch.bool),
             )
         return self._settings[device]
 
@@ -379,10 +381,14 @@ class RedirectionEngine:
     def blocked_now(self, state: EngineState) -> torch.Tensor | None:
         """(B,) bool: the samples a ``block`` rule flags at this point of the call (device tensor,
         no host read), or None when no rule blocks."""
-        columns = [self._columns[k] for k, c in enumerate(self.concepts) if c.rule.action == "block"]
-        if not columns:
-            return None
-        return state.triggered[:, columns].any(dim=1)
+        flagged: torch.Tensor | None = None
+        for group in self.groups:  # the rules' device masks: no index list copied per call
+            if not group.blocks:
+                continue
+            p = group.settings(state.triggered.device)
+            mine = (state.triggered[:, group.columns] & p.block).any(dim=1)
+            flagged = mine if flagged is None else flagged | mine
+        return flagged
 
     def decisions(self, state: EngineState) -> list[list[ConceptDecision]]:
         """Per sample, per concept outcome. The only host transfer of a call: one ``.cpu()``."""
