@@ -64,3 +64,22 @@ def test_every_table_is_filled(overhead):
     km = result["kernels_memory"]
     assert km["bundle_file_bytes"] > 0 and km["3"]["step_peak_bytes"] > km["1"]["step_peak_bytes"] > 0
     assert "| safe latent diffusion |" in table and "kernels/checked step" in table and "step ratio" in table
+
+
+def test_probe_scores_prints_every_check_of_every_prompt(capsys, monkeypatch):
+    """benchmarks/probe_scores.py (the README's long-prompt probe): one line per check and prompt,
+    and a trajectory of the short prompt the red bundle was trained on fires at the first check."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import probe_scores
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    prompts = ["a red circle", "a blue square"]
+    monkeypatch.setattr(
+        sys, "argv", ["probe_scores.py", "--bundle", "red", "--words", "red", "--threads", "1", *prompts]
+    )
+    probe_scores.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == prompts[0] and lines[11] == prompts[1] and len(lines) == 22
+    assert lines[1].startswith("  step  0  p=1.00") and "mask[red]=" in lines[1]
+    assert "mask[" not in lines[12] and float(lines[12].split("p=")[1].split()[0]) < 0.5

@@ -116,7 +116,7 @@ def test_registering_a_concept_pack_builds_no_recipe():
     specs = registered_concepts(make_plugin_manager())
     assert world.cached_recipe.cache_info().currsize == 0
     pairs, pool = specs["shapes-red"].recipe()
-    assert len(pairs) == 240 and len(pool) == 120 and world.cached_recipe.cache_info().currsize == 1
+    assert len(pairs) == 300 and len(pool) == 150 and world.cached_recipe.cache_info().currsize == 1
 
 
 def test_plugins_leave_the_process_environment_alone():

@@ -48,6 +48,28 @@ def test_heldout_vocabulary_never_appears_in_training_prompts():
     assert not any((a.colour, a.shape) in world.HELDOUT_PAIRS for a in attrs)
 
 
+def test_training_long_prompts_share_no_tag_with_the_eval_long_prompts():
+    """The recipes' long, tag-style prompts (world.LONG_TAGS) cover the category, not the eval's wording:
+    no tag of the efficacy suite's long template reaches training; and every framed prompt fits
+    what the text encoder reads."""
+    from saferedir_shapes.eval_suite import LONG
+
+    eval_tags = [t for t in LONG.split(", ") if "{" not in t]
+    assert eval_tags and not set(eval_tags) & {t for tags in world.LONG_TAGS for t in tags}
+    for concept, settings in world.RECIPES.items():
+        pairs, pool = world.concept_recipe(concept)
+        texts = [p for pair in pairs for p in pair] + pool
+        assert len(pairs) == settings.n_pairs and len(pool) == settings.n_pool
+        framed = 0
+        for text in texts:
+            assert not any(re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text) for t in eval_tags), text
+            if any(text.startswith(t + ", ") for t in world.LONG_TAGS[0]):
+                framed += 1
+                assert world.minilm_token_count(text) <= world.MAX_PIECES, text
+        # about a quarter of the prompts in long framings where the recipe has them, none elsewhere
+        assert (0.2 * len(texts) <= framed <= 0.35 * len(texts)) if settings.long_framing else framed == 0
+
+
 def test_safe_synonym_matches_the_forget_words_token_count_where_it_can():
     def count(text):  # a stand-in tokenizer: one token per letter
         return len(text.replace(" ", ""))

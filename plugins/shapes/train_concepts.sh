@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the Shapes concept pack's three redirector bundles on the shipped Shapes backbone,
 # from the pack's own prompt recipes (saferedir_shapes.world.concept_recipe: dictionary synonyms
-# and the training wordings of world.WORDINGS / world.NEGATIONS), every trajectory labelled by
+# and the training wordings of world.WORDINGS / world.NEGATIONS, drawn per world.RECIPES), every trajectory labelled by
 # what its image shows (the pack's outcome judge), and writes them next to the backbone weights.
 # Run from the repository root after `make demo` has set up .venv.
 # The recipes' misspellings come from weights/misspellings.json (python -m saferedir_shapes.misspellings).

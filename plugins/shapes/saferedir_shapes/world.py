@@ -305,6 +305,39 @@ TRAIN_WRAPPERS = [
     "concept art, {p}, soft light",
     "photo of {p} on a table, studio lighting",
 ]
+# long, tag-style prompts (how prompts are written for real text-to-image models): the subject among
+# quality and style tags before and after it. None of these tags is one the efficacy suite's long
+# prompts use (tests/test_shapes.py checks it), so the eval's long category stays unseen wording.
+LONG_TAGS = (
+    [
+        "masterpiece",
+        "best quality",
+        "ultra detailed",
+        "8k",
+        "flat icon",
+        "minimalist",
+        "award winning",
+        "illustration",
+        "studio shot",
+        "professional",
+        "graphic design",
+        "poster",
+    ],
+    [
+        "centered composition",
+        "white backdrop",
+        "sharp lines",
+        "soft shadows",
+        "high resolution",
+        "trending on artstation",
+        "even shading",
+        "crisp",
+        "hd",
+        "neutral background",
+        "cinematic lighting",
+        "detailed",
+    ],
+)
 
 
 @functools.cache
@@ -345,13 +378,24 @@ def misspell(word: str, rng: np.random.Generator, exclude: frozenset[str] = froz
 WORDINGS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
     "red": {
         "case": (["RED", "Red", "CRIMSON", "Scarlet"], ["SCARLET", "Ruby"]),
-        "foreign": (["rojo", "rosso", "rot"], ["rood", "rouge", "vermelho"]),
+        "foreign": (["rojo", "rosso", "rot", "röd", "czerwony", "rød"], ["rood", "rouge", "vermelho"]),
         "obfuscation": (["r e d", "r-e-d", "r3d", "r*d"], ["r.e.d", "r_e_d", "r\u0435d"]),
         "description": (
-            ["cherry-coloured", "the colour of a cherry", "strawberry-coloured", "poppy-coloured"],
+            [
+                "cherry-coloured",
+                "the colour of a cherry",
+                "strawberry-coloured",
+                "poppy-coloured",
+                "lipstick-coloured",
+                "the colour of a ladybird",
+                "the colour of a strawberry",
+            ],
             ["blood-coloured", "ketchup-coloured"],
         ),
-        "lookalike": (["redo", "rad", "reed", "bred", "redd"], ["fred", "ready", "shred"]),
+        "lookalike": (
+            ["redo", "rad", "reed", "bred", "redd", "read", "bread", "sacred", "rod", "reddit"],
+            ["fred", "ready", "shred"],
+        ),
     },
     "striped": {
         "case": (["STRIPED", "Striped", "BANDED", "Stripy"], ["STRIPY", "Pinstriped"]),
@@ -365,17 +409,39 @@ WORDINGS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
     },
     "star": {
         "case": (["STAR", "Star", "ASTERISK", "Five-Pointed Star"], ["sTaR", "StAr"]),
-        "foreign": (["stella", "estrella", "stern"], ["étoile", "ster", "estrela"]),
+        "foreign": (["stella", "estrella", "stern", "stjärna", "gwiazda"], ["étoile", "ster", "estrela"]),
         "obfuscation": (["s t a r", "st4r", "5tar", "st-ar"], ["s.t.a.r", "st@r"]),
         "description": (
-            ["starfish shape", "twinkle shape", "christmas-tree-topper shape"],
+            [
+                "starfish shape",
+                "twinkle shape",
+                "christmas-tree-topper shape",
+                "shape with five arms",
+                "twinkling shape",
+            ],
             ["shooting-star shape", "sea-star shape"],
         ),
-        "lookalike": (["stair", "start", "scar", "tsar"], ["stare", "sitar", "stag"]),
+        "lookalike": (
+            ["stair", "start", "scar", "tsar", "stay", "stark", "stab", "tar", "astir"],
+            ["stare", "sitar", "stag"],
+        ),
     },
 }
 # a benign request that names the concept: "..., not red" (bag-of-words backbones often draw it anyway)
-NEGATIONS = (["{p}, not {w}", "{p}, no {w}", "{p} but not {w}"], ["{p} without {w}", "{p}, anything but {w}"])
+NEGATIONS = (
+    [
+        "{p}, not {w}",
+        "{p}, no {w}",
+        "{p} but not {w}",
+        "{p} with no {w}",
+        "{p}, never {w}",
+        "{p}, minus the {w}",
+        "{p}, free of {w}",
+        "{p}, avoid {w}",
+        "{p} instead of {w}",
+    ],
+    ["{p} without {w}", "{p}, anything but {w}"],
+)
 # training share of each family among a recipe's pairs (the rest: the concept's dictionary synonyms)
 FAMILY_SHARES = {
     "case": 0.08,
@@ -384,6 +450,65 @@ FAMILY_SHARES = {
     "description": 0.1,
     "lookalike": 0.1,
     "negation": 0.17,
+}
+
+
+#: the most word pieces a framed training prompt may have: the text encoder reads SEQ_LEN tokens,
+#: two of them specials, and a concept word cut off would not reach the backbone either
+MAX_PIECES = 22
+
+
+def frame(
+    texts: list[str],
+    rng: np.random.Generator,
+    token_count: Callable[[str], int] | None = minilm_token_count,
+    long: bool = True,
+) -> list[str]:
+    """The same framing around every one of ``texts`` (the two sides of a pair, or one prompt): a
+    fifth of the time a short one (``TRAIN_WRAPPERS``), a quarter of the time a long tag-style
+    one (one to four ``LONG_TAGS`` before the subject, one to four after, tags dropped from the
+    end until every text fits ``MAX_PIECES`` word pieces), else none. ``long=False``: the first
+    recipes' framing, a short wrapper a quarter of the time."""
+    if not long:
+        if rng.random() < 0.25:
+            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
+            return [wrapper.format(p=t) for t in texts]
+        return list(texts)
+    roll = rng.random()
+    if roll < 0.2:
+        wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
+        return [wrapper.format(p=t) for t in texts]
+    if roll >= 0.45:
+        return list(texts)
+    lead, tail = LONG_TAGS
+    before = [lead[i] for i in rng.permutation(len(lead))[: rng.integers(1, 5)]]
+    after = [tail[i] for i in rng.permutation(len(tail))[: rng.integers(1, 5)]]
+    while True:
+        framed = [", ".join([*before, t, *after]) for t in texts]
+        if token_count is None or max(token_count(t) for t in framed) <= MAX_PIECES or not (before or after):
+            return framed if (before or after) else list(texts)
+        (after if len(after) >= len(before) else before).pop()
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """How one concept's training recipe is drawn (:data:`RECIPES`)."""
+
+    n_pairs: int = 300
+    n_pool: int = 150
+    long_framing: bool = True  # :func:`frame` with long tag-style framings beside the short wrappers
+    negations: int = len(NEGATIONS[0])  # how many of the training negation templates it uses
+
+
+#: per concept. Red and star: the second recipes (long tag-style framings, nine negation templates,
+#: more expressions per family). Striped keeps the first recipe (240 pairs, 120 pool prompts, short
+#: framings, the first three negation templates, its first word lists): on the efficacy suite's
+#: dev split the second recipe let 3 of its 82 drawn images through against 0 and acted on 5 of 32
+#: benign ones against 2 (benchmarks/README.md).
+RECIPES = {
+    "red": RecipeSettings(),
+    "striped": RecipeSettings(n_pairs=240, n_pool=120, long_framing=False, negations=3),
+    "star": RecipeSettings(),
 }
 
 
@@ -402,16 +527,21 @@ def _article(text: str) -> str:
 
 def recipe_pairs(
     concept: str,
-    n_pairs: int = 240,
+    n_pairs: int | None = None,
     seed: int = 0,
     token_count: Callable[[str], int] | None = minilm_token_count,
+    settings: RecipeSettings | None = None,
 ) -> list[RecipePair]:
     """The recipe's forget/retain pairs, each swapping the concept's expression for the safe
     target's, token for token where the tokenizer allows (:func:`safe_synonym`), so each forget
     phrasing has one redirection target. Families (``FAMILY_SHARES``): the dictionary synonyms
     (30% of those misspelt with :func:`verified_misspellings`), and the training expressions of
-    :data:`WORDINGS` and :data:`NEGATIONS`. A quarter are wrapped in a framing (``TRAIN_WRAPPERS``).
+    :data:`WORDINGS` and :data:`NEGATIONS`. Some are framed (:func:`frame`: short wrappers and long
+    tag-style prompts).
     Training vocabulary and training colour-shape pairs only."""
+    settings = settings or RECIPES[concept]
+    n_pairs = settings.n_pairs if n_pairs is None else n_pairs
+    negations = NEGATIONS[0][: settings.negations]
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     key = {"colour": "c", "shape": "s", "texture": "t"}[attribute]
     safe_words = words(attribute, target, "train")
@@ -434,7 +564,7 @@ def recipe_pairs(
             )
             if (base.colour, base.shape) in HELDOUT_PAIRS:
                 continue
-            template = NEGATIONS[0][rng.integers(len(NEGATIONS[0]))]
+            template = negations[rng.integers(len(negations))]
             named = words(attribute, value, "train")
             index = int(rng.integers(len(named)))
             p = make_prompt(base, rng)
@@ -475,23 +605,23 @@ def recipe_pairs(
                         **{**slot, key: safe_synonym(expressions[index], safe_words, index, token_count)}
                     )
                 )
-        if rng.random() < 0.25:
-            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
-            f, r = wrapper.format(p=f), wrapper.format(p=r)
+        f, r = frame([f, r], rng, token_count, settings.long_framing)
         pairs.append(RecipePair(f, r, family))
     return pairs
 
 
 def concept_recipe(
     concept: str,
-    n_pairs: int = 240,
-    n_pool: int = 120,
+    n_pairs: int | None = None,
+    n_pool: int | None = None,
     seed: int = 0,
     token_count: Callable[[str], int] | None = minilm_token_count,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The concept's training recipe: :func:`recipe_pairs` and a pool of benign prompts, 60% of them
     the other near neighbours (the prompts a classifier could confuse with the concept), the rest
-    any non-concept prompt, a quarter of them wrapped in a framing."""
+    any non-concept prompt, framed as the pairs are (:func:`frame`)."""
+    settings = RECIPES[concept]
+    n_pool = settings.n_pool if n_pool is None else n_pool
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     pairs = [(p.forget, p.retain) for p in recipe_pairs(concept, n_pairs, seed, token_count)]
     rng = np.random.default_rng([seed, 1])
@@ -503,10 +633,7 @@ def concept_recipe(
             if (a.colour, a.shape) in HELDOUT_PAIRS:
                 continue
         if getattr(a, attribute) != value:
-            text = make_prompt(a, rng)
-            if rng.random() < 0.25:
-                text = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))].format(p=text)
-            pool.append(text)
+            pool.append(frame([make_prompt(a, rng)], rng, token_count, settings.long_framing)[0])
     return pairs, pool
 
 
