@@ -469,16 +469,12 @@ def frame(
     one (one to four ``LONG_TAGS`` before the subject, one to four after, tags dropped from the
     end until every text fits ``MAX_PIECES`` word pieces), else none. ``long=False``: the first
     recipes' framing, a short wrapper a quarter of the time."""
-    if not long:
-        if rng.random() < 0.25:
-            wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
-            return [wrapper.format(p=t) for t in texts]
-        return list(texts)
+    short, tagged = (0.2, 0.25) if long else (0.25, 0.0)
     roll = rng.random()
-    if roll < 0.2:
+    if roll < short:
         wrapper = TRAIN_WRAPPERS[rng.integers(len(TRAIN_WRAPPERS))]
         return [wrapper.format(p=t) for t in texts]
-    if roll >= 0.45:
+    if roll >= short + tagged:
         return list(texts)
     lead, tail = LONG_TAGS
     before = [lead[i] for i in rng.permutation(len(lead))[: rng.integers(1, 5)]]
