@@ -13,7 +13,6 @@ token that is one of ``--words``), e.g. why a long prompt escapes::
 from __future__ import annotations
 
 import argparse
-from importlib.resources import files
 
 import torch
 
@@ -33,16 +32,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from saferedir_shapes.pipeline import DEFAULT_GUIDANCE, load_shapes_pipeline
+    from saferedir_shapes.plugin import bundle_path
 
     from saferedir_sdk.bundle import load_bundle
     from saferedir_sdk.plugins import default_plugin_manager, find_adapter
     from saferedir_sdk.training import record_trajectories
 
-    path = (
-        args.bundle
-        if args.bundle.endswith(".safetensors")
-        else str(files("saferedir_shapes") / "weights" / f"{args.bundle}.safetensors")
-    )
+    path = args.bundle if args.bundle.endswith(".safetensors") else bundle_path(args.bundle)
     redirector = load_bundle(path).redirector.eval()
     pipe = load_shapes_pipeline()
     adapter = find_adapter(default_plugin_manager(), pipe)
