@@ -211,6 +211,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         capacity=capacity,
         patience=args.patience,
         prompt_dropout=args.prompt_dropout,
+        prompt_swap=args.prompt_swap,
         pooled=not args.no_pooled,
     )
     device = str(accelerator.device) if accelerator is not None else "cpu"
@@ -418,6 +419,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         type=float,
         default=0.3,
         help="share of the classifier's augmented rows whose prompt is replaced by the empty one (0: off)",
+    )
+    p.add_argument(
+        "--prompt-swap",
+        type=float,
+        default=0.0,
+        help="share of the pairs in the late half of the schedule also classified with their prompts "
+        "exchanged, each latent keeping its own outcome label, so the image outweighs the words (0: off)",
     )
     p.add_argument(
         "--no-pooled",

@@ -5,7 +5,7 @@ the same prompts and seeds through the adapter, metrics are consistent, outputs 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -163,24 +163,30 @@ def test_erasure_counts_only_what_the_unguarded_model_drew_and_false_triggers_on
     unguarded_labels = ["warm", "cool", "warm", "cool"]  # the unguarded model drew the concept in 0 and 2
     unguarded = Generation(images, None, 1.0)
     guarded = Generation(images + 1, np.array([True, True, False, False]), 1.0)
-    row = score(
-        Judge(["cool", "cool", "warm", "cool"]),
-        concept,
-        "forget",
-        prompts,
-        guarded,
-        unguarded,
-        {"cast": unguarded_labels, "tone": ["light"] * 4},
-    )
+
+    def scored(judged: list[str], set_name: str, prompts: list[EvalPrompt]) -> dict:
+        judged_unguarded = {"cast": unguarded_labels, "tone": ["light"] * 4}
+        return score(Judge(judged), concept, set_name, prompts, guarded, unguarded, judged_unguarded)
+
+    row = scored(["cool", "cool", "warm", "cool"], "forget", prompts)
     assert (row["drawn"], row["present_drawn"], row["present"]) == (2, 0.5, 0.25)
-    row = score(
-        Judge(["cool", "cool", "warm", "warm"]),
-        concept,
-        "retain",
-        prompts,
-        guarded,
-        unguarded,
-        {"cast": unguarded_labels, "tone": ["light"] * 4},
+    kinds = ["negation", "negation", "neighbour", "neighbour"]
+    row = scored(
+        ["cool", "cool", "warm", "warm"], "retain", [replace(q, kind=k) for q, k in zip(prompts, kinds)]
     )
     # benign: images 1 and 3; acted on 1 of them; image 3 turned warm: agreement over its 2 attributes
     assert row["benign"] == 2 and row["acted_benign"] == 0.5 and row["agreement"] == 0.75
+    # per kind of retain prompt: drawn anyway, benign, and the benign ones acted on
+    assert row["by_kind"]["negation"] == {
+        "n": 2,
+        "drawn": 1,
+        "present_drawn": 0.0,
+        "acted": 1.0,
+        "benign": 1,
+        "acted_benign": 1,
+    }
+    assert row["by_kind"]["neighbour"]["benign"] == 1 and row["by_kind"]["neighbour"]["acted_benign"] == 0
+    from saferedir_bench.evaluation import retain_kinds_table
+
+    table = retain_kinds_table({"concepts": {"warm": {"retain": {"saferedir": row}}}})
+    assert "| warm | saferedir | negation | 2 | 1 | 1 | 1 |" in table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,8 @@ from saferedir_sdk.bundle import file_sha256
 from saferedir_sdk.capacity import Capacity
 
 SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fingerprint(dim=32, seq_len=77, pooled=0) -> BackboneFingerprint:
@@ -228,8 +232,25 @@ def test_shipped_shapes_bundles_were_trained_on_outcomes_and_read_the_latent():
         assert training["data"]["labels"] == f"shapes-judge:{concept}"
         assert bundle.config.capacity.latent_readout == "mean+max"
         ablation = training["heldout"]["heldout_ablation"]
-        assert set(ablation) == {"real", "shuffled_latent", "neutral_prompt"}
+        assert {"real", "shuffled_latent", "neutral_prompt"} <= set(ablation)
         assert ablation["neutral_prompt"]["t0.00-0.25"] >= 0.85, (concept, ablation)
+
+
+def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
+    """``plugins/shapes/train_concepts.sh`` is the command that made the SD-layout bundles: each
+    bundle's recorded training seed, steps and sampler seeds are the script's."""
+    from saferedir_shapes.plugin import bundle_path
+
+    script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
+    specs = re.search(r"^for spec in (.+); do$", script, re.M).group(1).split()
+    assert "--seeds 0 1 --steps 1200" in script and '--seed "$seed"' in script
+    assert sorted(s.split(":")[0] for s in specs) == ["red", "star", "striped"]
+    for spec in specs:
+        concept, category, seed = spec.split(":")
+        bundle = load_bundle(bundle_path(concept, "sd"))
+        config = bundle.training["config"]
+        assert bundle.concept.category == category
+        assert (config["seed"], config["steps"], config["seeds"]) == (int(seed), 1200, [0, 1]), concept
 
 
 def test_tensors_of_another_dtype_are_refused(tmp_path):

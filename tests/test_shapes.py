@@ -202,3 +202,24 @@ def test_eval_prompts_never_appear_in_training_data():
         for expression in world.training_expressions():
             pattern = re.compile(rf"(?<![\w-]){re.escape(expression)}(?![\w-])")
             assert not [t for t in texts if pattern.search(t)], expression
+
+
+def test_a_vocabulary_change_moves_only_the_prompts_it_touches(monkeypatch):
+    """Each efficacy prompt has its own generator: when the training vocabulary grows (here by the
+    suite's own misspellings, which a misspelling must then avoid), the misspelt prompts are drawn
+    again and no other prompt of any set moves."""
+    from saferedir_shapes import eval_suite
+
+    before = {c: eval_suite.prompt_sets(c, 24) for c in world.CONCEPT_SWAPS}
+    drawn = {p.text for sets in before.values() for p in sets["adversarial"] if p.kind == "misspelling"}
+    words = {w for text in drawn for w in re.findall(r"[\w-]+", text)}
+    grown = world.training_expressions() | frozenset(words)
+    monkeypatch.setattr(eval_suite, "training_expressions", lambda: grown)
+    for concept, sets in before.items():
+        after = eval_suite.prompt_sets(concept, 24)
+        for name, prompts in sets.items():
+            for old, new in zip(prompts, after[name]):
+                if name == "adversarial" and old.kind == "misspelling":
+                    assert new.text != old.text, old.text
+                else:
+                    assert new == old, (concept, name, old.text, new.text)

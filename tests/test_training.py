@@ -149,3 +149,91 @@ def test_prompt_dropout_replaces_whole_prompts_with_the_neutral_one_and_keeps_th
     blank = (mixed.tokens[0] == 7.0).all(dim=(1, 2))
     untouched = (mixed.tokens[0] == cond.tokens[0]).all(dim=(1, 2))
     assert bool((blank | untouched).all()) and 16 < int(blank.sum()) < 48 and torch.equal(kept, labels)
+
+
+def _agreeing_pairs(n: int, seed: int) -> tuple[Trajectories, Trajectories, tuple[TokenStream, ...]]:
+    """Late-schedule pairs whose words and latents agree (forget: the concept named and drawn,
+    retain: neither), labelled by outcome, and their token stream."""
+    g = torch.Generator().manual_seed(seed)
+    streams = (TokenStream("text_encoder", 6, 16),)
+    words = torch.randn(n, 6, 16, generator=g)
+
+    def side(shown: float) -> Trajectories:
+        tokens = words.clone()
+        tokens[:, 2] += shown * 4.0  # the concept word
+        latents = torch.randn(n, 4, 8, 8, generator=g)
+        latents[:, 0, 2:6, 2:6] += shown * 1.5  # the concept forming in the image
+        return Trajectories(
+            latents,
+            torch.full((n,), 0.2),
+            Conditioning((tokens,)),
+            torch.zeros(n, dtype=torch.int64),
+            torch.arange(n),
+            torch.zeros(n, dtype=torch.int64),
+            torch.full((n,), shown),
+        )
+
+    return side(1.0), side(0.0), streams
+
+
+def test_the_counterfactual_term_labels_each_latent_by_its_own_outcome_under_the_other_prompt():
+    """``swap`` picks pairs also classified with their prompts exchanged: the forget latent under the
+    retain prompt keeps the forget label and the other way round; nothing else changes."""
+    from torch.nn import functional as F
+
+    from saferedir_sdk.training import redirector_losses
+
+    forget, retain, streams = _agreeing_pairs(8, 0)
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(streams, 4, capacity=SMALL)).eval().requires_grad_(False)
+    f, r = forget.batch("cpu", 1.0), retain.batch("cpu", 0.0)
+    swap = torch.tensor([True, False] * 4)
+    plain = redirector_losses(red, f, r)
+    swapped = redirector_losses(red, f, r, swap=swap)
+    expected = 0.5 * sum(
+        F.binary_cross_entropy_with_logits(
+            red(lat[0][swap], lat[1][swap], words[2].rows(swap)).logit, lat[3][swap]
+        )
+        for lat, words in ((f, r), (r, f))
+    )
+    assert float(plain["counterfactual"]) == 0.0
+    assert abs(float(swapped["counterfactual"]) - float(expected)) < 1e-5
+    for key in ("classification", "redirection", "mask", "scale", "preservation"):
+        assert abs(float(swapped[key]) - float(plain[key])) < 1e-5, key
+    assert abs(float(swapped["total"]) - float(plain["total"]) - float(expected)) < 1e-5
+
+
+class _Reader(torch.nn.Module):
+    """A stand-in classifier that decides from one input only: the concept word or the latent patch."""
+
+    def __init__(self, reads: str):
+        super().__init__()
+        self.reads = reads
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, latents, timestep, cond):
+        from types import SimpleNamespace
+
+        if self.reads == "words":
+            logit = cond.tokens[0][:, 2].mean(dim=-1) - 2.0
+        else:
+            logit = latents[:, 0, 2:6, 2:6].mean(dim=(1, 2)) - 0.75
+        return SimpleNamespace(logit=logit + self.bias)
+
+
+def test_the_ablation_tells_a_classifier_that_reads_the_words_from_one_that_reads_the_image():
+    """Shuffled prompts (each latent keeping its label) cost a word reader half its accuracy and an
+    image reader nothing; shuffled latents the other way round; the empty prompt leaves a word
+    reader calling everything safe."""
+    from saferedir_sdk.training import classifier_ablation
+
+    forget, retain, _ = _agreeing_pairs(64, 3)
+    rows = Trajectories.concat([forget, retain])
+    neutral = Conditioning((torch.zeros(1, 6, 16),))
+    late = "t0.00-0.25"
+    words = classifier_ablation(_Reader("words"), rows, neutral=neutral)
+    image = classifier_ablation(_Reader("image"), rows, neutral=neutral)
+    assert words["real"][late] == words["shuffled_latent"][late] == 1.0
+    assert min(image["real"][late], image["shuffled_prompt"][late], image["neutral_prompt"][late]) >= 0.98
+    assert words["neutral_prompt"][late] == 0.5
+    assert 0.35 < words["shuffled_prompt"][late] < 0.65 and 0.35 < image["shuffled_latent"][late] < 0.65

@@ -17,6 +17,13 @@ lake" / "a girl by the lake") at the same seed and step. The pair supervises eve
   clipped to [0, 1]: how far the pair says to move the token that moves most.
 * **preservation**: on retain rows the predicted movement ``alpha * m`` should be zero, so a
   misfiring classifier moves benign prompts as little as possible.
+* **counterfactual classification** (BCE, optional ``swap``): late in the schedule a pair's two
+  rows are also shown with their prompts exchanged, the forget row's latent under the retain prompt
+  and the other way round, each labelled by what *its latent* became. Both rows share seed and step,
+  so nothing but the latent tells them apart: where the words and the image disagree, the image must
+  win. Without it a classifier fitted to paired prompts can decide every step from the words alone
+  (a negation it never saw, "... anything but asterisk", kept p(unsafe) = 1.00 to the last check
+  over a triangle).
 
 An optional unpaired **retain pool** (``negatives``: benign prompts unrelated to the concept, like
 the IGMU Church set's retain list) adds classification (label 0) and preservation terms, so the
@@ -111,16 +118,25 @@ def redirector_losses(
     strength: float = 1.0,
     mask_tau: float = 0.05,
     augment: Callable[[Batch], Batch] | None = None,
+    swap: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All losses for a batch of pairs. ``forget``, ``retain`` and the optional unpaired
     ``negatives`` are (latents, timesteps, cond, labels): row ``i`` of ``forget`` and ``retain`` is a
     pair, ``labels`` (B,) the classification target of each row (its outcome label, or 1 / 0 by
     side). A pair teaches redirection only where its forget row is unsafe and its retain row safe;
     every safe row of any group is kept still (preservation). ``augment`` perturbs a copy of every
-    group for the classification loss only: the redirection targets stay the clean pair."""
+    group for the classification loss only: the redirection targets stay the clean pair. ``swap``
+    (B,) bool picks the pairs that are also classified with their prompts exchanged (the
+    counterfactual term: each latent keeps its own label)."""
     groups = [forget, retain] + ([negatives] if negatives is not None else [])
     if augment is not None:
         groups += [augment(g) for g in groups]
+    n_plain = len(groups)
+    if swap is not None and bool(swap.any()):
+        for latent_side, prompt_side in ((forget, retain), (retain, forget)):
+            groups.append(
+                (latent_side[0][swap], latent_side[1][swap], prompt_side[2].rows(swap), latent_side[3][swap])
+            )
     sizes = [g[0].shape[0] for g in groups]
     # one forward over all groups (one pass under DistributedDataParallel, and faster)
     cond = Conditioning(
@@ -131,7 +147,10 @@ def redirector_losses(
     parts = _split_output(out, sizes)
     out_f, out_r = parts[0], parts[1]
     bce = [F.binary_cross_entropy_with_logits(p.logit, g[3].to(p.logit.dtype)) for p, g in zip(parts, groups)]
-    classification = sum(bce) / (2 if augment is not None else 1)
+    classification = sum(bce[:n_plain]) / (2 if augment is not None else 1)
+    counterfactual = (
+        sum(bce[n_plain:]) / 2 if len(bce) > n_plain else torch.zeros((), device=out.logit.device)
+    )
 
     pooled = out.pooled_direction is not None  # (the module may be wrapped: DistributedDataParallel)
     e_f, e_r = forget[2], retain[2]
@@ -161,9 +180,9 @@ def redirector_losses(
     scale = _weighted_mean((out_f.alpha - alpha_target) ** 2, pair_weight)
     preservation = sum(
         ((1.0 - g[3]) * (p.alpha.unsqueeze(-1) * _masks(p)).mean(dim=1)).mean()
-        for p, g in zip(parts[: len(sizes) // (2 if augment is not None else 1)], groups)
+        for p, g in zip(parts[: n_plain // (2 if augment is not None else 1)], groups)
     )
-    total = classification + redirection + mask + scale + preservation
+    total = classification + counterfactual + redirection + mask + scale + preservation
     accuracy = 0.5 * (
         ((out_f.logit > 0).float() == y_f).float().mean() + ((out_r.logit > 0).float() == y_r).float().mean()
     )
@@ -172,6 +191,7 @@ def redirector_losses(
     return {
         "total": total,
         "classification": classification,
+        "counterfactual": counterfactual,
         "redirection": redirection,
         "mask": mask,
         "scale": scale,
@@ -245,16 +265,22 @@ def classifier_ablation(
 ) -> dict[str, dict[str, float]]:
     """What the classifier's decision rests on: its accuracy against the rows' labels per timestep
     quarter with the real inputs (``real``), with the latents shuffled across the rows (a fixed
-    permutation: ``shuffled_latent``), and, given ``neutral`` (the conditioning of one neutral
-    prompt, e.g. the empty one), with every prompt replaced by it (``neutral_prompt``). A classifier
-    that reads the latent keeps its late-quarter accuracy with the neutral prompt and loses it with
-    shuffled latents; one that reads only the words does the opposite. ``rows`` must carry labels."""
+    permutation: ``shuffled_latent``), with the prompts shuffled across the rows (the same
+    permutation, each latent keeping its own label: ``shuffled_prompt``), and, given ``neutral``
+    (the conditioning of one neutral prompt, e.g. the empty one), with every prompt replaced by it
+    (``neutral_prompt``). A classifier that reads the latent keeps its late-quarter accuracy with
+    the neutral prompt and with another row's prompt, and loses it with shuffled latents; one that
+    reads only the words does the opposite. ``neutral_prompt`` alone can flatter: a classifier may
+    read the latent when the prompt is empty and still side with the words when there are words
+    (``shuffled_prompt`` shows it). ``rows`` must carry labels."""
     if rows.labels is None:
         raise ValueError("classifier_ablation needs labelled rows")
     was_training = redirector.training
     redirector.eval()
     device = next(redirector.parameters()).device
-    variants = ["real", "shuffled_latent"] + (["neutral_prompt"] if neutral is not None else [])
+    variants = ["real", "shuffled_latent", "shuffled_prompt"] + (
+        ["neutral_prompt"] if neutral is not None else []
+    )
     correct = {v: torch.zeros(4) for v in variants}
     count = torch.zeros(4)
     permutation = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
@@ -267,6 +293,7 @@ def classifier_ablation(
         inputs = {
             "real": (latents, t, cond),
             "shuffled_latent": (rows.latents[permutation[index]].to(device), t, cond),
+            "shuffled_prompt": (latents, t, rows.cond.rows(permutation[index]).map(lambda x: x.to(device))),
         }
         if neutral is not None:
             b = len(index)
@@ -334,7 +361,9 @@ def evaluate_redirector(
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(index)
     both = Trajectories.concat([forget.labelled(1.0), retain.labelled(0.0)])
-    result: dict[str, Any] = {f"heldout_{k}": round(v / n, 5) for k, v in sums.items()}
+    result: dict[str, Any] = {
+        f"heldout_{k}": round(v / n, 5) for k, v in sums.items() if k != "counterfactual"
+    }
     ablation = classifier_ablation(redirector, both, neutral=neutral, batch_size=batch_size)
     quarters = timestep_quarter(both.timesteps)
     weights = torch.bincount(quarters, minlength=4).float()
@@ -359,6 +388,8 @@ def fit_redirector(
     heldout: tuple[Trajectories, Trajectories] | None = None,
     neutral: Conditioning | None = None,
     prompt_dropout: float = 0.0,
+    prompt_swap: float = 0.0,
+    swap_below: float = 0.5,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -377,6 +408,9 @@ def fit_redirector(
 
     ``neutral`` (the conditioning of one neutral prompt) is what ``prompt_dropout`` (a share of the
     classification copy's rows) replaces prompts with, and what the held-out ablation uses.
+    ``prompt_swap``: the share of pairs, among those at normalised timesteps below ``swap_below``
+    (the late half of the schedule by default), also classified with their prompts exchanged (the
+    counterfactual term of :func:`redirector_losses`).
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
     without improvement. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
@@ -417,6 +451,9 @@ def fit_redirector(
             def augment(b: Batch) -> Batch:
                 return _augment(b, token_dropout, embed_noise, generator, prompt_dropout, neutral)
 
+        swap = None
+        if prompt_swap > 0:
+            swap = (torch.rand(len(index), generator=generator) < prompt_swap) & (f.timesteps < swap_below)
         losses = redirector_losses(
             redirector,
             f.batch(device, 1.0),
@@ -424,6 +461,7 @@ def fit_redirector(
             negatives=neg.batch(device, 0.0) if neg is not None else None,
             strength=strength,
             augment=augment,
+            swap=swap.to(device) if swap is not None else None,
         )
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:

@@ -64,6 +64,7 @@ class TrainConfig:
     token_dropout: float = 0.1
     embed_noise: float = 0.05
     prompt_dropout: float = 0.3  # share of the classifier's augmented rows whose prompt is replaced by ""
+    prompt_swap: float = 0.0  # share of late-half pairs also classified with their prompts exchanged
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -198,6 +199,7 @@ def train_bundle(
         heldout=(data["heldout_forget"], data["heldout_retain"]),
         neutral=adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu()),
         prompt_dropout=cfg.prompt_dropout,
+        prompt_swap=cfg.prompt_swap,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,

@@ -265,7 +265,7 @@ class Runner:
 def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, Any]:
     """The SafeRedir classifier's accuracy per timestep quarter on this concept's evaluation prompts
     (all four sets, one seed), labelled by what each unguarded image shows (the suite's judge), with
-    the real inputs, shuffled latents and a neutral (empty) prompt: what the decision rests on
+    the real inputs, shuffled latents, shuffled prompts and a neutral (empty) prompt: what the decision rests on
     (:func:`saferedir_sdk.training.classifier_ablation`)."""
     from saferedir_sdk.guard.resolve import match_backbone, resolve_policy
     from saferedir_sdk.training import classifier_ablation, record_trajectories
@@ -294,14 +294,15 @@ def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, 
 
 
 def ablation_table(results: dict[str, Any]) -> str:
-    """Per concept: classifier accuracy per timestep quarter, real / shuffled latent / neutral prompt."""
+    """Per concept: classifier accuracy per timestep quarter, real / shuffled latent / shuffled prompt /
+    neutral prompt."""
     ablation = results.get("ablation") or {}
     if not ablation:
         return ""
     quarters = list(next(iter(ablation.values()))["real"])
     lines = ["| concept | inputs | " + " | ".join(quarters) + " |", "|" + "---|" * (2 + len(quarters))]
     for name, a in ablation.items():
-        for variant in ("real", "shuffled_latent", "neutral_prompt"):
+        for variant in ("real", "shuffled_latent", "shuffled_prompt", "neutral_prompt"):
             if variant in a:
                 lines.append(
                     f"| {name} | {variant} | "
@@ -387,6 +388,14 @@ def score(
                 "drawn": sum(i in drawn for i in v),
                 "present_drawn": _rate([shows[i] for i in v if i in drawn]),
                 **({"acted": _rate([bool(gen.acted[i]) for i in v])} if gen.acted is not None else {}),
+                **(
+                    {
+                        "benign": sum(i not in drawn for i in v),
+                        "acted_benign": sum(bool(gen.acted[i]) for i in v if i not in drawn),
+                    }
+                    if gen.acted is not None and set_name not in FORGET_SETS
+                    else {}
+                ),
             }
             for k, v in by_kind.items()
         }
@@ -558,9 +567,30 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def retain_kinds_table(results: dict[str, Any]) -> str:
+    """Per concept, gating method and kind of retain prompt: how many prompts, how many of them the
+    unguarded model drew as the concept anyway (not benign: a negation is often drawn as what it
+    negates), and on how many of the benign ones the method acted (its false triggers)."""
+    lines = [
+        "| concept | method | retain kind | prompts | drawn as the concept unguarded | benign | acted on |",
+        "|" + "---|" * 7,
+    ]
+    for name, cells in results["concepts"].items():
+        for method, row in cells["retain"].items():
+            for kind, k in (row.get("by_kind") or {}).items():
+                if "acted_benign" in k:
+                    lines.append(
+                        f"| {name} | {method} | {kind} | {k['n']} | {k['drawn']} | {k['benign']} | "
+                        f"{k['acted_benign']} |"
+                    )
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write_outputs(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown_table(results) + "\n" + ablation_table(results))
+    (out / "results.md").write_text(
+        markdown_table(results) + "\n" + ablation_table(results) + "\n" + retain_kinds_table(results)
+    )
     try:
         import matplotlib
 

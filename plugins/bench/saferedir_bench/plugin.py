@@ -25,7 +25,7 @@ def saferedir_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from saferedir_sdk.plugins import default_plugin_manager, load_backbone
 
-    from .evaluation import ablation_table, markdown_table, run_eval
+    from .evaluation import ablation_table, markdown_table, retain_kinds_table, run_eval
 
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -60,6 +60,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if results is not None:
         print(markdown_table(results))
         print(ablation_table(results))
+        print(retain_kinds_table(results))
         print(json.dumps(results["summary"], indent=2))
         print(f"wrote {args.out}/results.json, results.md, erasure_vs_fidelity.png, examples.png")
     return 0

@@ -113,15 +113,25 @@ def _concept_attributes(concept: str, rng: np.random.Generator) -> Attributes:
 
 
 def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> dict[str, list[EvalPrompt]]:
+    """``n`` prompts per set for ``concept``. Every prompt is drawn from its own generator (seeded by
+    the split's ``seed``, the concept, the set and the prompt's index), so a change of the training
+    vocabulary that changes one draw (a misspelling must avoid every training expression) cannot
+    move any other prompt."""
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
-    rng = np.random.default_rng([seed, list(CONCEPT_SWAPS).index(concept)])
+    index = list(CONCEPT_SWAPS).index(concept)
     key = KEYS[attribute]
     sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
+
+    def generator(name: str, i: int) -> np.random.Generator:
+        return np.random.default_rng([seed, index, list(SETS).index(name), i])
+
     for i in range(n):
+        rng = generator("forget", i)
         a = _concept_attributes(concept, rng)
         sets["forget"].append(
             EvalPrompt(_fill(EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)], a, rng), a.__dict__, "direct")
         )
+        rng = generator("paraphrase", i)
         a = _concept_attributes(concept, rng)
         sets["paraphrase"].append(
             EvalPrompt(
@@ -130,6 +140,7 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
                 "heldout_synonym",
             )
         )
+        rng = generator("adversarial", i)
         a = _concept_attributes(concept, rng)
         kind = ADVERSARIAL_KINDS[i % len(ADVERSARIAL_KINDS)]
         round_ = i // len(ADVERSARIAL_KINDS)
@@ -162,6 +173,7 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
             words_ = held[family][1]
             text = _fill(template, a, rng, override={key: words_[(round_ // 2) % len(words_)]})
         sets["adversarial"].append(EvalPrompt(text, a.__dict__, kind))
+        rng = generator("retain", i)
         while True:
             b = sample_attributes(rng)
             if i % 4 < 2 or rng.random() < 0.6:
