@@ -23,7 +23,8 @@ lake" / "a girl by the lake") at the same seed and step. The pair supervises eve
   so nothing but the latent tells them apart: where the words and the image disagree, the image must
   win. Without it a classifier fitted to paired prompts can decide every step from the words alone
   (a negation it never saw, "... anything but asterisk", kept p(unsafe) = 1.00 to the last check
-  over a triangle).
+  over a triangle). Off by default: on the Shapes bundles it made the late decision follow the
+  image and cost erasure (benchmarks/README.md, "Retrain variance").
 
 An optional unpaired **retain pool** (``negatives``: benign prompts unrelated to the concept, like
 the IGMU Church set's retain list) adds classification (label 0) and preservation terms, so the

@@ -265,7 +265,8 @@ class Runner:
 def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, Any]:
     """The SafeRedir classifier's accuracy per timestep quarter on this concept's evaluation prompts
     (all four sets, one seed), labelled by what each unguarded image shows (the suite's judge), with
-    the real inputs, shuffled latents, shuffled prompts and a neutral (empty) prompt: what the decision rests on
+    the real inputs, shuffled latents, shuffled prompts and a neutral (empty) prompt: what the decision
+    rests on
     (:func:`saferedir_sdk.training.classifier_ablation`)."""
     from saferedir_sdk.guard.resolve import match_backbone, resolve_policy
     from saferedir_sdk.training import classifier_ablation, record_trajectories
