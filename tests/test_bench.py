@@ -98,6 +98,42 @@ def test_every_method_runs_on_the_same_seeds_and_metrics_are_consistent(pipe, wr
         assert (out / png).stat().st_size > 1000
 
 
+def test_peak_score_decides_the_first_trigger_and_a_monitor_rule_moves_nothing(pipe, write_policy, tmp_path):
+    """Generation.max_score is each sample's highest p(unsafe) over its checks: a trigger acts at its
+    first hit, so a sample was acted on exactly when that peak reached the threshold (what
+    benchmarks/decision_sweep.py reads thresholds off); under ``monitor`` the images are the
+    unguarded ones, score for score the same peaks."""
+    from saferedir_bench.evaluation import Runner
+
+    from saferedir_sdk.plugins import default_plugin_manager, find_adapter
+
+    concept = _concept()
+    prompts = [p for ps in concept.sets.values() for p in ps]
+    adapter = find_adapter(default_plugin_manager(), pipe)
+    runs = {}
+    for action in ("redirect", "monitor"):
+        policy = write_policy()
+        doc = json.loads(policy.read_text())
+        doc["defaults"] = {"threshold": 0.5}
+        doc["concepts"][0]["action"] = action
+        policy.write_text(json.dumps(doc))
+        runner = Runner(adapter, TinySuite([concept]), policy=policy, batch_size=2, out=tmp_path)
+        runs[action] = runner.run("saferedir", concept, prompts, 0)
+    none = Runner(adapter, TinySuite([concept]), batch_size=2, out=tmp_path).run("none", concept, prompts, 0)
+    guarded, watched = runs["redirect"], runs["monitor"]
+    assert (
+        guarded.max_score.shape == (len(prompts),)
+        and ((guarded.max_score >= 0) & (guarded.max_score <= 1)).all()
+    )
+    assert np.array_equal(guarded.acted > 0, guarded.max_score >= 0.5)
+    assert guarded.acted.any() and not guarded.acted.all()  # the tiny bundle tells the prompts apart
+    assert np.array_equal(watched.images, none.images)
+    assert np.array_equal(watched.acted > 0, watched.max_score >= 0.5)
+    # before the first hit nothing has moved: an acted-on sample's peak can differ, the others' cannot
+    calm = guarded.acted == 0
+    np.testing.assert_allclose(watched.max_score[calm], guarded.max_score[calm], atol=1e-6)
+
+
 def test_unknown_method_and_missing_policy_are_clear_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         run_eval(pipe, TinySuite([_concept()]), policy=None, methods=["magic"], out=tmp_path, progress=False)

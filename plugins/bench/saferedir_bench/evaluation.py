@@ -105,6 +105,8 @@ class Generation:
     acted: np.ndarray | None
     seconds: float
     refused: np.ndarray | None = None  # (N,) bool: no image was made (the placeholder counts as nothing)
+    # (N,) SafeRedir: the highest p(unsafe) any check gave the sample (-1: never checked)
+    max_score: np.ndarray | None = None
 
 
 def _split(state: Any, items: list[Any]) -> list[Any]:
@@ -193,8 +195,9 @@ class Runner:
         parts = sorted(_gather(self.state, local), key=lambda x: x[0])
         seconds = float(sum(_gather(self.state, [seconds])))
         images = np.concatenate([p[1] for p in parts])
-        acted = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-        return Generation(images, acted, seconds)
+        acted = None if parts[0][2] is None else np.concatenate([p[2][0] for p in parts])
+        scores = None if parts[0][2] is None else np.concatenate([p[2][1] for p in parts])
+        return Generation(images, acted, seconds, max_score=scores)
 
     def _method(
         self, method: str, concept: EvalConcept
@@ -239,24 +242,19 @@ class Runner:
             guard = SafeRedirGuard(single_concept_policy(self.policy, concept.name, self.out))
             guard.wrap(self.adapter.pipe)
 
-            def redirect(batch: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+            def redirect(batch: list[str], seed: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
                 images = self._call(batch, seed)
-                report = guard.last_report
+                samples = guard.last_report.samples if guard.last_report else []
                 # acted: any check triggered, also a trigger later released (it moved the prompt for a while)
-                acted = (
-                    np.array(
-                        [
-                            0
-                            if not any(c.first_step is not None for c in s.concepts)
-                            else (1 if any(c.triggered for c in s.concepts) else RELEASED)
-                            for s in report.samples
-                        ],
-                        dtype=np.int8,
+                acted = np.zeros(len(batch), np.int8)
+                scores = np.full(len(batch), -1.0)
+                for i, s in enumerate(samples):
+                    if any(c.first_step is not None for c in s.concepts):
+                        acted[i] = 1 if any(c.triggered for c in s.concepts) else RELEASED
+                    scores[i] = max(
+                        (c.max_score for c in s.concepts if c.max_score is not None), default=-1.0
                     )
-                    if report
-                    else np.zeros(len(batch), np.int8)
-                )
-                return images, acted
+                return images, (acted, scores)
 
             return redirect, (lambda: guard.unwrap(self.adapter.pipe))
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

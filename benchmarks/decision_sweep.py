@@ -1,0 +1,151 @@
+"""Decision settings of a policy, compared on the efficacy suite's dev split: one unguarded pass,
+then the guard once per variant, every image scored as ``saferedir eval`` scores it.
+
+    python benchmarks/decision_sweep.py                      # the variants below, shapes:demo, dev split
+    python benchmarks/decision_sweep.py --variants "strength=1.0" "strength=1.0 threshold=0.7"
+
+A variant is the policy with some ``defaults`` overridden (``key=value`` pairs, separated by
+spaces; ``base`` = the policy as it is). Per variant it prints erasure, kept attributes, retain
+agreement, fidelity and false triggers over the suite's concepts (``summarise``, as the eval),
+and per concept the drawn images that still show the concept and the benign images acted on.
+Each row is what ``saferedir eval --split dev --methods saferedir --policy P`` gives for that
+variant (same prompts, seeds and scoring), without re-generating the unguarded images each time.
+
+It also runs the policy once with every rule set to ``monitor`` (checks at every scheduled step,
+nothing moved), so each sample's highest p(unsafe) over its unguarded trajectory is known: a
+trigger acts at its first hit, before anything has moved, so that maximum alone decides whether a
+threshold would act on a benign image (exact), or never act on a drawn one (exact; an image that
+does trigger still needs a guarded run to tell whether it escapes). That gives the false triggers
+of every threshold without a run per threshold.
+
+Choose settings here (dev), then run the eval split once with the chosen policy
+(``python benchmarks/efficacy.py --methods saferedir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+DEFAULT_VARIANTS = (
+    "strength=1.3 threshold=0.5",  # the settings before this sweep
+    "strength=1.3 threshold=0.5 escalate=1.0",
+    "strength=1.0 threshold=0.5",
+    "strength=1.0 threshold=0.5 escalate_max=2.5",
+    "strength=1.0 threshold=0.7",
+)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: bool = False) -> Path:
+    """``source`` with its ``defaults`` overridden by ``overrides`` ("key=value ..."); every rule's
+    action ``monitor`` when asked. Written under ``out`` (the eval writes each run's audit there)."""
+    policy = yaml.safe_load(source.read_text())
+    if overrides.strip() != "base":
+        for pair in overrides.split():
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise SystemExit(f"--variants: {pair!r} is not key=value")
+            policy.setdefault("defaults", {})[key] = yaml.safe_load(value)
+    if monitor:
+        for rule in policy["concepts"]:
+            rule["action"] = "monitor"
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default=None, help="a path or PLUGIN:NAME (default: the suite's)")
+    parser.add_argument("--backbone", default="shapes")
+    parser.add_argument("--split", default="dev", choices=("dev", "eval"))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from saferedir_bench.evaluation import SETS, Runner, score, summarise
+
+    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone, resolve_policy_ref
+
+    pm = default_plugin_manager()
+    suite = pm.hook.saferedir_eval_suite(backbone=args.backbone, split=args.split)
+    if suite is None:
+        raise SystemExit(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite")
+    source = resolve_policy_ref(pm, args.policy or suite.policy)
+    adapter = find_adapter(pm, load_backbone(pm, args.backbone))
+    tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))
+    names = [f"v{i}" for i in range(len(args.variants))]
+    runners = {
+        n: Runner(adapter, suite, policy=variant_policy(source, v, tmp, n), out=tmp)
+        for n, v in zip(names, args.variants)
+    }
+    monitor = Runner(
+        adapter, suite, policy=variant_policy(source, "base", tmp, "monitor", monitor=True), out=tmp
+    )
+    base = Runner(adapter, suite, out=tmp)
+    results: dict[str, Any] = {"methods": names, "concepts": {}}
+    peaks: dict[str, dict[str, list[tuple[float, bool]]]] = {}  # concept -> benign/drawn -> (peak, drawn)
+    for concept in suite.concepts:
+        cells: dict[str, dict[str, Any]] = {}
+        for k, set_name in enumerate(SETS):
+            prompts = concept.sets[set_name]
+            unguarded = base.run("none", concept, prompts, k)
+            judged = suite.judge(unguarded.images)
+            drawn = [v == concept.value for v in judged[concept.attribute]]
+            watched = monitor.run("saferedir", concept, prompts, k)
+            assert np.array_equal(watched.images, unguarded.images), "a monitor rule moved an image"
+            side = "benign" if set_name == "retain" else "drawn"
+            keep = [(float(s), d) for s, d in zip(watched.max_score, drawn) if d == (side == "drawn")]
+            peaks.setdefault(concept.name, {}).setdefault(side, []).extend(keep)
+            for n, runner in runners.items():
+                gen = runner.run("saferedir", concept, prompts, k)
+                cells.setdefault(set_name, {})[n] = score(
+                    suite, concept, set_name, prompts, gen, unguarded, judged
+                )
+            print(f"{concept.name} {set_name}: done", flush=True)
+        results["concepts"][concept.name] = cells
+    summary = summarise(results)
+
+    print(f"\nsplit {args.split}, policy {source} with its defaults overridden:\n")
+    print(
+        "| variant | erasure | kept | retain agreement | fidelity | false trigger | "
+        + " | ".join(f"{c} still shown / drawn, acted / benign" for c in results["concepts"])
+        + " |"
+    )
+    print("|" + "---|" * (6 + len(results["concepts"])))
+    for n, v in zip(names, args.variants):
+        s = summary[n]
+        per = []
+        for cells in results["concepts"].values():
+            drawn = sum(cells[x][n]["drawn"] for x in SETS[:3])
+            still = sum(round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in SETS[:3])
+            r = cells["retain"][n]
+            per.append(f"{still}/{drawn}, {round(r['acted_benign'] * r['benign'])}/{r['benign']}")
+        print(
+            f"| {v} | {s['erasure']:.4f} | {s['kept']:.4f} | {s['retain_agreement']:.4f} | {s['fidelity']:.4f} "
+            f"| {s['false_trigger']:.4f} | " + " | ".join(per) + " |"
+        )
+
+    print("\nWhat a threshold does at the first hit (from each unguarded trajectory's peak p(unsafe)):\n")
+    print("| threshold | " + " | ".join(f"{c} benign acted on, drawn never acted on" for c in peaks) + " |")
+    print("|" + "---|" * (1 + len(peaks)))
+    for t in THRESHOLDS:
+        cols = []
+        for p in peaks.values():
+            benign, drawn = p.get("benign", []), p.get("drawn", [])
+            cols.append(
+                f"{sum(s >= t for s, _ in benign)}/{len(benign)}, {sum(s < t for s, _ in drawn)}/{len(drawn)}"
+            )
+        print(f"| {t} | " + " | ".join(cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
