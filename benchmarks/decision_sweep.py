@@ -25,6 +25,7 @@ Choose settings here (dev), then run the eval split once with the chosen policy
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,46 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
     return path
 
 
+def sweep(suite: Any, adapter: Any, source: Path, variants: list[str], tmp: Path) -> tuple[dict, dict]:
+    """Per concept and set: the unguarded images, the monitor run's peaks, every variant scored.
+    Returns the eval-shaped results (one "method" per variant) and the peaks per concept, split
+    into the benign retain images and the drawn forget-type ones."""
+    from saferedir_bench.evaluation import SETS, Runner, score
+
+    names = [f"v{i}" for i in range(len(variants))]
+    runners = {
+        n: Runner(adapter, suite, policy=variant_policy(source, v, tmp, n), out=tmp)
+        for n, v in zip(names, variants)
+    }
+    monitor = Runner(
+        adapter, suite, policy=variant_policy(source, "base", tmp, "monitor", monitor=True), out=tmp
+    )
+    base = Runner(adapter, suite, out=tmp)
+    results: dict[str, Any] = {"methods": names, "concepts": {}}
+    peaks: dict[str, dict[str, list[float]]] = {}
+    for concept in suite.concepts:
+        cells: dict[str, dict[str, Any]] = {}
+        for k, set_name in enumerate(SETS):
+            prompts = concept.sets[set_name]
+            unguarded = base.run("none", concept, prompts, k)
+            judged = suite.judge(unguarded.images)
+            drawn = [v == concept.value for v in judged[concept.attribute]]
+            watched = monitor.run("saferedir", concept, prompts, k)
+            if not np.array_equal(watched.images, unguarded.images):
+                raise RuntimeError(f"{concept.name}/{set_name}: a monitor rule changed an image")
+            side = "benign" if set_name == "retain" else "drawn"
+            mine = peaks.setdefault(concept.name, {}).setdefault(side, [])
+            mine += [float(p) for p, d in zip(watched.max_score, drawn) if d == (side == "drawn")]
+            for n, runner in runners.items():
+                gen = runner.run("saferedir", concept, prompts, k)
+                cells.setdefault(set_name, {})[n] = score(
+                    suite, concept, set_name, prompts, gen, unguarded, judged
+                )
+            print(f"{concept.name} {set_name}: done", flush=True)
+        results["concepts"][concept.name] = cells
+    return results, peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=None, help="a path or PLUGIN:NAME (default: the suite's)")
@@ -71,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from saferedir_bench.evaluation import SETS, Runner, score, summarise
+    from saferedir_bench.evaluation import FORGET_SETS, summarise
 
     from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone, resolve_policy_ref
 
@@ -81,37 +122,11 @@ def main() -> None:
         raise SystemExit(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite")
     source = resolve_policy_ref(pm, args.policy or suite.policy)
     adapter = find_adapter(pm, load_backbone(pm, args.backbone))
-    tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))
-    names = [f"v{i}" for i in range(len(args.variants))]
-    runners = {
-        n: Runner(adapter, suite, policy=variant_policy(source, v, tmp, n), out=tmp)
-        for n, v in zip(names, args.variants)
-    }
-    monitor = Runner(
-        adapter, suite, policy=variant_policy(source, "base", tmp, "monitor", monitor=True), out=tmp
-    )
-    base = Runner(adapter, suite, out=tmp)
-    results: dict[str, Any] = {"methods": names, "concepts": {}}
-    peaks: dict[str, dict[str, list[tuple[float, bool]]]] = {}  # concept -> benign/drawn -> (peak, drawn)
-    for concept in suite.concepts:
-        cells: dict[str, dict[str, Any]] = {}
-        for k, set_name in enumerate(SETS):
-            prompts = concept.sets[set_name]
-            unguarded = base.run("none", concept, prompts, k)
-            judged = suite.judge(unguarded.images)
-            drawn = [v == concept.value for v in judged[concept.attribute]]
-            watched = monitor.run("saferedir", concept, prompts, k)
-            assert np.array_equal(watched.images, unguarded.images), "a monitor rule moved an image"
-            side = "benign" if set_name == "retain" else "drawn"
-            keep = [(float(s), d) for s, d in zip(watched.max_score, drawn) if d == (side == "drawn")]
-            peaks.setdefault(concept.name, {}).setdefault(side, []).extend(keep)
-            for n, runner in runners.items():
-                gen = runner.run("saferedir", concept, prompts, k)
-                cells.setdefault(set_name, {})[n] = score(
-                    suite, concept, set_name, prompts, gen, unguarded, judged
-                )
-            print(f"{concept.name} {set_name}: done", flush=True)
-        results["concepts"][concept.name] = cells
+    tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))  # the variant policies and their audits
+    try:
+        results, peaks = sweep(suite, adapter, source, args.variants, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     summary = summarise(results)
 
     print(f"\nsplit {args.split}, policy {source} with its defaults overridden:\n")
@@ -121,12 +136,14 @@ def main() -> None:
         + " |"
     )
     print("|" + "---|" * (6 + len(results["concepts"])))
-    for n, v in zip(names, args.variants):
+    for n, v in zip(results["methods"], args.variants):
         s = summary[n]
         per = []
         for cells in results["concepts"].values():
-            drawn = sum(cells[x][n]["drawn"] for x in SETS[:3])
-            still = sum(round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in SETS[:3])
+            drawn = sum(cells[x][n]["drawn"] for x in FORGET_SETS)
+            still = sum(
+                round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in FORGET_SETS
+            )
             r = cells["retain"][n]
             per.append(f"{still}/{drawn}, {round(r['acted_benign'] * r['benign'])}/{r['benign']}")
         print(
@@ -142,7 +159,7 @@ def main() -> None:
         for p in peaks.values():
             benign, drawn = p.get("benign", []), p.get("drawn", [])
             cols.append(
-                f"{sum(s >= t for s, _ in benign)}/{len(benign)}, {sum(s < t for s, _ in drawn)}/{len(drawn)}"
+                f"{sum(x >= t for x in benign)}/{len(benign)}, {sum(x < t for x in drawn)}/{len(drawn)}"
             )
         print(f"| {t} | " + " | ".join(cols) + " |")
 
