@@ -3,6 +3,7 @@ then the guard once per variant, every image scored as ``saferedir eval`` scores
 
     python benchmarks/decision_sweep.py                      # the variants below, shapes:demo, dev split
     python benchmarks/decision_sweep.py --variants "strength=1.0" "strength=1.0 threshold=0.7"
+    python benchmarks/decision_sweep.py --variants base "red:window.start=8 striped:window.start=12"
 
 A variant is the policy with some ``defaults`` overridden (``key=value`` pairs, separated by
 spaces; ``base`` = the policy as it is). Per variant it prints erasure, kept attributes, retain
@@ -46,14 +47,35 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: bool = False) -> Path:
     """``source`` with its ``defaults`` overridden by ``overrides`` ("key=value ..."); every rule's
-    action ``monitor`` when asked. Written under ``out`` (the eval writes each run's audit there)."""
+    action ``monitor`` when asked. Written under ``out`` (the eval writes each run's audit there).
+
+    ``CONCEPT:key=value`` sets ``key`` on that concept's rule alone; a dotted key reaches into a
+    rule's field (``red:window.start=8``), and ``window.*`` without a concept (a rule's own field,
+    with no default) is set on every rule. ``CONCEPT:bundle=PATH`` points that rule at a bundle file
+    (a candidate not shipped yet)."""
     policy = yaml.safe_load(source.read_text())
+    rules = {rule["concept"]: rule for rule in policy["concepts"]}
     if overrides.strip() != "base":
         for pair in overrides.split():
             key, sep, value = pair.partition("=")
             if not sep:
                 raise SystemExit(f"--variants: {pair!r} is not key=value")
-            policy.setdefault("defaults", {})[key] = yaml.safe_load(value)
+            concept, colon, key = key.rpartition(":")
+            if colon and concept not in rules:
+                raise SystemExit(f"--variants: {pair!r}: the policy has no rule for {concept!r}")
+            if key == "bundle":
+                if not colon:
+                    raise SystemExit(f"--variants: {pair!r}: bundle= needs a concept (CONCEPT:bundle=PATH)")
+                rules[concept]["redirector"] = {"path": str(Path(value).resolve())}
+                continue
+            targets = [rules[concept]] if colon else list(rules.values()) if key.startswith("window.") else []
+            if not targets:
+                targets = [policy.setdefault("defaults", {})]
+            for target in targets:
+                *path, leaf = key.split(".")
+                for part in path:
+                    target = target.setdefault(part, {})
+                target[leaf] = yaml.safe_load(value)
     if monitor:
         for rule in policy["concepts"]:
             rule["action"] = "monitor"

@@ -212,6 +212,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         prompt_dropout=args.prompt_dropout,
         prompt_swap=args.prompt_swap,
+        swap_below=args.swap_below,
         pooled=not args.no_pooled,
     )
     device = str(accelerator.device) if accelerator is not None else "cpu"
@@ -426,6 +427,12 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=0.0,
         help="share of the pairs in the late half of the schedule also classified with their prompts "
         "exchanged, each latent keeping its own outcome label, so the image outweighs the words (0: off)",
+    )
+    p.add_argument(
+        "--swap-below",
+        type=float,
+        default=0.5,
+        help="what --prompt-swap calls late: normalised timesteps below this (0 clean .. 1 noise)",
     )
     p.add_argument(
         "--no-pooled",

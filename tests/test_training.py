@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from helpers import RED_PAIRS, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
@@ -12,7 +13,7 @@ from saferedir_adapters.tiny import RETAIN_POOL
 
 from saferedir_sdk import Conditioning, Redirector, RedirectorConfig, TokenStream
 from saferedir_sdk.capacity import Capacity
-from saferedir_sdk.training import Trajectories, fit_redirector, record_trajectories
+from saferedir_sdk.training import TrainConfig, Trajectories, fit_redirector, record_trajectories
 from saferedir_sdk.training.fit import QUARTERS, evaluate_redirector, timestep_quarter
 
 SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
@@ -82,6 +83,31 @@ def test_two_streams_and_a_pooled_embedding_train_together():
     assert last["accuracy"] == 1.0 and last["redirection"] < 0.5 * first["redirection"]
     out = red(*forget.select(torch.arange(4)).inputs("cpu"))
     assert out.pooled_direction.shape == (4, 12) and [d.shape[-1] for d in out.directions] == [16, 24]
+
+
+def test_a_share_outside_its_range_is_refused_before_anything_is_trained():
+    streams = (TokenStream("text_encoder", 4, 8),)
+    rows = Trajectories(
+        torch.randn(8, 4, 8, 8),
+        torch.rand(8),
+        Conditioning((torch.randn(8, 4, 8),)),
+        torch.zeros(8, dtype=torch.int64),
+        torch.arange(8),
+        torch.zeros(8, dtype=torch.int64),
+    )
+    red = Redirector(RedirectorConfig(streams, 4, capacity=SMALL))
+    before = {k: v.clone() for k, v in red.state_dict().items()}
+    for kwargs, name in (
+        ({"prompt_swap": 1.5}, "prompt_swap"),
+        ({"prompt_dropout": -0.1}, "prompt_dropout"),
+        ({"swap_below": 0.0}, "swap_below"),
+    ):
+        with pytest.raises(ValueError, match=f"{name}: expected a share"):
+            fit_redirector(red, rows, rows, steps=5, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in red.state_dict().items())
+    assert fit_redirector(red, rows, rows, steps=2, prompt_swap=1.0, swap_below=1.0).steps == 2
+    with pytest.raises(ValueError, match="swap_below: expected a share"):
+        TrainConfig("red", swap_below=1.5)
 
 
 def test_demo_mechanics_runs_end_to_end(tmp_path, capsys):

@@ -380,6 +380,21 @@ def evaluate_redirector(
     return result
 
 
+def check_shares(prompt_dropout: float, prompt_swap: float, swap_below: float) -> None:
+    """``ValueError`` naming the first of the classifier's training shares outside its range:
+    ``prompt_dropout`` and ``prompt_swap`` in [0, 1], ``swap_below`` (a normalised timestep) in (0, 1]."""
+    for name, value, low_open in (
+        ("prompt_dropout", prompt_dropout, False),
+        ("prompt_swap", prompt_swap, False),
+        ("swap_below", swap_below, True),
+    ):
+        ok = isinstance(value, int | float) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
+        if not ok:
+            raise ValueError(
+                f"{name}: expected a share in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}"
+            )
+
+
 def fit_redirector(
     redirector: Redirector,
     forget: Trajectories,
@@ -421,6 +436,7 @@ def fit_redirector(
         raise ValueError(
             f"forget and retain trajectories must pair up row by row: {len(forget)} vs {len(retain)}"
         )
+    check_shares(prompt_dropout=prompt_dropout, prompt_swap=prompt_swap, swap_below=swap_below)
     rank = accelerator.process_index if accelerator is not None else 0
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     base = redirector

@@ -36,7 +36,7 @@ from ..concepts import ConceptInfo, OutcomeJudge
 from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..redirector import Capacity, Redirector, RedirectorConfig
-from .fit import fit_redirector
+from .fit import check_shares, fit_redirector
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
 
@@ -64,12 +64,16 @@ class TrainConfig:
     token_dropout: float = 0.1
     embed_noise: float = 0.05
     prompt_dropout: float = 0.3  # share of the classifier's augmented rows whose prompt is replaced by ""
-    prompt_swap: float = 0.0  # share of late-half pairs also classified with their prompts exchanged
+    prompt_swap: float = 0.0  # share of late pairs also classified with their prompts exchanged
+    swap_below: float = 0.5  # "late": normalised timesteps below this
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
     pooled: bool = True  # read and move the backbone's pooled embedding, if it has one
     seed: int = 0
+
+    def __post_init__(self) -> None:  # refused before minutes of sampling, not after
+        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below)
 
 
 def _cache_key(
@@ -200,6 +204,7 @@ def train_bundle(
         neutral=adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu()),
         prompt_dropout=cfg.prompt_dropout,
         prompt_swap=cfg.prompt_swap,
+        swap_below=cfg.swap_below,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,

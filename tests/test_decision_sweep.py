@@ -1,0 +1,54 @@
+"""benchmarks/decision_sweep.py's variants: each is the policy with exactly the overrides it names,
+and still a valid policy, so a row of the sweep measures the setting its label says."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from saferedir_sdk.policy import load_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from decision_sweep import variant_policy  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "plugins/shapes/saferedir_shapes/policies/demo.yaml"
+
+
+def _rules(path: Path) -> dict:
+    return {r.concept: r for r in load_policy(path).policy.concepts}
+
+
+def test_a_variant_sets_defaults_per_concept_fields_and_bundles(tmp_path):
+    base = _rules(variant_policy(DEMO, "base", tmp_path, "base"))
+    path = variant_policy(
+        DEMO,
+        "strength=1.2 red:window.start=8 window.stop=19 striped:threshold=0.85 star:bundle=x.safetensors",
+        tmp_path,
+        "v",
+    )
+    policy = load_policy(path).policy
+    rules = {r.concept: r for r in policy.concepts}
+    assert policy.defaults.strength == 1.2
+    assert (rules["red"].window.start, rules["red"].window.stop) == (8, 19)
+    assert (rules["striped"].window.start, rules["striped"].window.stop) == (base["striped"].window.start, 19)
+    assert rules["striped"].threshold == 0.85 and "threshold" not in rules["red"].model_fields_set
+    assert rules["star"].redirector.path == str(Path("x.safetensors").resolve())
+    assert rules["star"].redirector.plugin is None and rules["red"].redirector == base["red"].redirector
+    monitor = load_policy(variant_policy(DEMO, "base", tmp_path, "m", monitor=True)).policy
+    assert {r.action for r in monitor.concepts} == {"monitor"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ("threshold", "is not key=value"),
+        ("blue:threshold=0.6", "no rule for 'blue'"),
+        ("bundle=x.safetensors", "needs a concept"),
+    ],
+)
+def test_a_variant_that_names_nothing_real_is_refused(tmp_path, overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        variant_policy(DEMO, overrides, tmp_path, "v")
