@@ -68,8 +68,11 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
                     raise SystemExit(f"--variants: {pair!r}: bundle= needs a concept (CONCEPT:bundle=PATH)")
                 rules[concept]["redirector"] = {"path": str(Path(value).resolve())}
                 continue
-            targets = [rules[concept]] if colon else list(rules.values()) if key.startswith("window.") else []
-            if not targets:
+            if colon:
+                targets = [rules[concept]]
+            elif key.startswith("window."):
+                targets = list(rules.values())
+            else:
                 targets = [policy.setdefault("defaults", {})]
             for target in targets:
                 *path, leaf = key.split(".")
