@@ -7,7 +7,7 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 5; 4 did not say whether a later released trigger had moved a sample,
+Events (``schema_version`` 6; 5 had no ``rehearsed_steps`` and ``rewound``, 4 did not say whether a later released trigger had moved a sample,
 3 did not name the bundles, 2 had no start records and no chain, 1 a
 flat fingerprint)::
 
@@ -34,12 +34,14 @@ flat fingerprint)::
     adapter          {"adapter", "pipeline"}
     fail_mode        "closed" | "open"
     fail_open        [{"concept", "reason"}] what was not enforced (fail_mode open only)
-    steps            denoising steps the guard saw
+    steps            denoising steps the guard saw (of the run whose images were returned)
+    rehearsed_steps  with a ``rewind`` rule that flagged samples: the denoising steps of the call's
+                     first run, where it decided (redone in the second); 0 otherwise
     cfg              whether classifier-free guidance batched an unconditional half
     samples          [{"index", "prompt_index", "prompt", "action",
                        "concepts": [{"concept", "category", "rule_action", "checks",
                                      "max_score", "triggered", "first_step", "escalation",
-                                     "applied"}]}]
+                                     "applied", "rewound"}]}]
     latency_ms       wall time of the call
     outcome          "ok" | "redirected" | "blocked" | "error"
     error            {"type", "message"} when outcome is "error", else null (prompt text is
@@ -81,7 +83,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 5
+AUDIT_SCHEMA_VERSION = 6
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

@@ -16,6 +16,11 @@ releases it (the decision is revised while the trajectory still says otherwise).
 ``escalate`` > 1, a check that still sees the concept in a sample already being redirected
 multiplies that sample's strength (up to ``escalate_max``): a redirection too weak to move the
 image does not end in an escape. Neither adds a check: both act at the schedule's checks.
+A check before the rule's ``decide_from`` step records its score and never triggers (the decision
+waits for a latent that shows something). A ``rewind`` rule does not move anything while the state
+is a *rehearsal* (the guard's first run of a call): the samples it confirms there are
+:meth:`RedirectionEngine.flagged`, and a state made with them (``init_state(cond, flagged)``, the
+guard's second run from the same noise) has them stuck from the first check on.
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
@@ -76,6 +81,8 @@ class EngineState:
             the conditional conditioning's shapes).
         checks: (K,) host ints, how many checks each concept ran (in the engine's concept order).
         token_shapes: the conditional token streams' shapes the state was made for.
+        rehearsal: host bool, the guard's first run of a call with ``rewind`` rules: those rules
+            decide and do not move anything.
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -93,6 +100,7 @@ class EngineState:
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    rehearsal: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -111,6 +119,7 @@ class ConceptDecision:
     escalation: float = 1.0  # the final strength multiplier
     applied: bool = False  # its redirection moved the sample at some step (also if released later)
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
+    rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
 
 
 def _stacked_zeros(cond: Conditioning, n: int) -> Conditioning:
@@ -132,6 +141,7 @@ class _Settings:
     """The rules of a group's K_g concepts as (K_g,) tensors on one device (host-built once)."""
 
     threshold: torch.Tensor
+    decide_from: torch.Tensor
     strength: torch.Tensor
     confirm_checks: torch.Tensor
     escalate: torch.Tensor
@@ -142,6 +152,7 @@ class _Settings:
     apply_to_uncond: torch.Tensor
     move_pooled: torch.Tensor
     block: torch.Tensor
+    rewind: torch.Tensor
 
 
 class _Group:
@@ -159,6 +170,7 @@ class _Group:
         self.redirects = any(r.action == "redirect" for r in rules)
         self.acting_uncond = any(r.action == "redirect" and r.apply_to_uncond for r in rules)
         self.blocks = any(r.action == "block" for r in rules)
+        self.rewinds = any(r.rewind for r in rules)
         self._settings: dict[torch.device, _Settings] = {}
         self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
@@ -175,6 +187,7 @@ class _Group:
 
             self._settings[device] = _Settings(
                 threshold=column([r.threshold for r in rules], torch.float32),
+                decide_from=column([r.decide_from for r in rules], torch.int64),
                 strength=column([r.strength for r in rules], torch.float32),
                 confirm_checks=column([r.confirm_checks for r in rules], torch.int64),
                 escalate=column([r.escalate for r in rules], torch.float32),
@@ -187,6 +200,7 @@ class _Group:
                 ),
                 move_pooled=column([r.move_pooled for r in rules], torch.bool),
                 block=column([r.action == "block" for r in rules], torch.bool),
+                rewind=column([r.rewind for r in rules], torch.bool),
             )
         return self._settings[device]
 
@@ -227,14 +241,30 @@ class RedirectionEngine:
         """The state column of concept ``k`` (its position in :attr:`concepts`)."""
         return self._columns[k]
 
-    def init_state(self, cond: Conditioning) -> EngineState:
-        """Fresh state for a batch shaped like ``cond``."""
+    @property
+    def rewinds(self) -> bool:
+        """Some rule decides on a first run and redirects on a second (``rewind``)."""
+        return any(g.rewinds for g in self.groups)
+
+    def init_state(
+        self, cond: Conditioning, flagged: torch.Tensor | None = None, *, rehearsal: bool = False
+    ) -> EngineState:
+        """Fresh state for a batch shaped like ``cond``. ``flagged`` (B, K) bool, from
+        :meth:`flagged` of the call's first run: those samples and concepts start stuck (redirected
+        from their first check on). ``rehearsal``: the first run of a call with ``rewind`` rules."""
         b, k, device = cond.batch_size, len(self.concepts), cond.device
+        if flagged is not None and tuple(flagged.shape) != (b, k):
+            raise TensorShapeError("flagged samples", f"({b}, {k})", tuple(flagged.shape))
+        stuck = (
+            torch.zeros(b, k, dtype=torch.bool, device=device)
+            if flagged is None
+            else flagged.to(device=device, dtype=torch.bool).clone()
+        )
         return EngineState(
             step=0,
             triggered=torch.zeros(b, k, dtype=torch.bool, device=device),
             hits=torch.zeros(b, k, dtype=torch.int64, device=device),
-            stuck=torch.zeros(b, k, dtype=torch.bool, device=device),
+            stuck=stuck,
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
@@ -243,6 +273,7 @@ class RedirectionEngine:
             deltas=[_stacked_zeros(cond, len(g.concepts)) for g in self.groups],
             checks=[0] * k,
             token_shapes=[tuple(t.shape) for t in cond.tokens],
+            rehearsal=rehearsal,
         )
 
     def _check_shapes(
@@ -318,7 +349,7 @@ class RedirectionEngine:
         out = group.stack(latents, timestep, cond)
         score = torch.sigmoid(out.logit.float()).T  # (B, K_g)
         finite = torch.isfinite(score)
-        hit = (score >= p.threshold) | ~finite  # NaN never reads as "safe"
+        hit = ((score >= p.threshold) & (step >= p.decide_from)) | ~finite  # NaN never reads as "safe"
         was_on = state.triggered[:, cols].clone()
         hits, stuck = state.hits[:, cols], state.stuck[:, cols]
         counted = torch.where(hit, hits + 1, torch.where(stuck, hits, 0))
@@ -368,6 +399,8 @@ class RedirectionEngine:
                 continue
             p = group.settings(state.triggered.device)
             on = state.triggered[:, group.columns] & (p.apply_to_uncond if uncond_side else p.redirect)
+            if state.rehearsal:  # a rewind rule only decides in the first run
+                on = on & ~p.rewind
             if not uncond_side:
                 state.applied[:, group.columns] = state.applied[:, group.columns] | on
             contribution = _masked_sum(state.deltas[g], on.T)
@@ -377,6 +410,24 @@ class RedirectionEngine:
             return target
         shifted = target.zip_with(total, lambda t, d: t + d.to(t.dtype))
         return shifted.where(moved, target)
+
+    def flagged(self, state: EngineState) -> torch.Tensor:
+        """(B, K) bool, state columns: the samples each ``rewind`` rule has confirmed (stuck)."""
+        out = torch.zeros_like(state.stuck)
+        for group in self.groups:
+            if group.rewinds:
+                p = group.settings(state.stuck.device)
+                out[:, group.columns] = state.stuck[:, group.columns] & p.rewind
+        return out
+
+    def rehearsal_settled(self, state: EngineState) -> torch.Tensor:
+        """0-dim bool: in a rehearsal, every sample is flagged by some ``rewind`` rule, so the rest of
+        the first run cannot change what the second does (the guard stops it there)."""
+        return self.flagged(state).any(dim=1).all()
+
+    def is_rewind_check_step(self, step: int) -> bool:
+        """A ``rewind`` group checks at ``step``: where :meth:`rehearsal_settled` can change."""
+        return any(g.rewinds and g.is_check_step(step) for g in self.groups)
 
     def blocked_now(self, state: EngineState) -> torch.Tensor | None:
         """(B,) bool: the samples a ``block`` rule flags at this point of the call (device tensor,

@@ -89,6 +89,21 @@ class RuleSettings(_Strict):
         description="With sticky: a trigger sticks after this many consecutive positive checks; until then a "
         "negative check (the latent no longer shows the concept) releases the sample. 1: sticks at the first hit.",
     )
+    decide_from: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Checks before this denoising step record p(unsafe) but never trigger: the decision waits for "
+        "a latent that shows what the image is becoming (a NaN/inf score still triggers). 0: every check decides.",
+    )
+    rewind: bool = Field(
+        False,
+        description="Decide on the unredirected trajectory, then redirect from the start: the call first runs "
+        "with this rule only watching; if it flags samples (sticky, confirmed), the call runs again from the "
+        "same starting noise (the generators' and global RNG states restored) with those samples redirected "
+        "from the rule's first check. Costs the first run's steps again, on calls that flag; a call that "
+        "flags nothing runs once. Needs sticky and action redirect.",
+    )
     escalate: float = Field(
         1.0,
         ge=1.0,
@@ -228,6 +243,17 @@ class Policy(_Strict):
             if rule.concept in seen:
                 raise ValueError(f"concept '{rule.concept}' appears more than once")
             seen.add(rule.concept)
+        return self
+
+    @model_validator(mode="after")
+    def _rewind_needs_a_sticky_redirect(self) -> Policy:
+        for rule in self.effective_rules():
+            if rule.rewind and (rule.action != "redirect" or not rule.sticky):
+                raise ValueError(
+                    f"concept '{rule.concept}': rewind needs action redirect and sticky true (got action "
+                    f"{rule.action}, sticky {str(rule.sticky).lower()}): it regenerates the samples a "
+                    "confirmed trigger flags, redirected from the start"
+                )
         return self
 
     def effective_rules(self) -> list[ConceptRule]:

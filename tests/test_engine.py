@@ -20,7 +20,7 @@ from saferedir_sdk import (
 )
 from saferedir_sdk.capacity import Capacity
 from saferedir_sdk.policy import ConceptRule, StepWindow
-from saferedir_sdk.training import record_trajectories
+from saferedir_sdk.training import Trajectories, record_trajectories
 
 SMALL = Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1)
 
@@ -256,3 +256,40 @@ def test_escalation_raises_the_strength_while_the_concept_still_shows(recorded):
     assert float((moved.tokens[0] - f.cond.tokens[0]).norm()) == pytest.approx(sizes[0], rel=1e-6), (
         "off by default"
     )
+
+
+def test_checks_before_decide_from_record_the_score_and_never_trigger(recorded):
+    forget, _, red, _, _ = recorded
+    f = forget.select(torch.tensor([0]))
+    engine = RedirectionEngine([EngineConcept(rule(replace_steps=0, decide_from=2), red.redirector)])
+    state = engine.init_state(f.cond)
+    for _ in range(2):
+        moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+        assert torch.equal(moved.tokens[0], f.cond.tokens[0]), "no decision before step 2"
+    ((d,),) = engine.decisions(state)
+    assert not d.triggered and d.first_step is None and d.max_score > 0.5 and d.checks == 2
+    moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    assert (
+        not torch.equal(moved.tokens[0], f.cond.tokens[0]) and engine.decisions(state)[0][0].first_step == 2
+    )
+
+
+def test_a_rewind_rule_only_decides_in_a_rehearsal_and_its_flags_start_the_next_run_stuck(recorded):
+    forget, retain, red, _, _ = recorded
+    both = Trajectories.concat([forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))])
+    engine = RedirectionEngine([EngineConcept(rule(replace_steps=0, rewind=True), red.redirector)])
+    assert engine.rewinds
+    state = engine.init_state(both.cond, rehearsal=True)
+    moved, _, state = engine.step(both.latents, both.timesteps, both.cond, state)
+    assert torch.equal(moved.tokens[0], both.cond.tokens[0]), "a rehearsal moves nothing"
+    assert engine.flagged(state).tolist() == [[True], [False]] and not bool(engine.rehearsal_settled(state))
+    # the second run: the flagged sample is redirected though no check of it may trigger any more
+    never = RedirectionEngine(
+        [EngineConcept(rule(replace_steps=0, rewind=True, decide_from=100), red.redirector)]
+    )
+    again = never.init_state(both.cond, engine.flagged(state))
+    moved, _, again = never.step(both.latents, both.timesteps, both.cond, again)
+    assert not torch.equal(moved.tokens[0][0], both.cond.tokens[0][0])
+    assert torch.equal(moved.tokens[0][1], both.cond.tokens[0][1])
+    with pytest.raises(TensorShapeError, match="flagged samples"):
+        engine.init_state(both.cond, torch.zeros(3, 1, dtype=torch.bool))

@@ -13,6 +13,12 @@ swapped for a same-named subclass whose ``__call__`` opens a per-call context (r
 call's facts, engine state), so that every call gets exactly one audit record and ``block`` can
 act on the finished images. ``unwrap`` removes the hook and restores the class.
 
+With a ``rewind`` rule a call may run twice (:meth:`SafeRedirGuard._run`): first with those rules
+only deciding, on the trajectory the unguarded model takes; if they flag samples, again from the
+same starting noise (every ``torch.Generator`` among the call's arguments and the global RNG
+states restored) with the flagged samples redirected from the first check on. The first run stops
+early once every sample is flagged. The caller's step callbacks see both runs.
+
 This module orchestrates; :mod:`.resolve` turns the policy into enforced concepts and
 :mod:`.report` builds the report.
 """
@@ -71,6 +77,55 @@ class _CallContext:
     steps: int = 0
     cfg: bool | None = None
     runtime_failures: list[FailOpen] = field(default_factory=list)
+    rehearsal: bool = False  # the first run of a call with rewind rules: they only decide
+    flagged: torch.Tensor | None = None  # (B, K) what the first run flagged: stuck from step 0 in the second
+    rehearsed: list[list[Any]] | None = None  # the first run's decisions, when a second ran
+    rehearsed_steps: int = 0
+
+
+class _Settled(BaseException):
+    """Raised from the hook to end a first run early: every sample is flagged (not an error; a
+    BaseException so that no ``except Exception`` of a pipeline or callback swallows it)."""
+
+
+class _RngSnapshot:
+    """The random states a diffusers call draws from: every ``torch.Generator`` among its arguments
+    (also inside a list) and the global CPU and CUDA generators; :meth:`restore` sets them back."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]):
+        found: list[torch.Generator] = []
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, torch.Generator) and all(item is not g for g in found):
+                    found.append(item)
+        self.generators = [(g, g.get_state()) for g in found]
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        for generator, state in self.generators:
+            generator.set_state(state)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _merged(first: list[list[Any]], second: list[list[Any]], flagged: list[list[bool]]) -> list[list[Any]]:
+    """The decisions of a call that ran twice: the second run's, where the first flagged a sample
+    with when it decided (first step), the higher score and ``rewound``; checks of both runs."""
+    rows = []
+    for a_row, b_row, f_row in zip(first, second, flagged):
+        row = []
+        for a, b, f in zip(a_row, b_row, f_row):
+            merged = replace(b, checks=a.checks + b.checks, nonfinite=a.nonfinite or b.nonfinite)
+            if f:
+                scores = [s for s in (a.max_score, b.max_score) if s is not None]
+                merged = replace(
+                    merged, first_step=a.first_step, max_score=max(scores) if scores else None, rewound=True
+                )
+            row.append(merged)
+        rows.append(row)
+    return rows
 
 
 _ACTIVE: ContextVar[_CallContext | None] = ContextVar("saferedir_active_call", default=None)
@@ -243,11 +298,18 @@ class SafeRedirGuard:
                 ctx.steps += 1
                 ctx.cfg = inputs.uncond is not None
                 if ctx.state is None:
-                    ctx.state = engine.init_state(inputs.cond)
+                    ctx.state = engine.init_state(inputs.cond, ctx.flagged, rehearsal=ctx.rehearsal)
+                step = ctx.state.step
                 cond, uncond, ctx.state = engine.step(
                     inputs.latents, inputs.timestep, inputs.cond, ctx.state, inputs.uncond
                 )
+                if ctx.rehearsal and engine.is_rewind_check_step(step):
+                    settled = bool(engine.rehearsal_settled(ctx.state))  # a host read at these checks only
+                    if settled:
+                        raise _Settled
                 return adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
+            except _Settled:
+                raise
             except Exception as exc:
                 return self._enforcement_failed(ctx, exc)
 
@@ -430,7 +492,7 @@ class SafeRedirGuard:
                     raise failed
                 token = _ACTIVE.set(ctx)
                 try:
-                    output = call(*args, **self._withholding_callbacks(ctx, kwargs))
+                    output = self._run(ctx, call, args, self._withholding_callbacks(ctx, kwargs))
                 finally:
                     _ACTIVE.reset(token)
                 if ctx.steps == 0 and wrapping.engine.concepts and not ctx.runtime_failures:
@@ -448,6 +510,8 @@ class SafeRedirGuard:
                     wrapping.in_flight -= 1
 
         decisions = wrapping.engine.decisions(ctx.state) if ctx.state is not None else None
+        if decisions is not None and ctx.rehearsed is not None and ctx.flagged is not None:
+            decisions = _merged(ctx.rehearsed, decisions, self._flagged_by_concept(wrapping, ctx.flagged))
         if error is None and decisions is not None:
             error = self._check_finite(ctx, decisions)
             if error is not None:
@@ -465,6 +529,7 @@ class SafeRedirGuard:
             error=error,
             latency_ms=0.0,
             render_prompt=self.audit.prompt,
+            rehearsed_steps=ctx.rehearsed_steps,
             redact=(lambda m: m)
             if self.policy.audit.prompt_logging == "full"
             else (lambda m: scrub(m, info.prompts)),
@@ -481,6 +546,38 @@ class SafeRedirGuard:
         if report.blocked and self.policy.block.mode == "raise":
             raise GenerationBlocked(report)
         return output
+
+    def _run(self, ctx: _CallContext, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The pipeline call; with ``rewind`` rules a first run that decides and, when it flags
+        samples, a second from the same starting noise that redirects them from the start."""
+        engine = ctx.wrapping.engine
+        if not engine.rewinds:
+            return call(*args, **kwargs)
+        snapshot = _RngSnapshot(args, kwargs)
+        ctx.rehearsal = True
+        try:
+            output = call(*args, **kwargs)
+        except _Settled:
+            output = None
+        finally:
+            ctx.rehearsal = False
+        if ctx.state is None:
+            return output
+        flagged = engine.flagged(ctx.state)
+        if output is not None and not bool(flagged.any()):  # one host read per call
+            return output
+        ctx.rehearsed = engine.decisions(ctx.state)
+        ctx.rehearsed_steps, ctx.flagged = ctx.steps, flagged
+        ctx.state, ctx.steps = None, 0
+        snapshot.restore()
+        return call(*args, **kwargs)
+
+    @staticmethod
+    def _flagged_by_concept(wrapping: _Wrapping, flagged: torch.Tensor) -> list[list[bool]]:
+        """``flagged`` (B, K state columns) as per-sample lists in the engine's concept order."""
+        rows = flagged.cpu().tolist()
+        engine = wrapping.engine
+        return [[row[engine.column(k)] for k in range(len(engine.concepts))] for row in rows]
 
     def _emit(self, wrapping: _Wrapping, report: CallReport) -> None:
         record = report.to_dict()

@@ -37,6 +37,7 @@ class ConceptReport:
     first_step: int | None
     escalation: float = 1.0  # the strength multiplier escalation reached
     applied: bool = False  # a redirect rule moved the sample at some step (also a released trigger)
+    rewound: bool = False  # a rewind rule flagged it in the call's first run; regenerated redirected
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class CallReport:
     latency_ms: float
     fail_open: list[dict[str, str]]
     error: dict[str, str] | None = None
+    rehearsed_steps: int = 0  # rewind: denoising steps of the first run, redone in the second
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +110,7 @@ def build_report(
     latency_ms: float,
     render_prompt: Callable[[str | None], str | None],
     redact: Callable[[str], str] = lambda message: message,
+    rehearsed_steps: int = 0,
 ) -> CallReport:
     """The report of one call.
 
@@ -136,6 +139,7 @@ def build_report(
                 first_step=d.first_step,
                 escalation=d.escalation,
                 applied=d.applied,
+                rewound=d.rewound,
             )
             for d in row
         ]
@@ -150,6 +154,7 @@ def build_report(
         cfg=cfg,
         latency_ms=round(latency_ms, 3),
         fail_open=list(fail_open),
+        rehearsed_steps=rehearsed_steps,
         error={"type": type(error).__name__, "message": redact(str(error))[:2000]}
         if error is not None
         else None,

@@ -1,0 +1,94 @@
+"""``rewind``: decide on the trajectory the unguarded model takes, then regenerate the flagged samples
+from the same starting noise, redirected from the start (the guard on a real tiny diffusers
+StableDiffusionPipeline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import FORGET, RETAIN, STEPS, UNetRecorder, generate
+
+from saferedir_sdk import PolicyError, SafeRedirGuard
+
+
+def red_rule(bundles, **kw) -> list[dict]:
+    return [{"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"])}, **kw}]
+
+
+def run(pipe, policy, prompts=(FORGET, RETAIN), **kwargs):
+    """(images, report, the conditional embeddings the UNet received per call) of one guarded call."""
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
+    seen = UNetRecorder(pipe.unet)
+    try:
+        images = generate(pipe, prompts, **kwargs).images
+    finally:
+        seen.remove()
+        guard.unwrap(pipe)
+    return images, guard.last_report, seen.calls
+
+
+def test_rewind_decides_unmoved_then_redirects_the_flagged_sample_from_the_first_step(
+    pipe, write_policy, bundles, audit_records
+):
+    # what redirecting from step 0 gives: the plain rule triggers "a red circle" at its first check
+    plain, plain_report, _ = run(pipe, write_policy(red_rule(bundles)))
+    assert plain_report.samples[0].concepts[0].first_step == 0
+    base = generate(pipe).images
+    reference = UNetRecorder(pipe.unet)
+    generate(pipe)
+    reference.remove()
+
+    images, report, calls = run(pipe, write_policy(red_rule(bundles, decide_from=2, rewind=True)))
+    assert len(calls) == 2 * STEPS, "a first run that flagged a sample, then the second"
+    for got, ref in zip(calls[:STEPS], reference.calls):
+        assert torch.equal(got["ehs"], ref["ehs"]), "the first run moves nothing"
+    assert np.array_equal(images, plain), "flagged sample redirected from step 0, the other unguarded"
+    assert np.array_equal(images[1], base[1])
+    red, tan = (s.concepts[0] for s in report.samples)
+    assert red.rewound and red.first_step == 2 and red.triggered and red.checks == 4
+    assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
+    assert not tan.rewound and tan.first_step is None
+    assert report.rehearsed_steps == STEPS and report.steps == STEPS
+    record = audit_records()[-1]
+    assert len(audit_records()) == 2, "one record per guarded call"
+    assert record["rehearsed_steps"] == STEPS and record["samples"][0]["concepts"][0]["rewound"] is True
+
+
+def test_a_call_a_rewind_rule_does_not_flag_runs_once_and_unchanged(pipe, write_policy, bundles):
+    base = generate(pipe, (RETAIN,)).images
+    images, report, calls = run(pipe, write_policy(red_rule(bundles, rewind=True)), (RETAIN,))
+    assert len(calls) == STEPS and np.array_equal(images, base)
+    assert report.rehearsed_steps == 0 and report.outcome == "ok"
+
+
+def test_the_first_run_stops_once_every_sample_is_flagged(pipe, write_policy, bundles):
+    plain, _, _ = run(pipe, write_policy(red_rule(bundles)), (FORGET,))
+    images, report, calls = run(pipe, write_policy(red_rule(bundles, decide_from=2, rewind=True)), (FORGET,))
+    # first run: steps 0 and 1 reach the UNet; the check at step 2 flags and ends it there
+    assert len(calls) == 2 + STEPS and report.rehearsed_steps == 3
+    assert np.array_equal(images, plain)
+
+
+def test_the_second_run_replays_the_global_rng_when_no_generator_is_passed(pipe, write_policy, bundles):
+    def call(p):
+        torch.manual_seed(11)
+        out = p([FORGET, RETAIN], num_inference_steps=STEPS, output_type="np").images
+        return out, torch.get_rng_state()
+
+    base, after_base = call(pipe)
+    guard = SafeRedirGuard.from_policy(write_policy(red_rule(bundles)))
+    plain, _ = call(guard.wrap(pipe))
+    guard.unwrap(pipe)
+    guard = SafeRedirGuard.from_policy(write_policy(red_rule(bundles, decide_from=2, rewind=True)))
+    images, after = call(guard.wrap(pipe))
+    assert guard.last_report.rehearsed_steps == STEPS
+    assert np.array_equal(images, plain) and np.array_equal(images[1], base[1])
+    assert torch.equal(after, after_base), "the caller's RNG ends where one unguarded call leaves it"
+
+
+@pytest.mark.parametrize("extra", [{"sticky": False}, {"action": "monitor"}])
+def test_rewind_needs_a_sticky_redirect_rule(write_policy, bundles, extra):
+    with pytest.raises(PolicyError, match="concept 'red': rewind needs action redirect and sticky true"):
+        SafeRedirGuard.from_policy(write_policy(red_rule(bundles, rewind=True, **extra)))
