@@ -83,6 +83,7 @@ class EngineState:
         token_shapes: the conditional token streams' shapes the state was made for.
         rehearsal: host bool, the guard's first run of a call with ``rewind`` rules: those rules
             decide and do not move anything.
+        rewound: (B, K) bool, the samples a first run flagged (``init_state(cond, flagged)``).
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -97,6 +98,7 @@ class EngineState:
     max_score: torch.Tensor
     applied: torch.Tensor
     nonfinite: torch.Tensor
+    rewound: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -265,6 +267,7 @@ class RedirectionEngine:
             triggered=torch.zeros(b, k, dtype=torch.bool, device=device),
             hits=torch.zeros(b, k, dtype=torch.int64, device=device),
             stuck=stuck,
+            rewound=stuck.clone(),
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
@@ -451,9 +454,10 @@ class RedirectionEngine:
                 state.boost.to(torch.float64),
                 state.nonfinite.to(torch.float64),
                 state.applied.to(torch.float64),
+                state.rewound.to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad, moved = (packed[i].tolist() for i in range(6))
+        first, score, on, boost, bad, moved, rewound = (packed[i].tolist() for i in range(7))
         result = []
         for i in range(state.batch_size):
             row = []
@@ -469,6 +473,7 @@ class RedirectionEngine:
                         escalation=round(boost[i][j], 4),
                         applied=moved[i][j] > 0,
                         nonfinite=bad[i][j] > 0,
+                        rewound=rewound[i][j] > 0,
                     )
                 )
             result.append(row)

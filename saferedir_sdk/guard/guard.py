@@ -110,19 +110,17 @@ class _RngSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def _merged(first: list[list[Any]], second: list[list[Any]], flagged: list[list[bool]]) -> list[list[Any]]:
+def _merged(first: list[list[Any]], second: list[list[Any]]) -> list[list[Any]]:
     """The decisions of a call that ran twice: the second run's, where the first flagged a sample
-    with when it decided (first step), the higher score and ``rewound``; checks of both runs."""
+    (``rewound``) with when it decided (first step) and the higher score; checks of both runs."""
     rows = []
-    for a_row, b_row, f_row in zip(first, second, flagged):
+    for a_row, b_row in zip(first, second):
         row = []
-        for a, b, f in zip(a_row, b_row, f_row):
+        for a, b in zip(a_row, b_row):
             merged = replace(b, checks=a.checks + b.checks, nonfinite=a.nonfinite or b.nonfinite)
-            if f:
+            if b.rewound:
                 scores = [s for s in (a.max_score, b.max_score) if s is not None]
-                merged = replace(
-                    merged, first_step=a.first_step, max_score=max(scores) if scores else None, rewound=True
-                )
+                merged = replace(merged, first_step=a.first_step, max_score=max(scores) if scores else None)
             row.append(merged)
         rows.append(row)
     return rows
@@ -304,8 +302,7 @@ class SafeRedirGuard:
                     inputs.latents, inputs.timestep, inputs.cond, ctx.state, inputs.uncond
                 )
                 if ctx.rehearsal and engine.is_rewind_check_step(step):
-                    settled = bool(engine.rehearsal_settled(ctx.state))  # a host read at these checks only
-                    if settled:
+                    if bool(engine.rehearsal_settled(ctx.state)):  # a host read at these checks only
                         raise _Settled
                 return adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
             except _Settled:
@@ -510,8 +507,8 @@ class SafeRedirGuard:
                     wrapping.in_flight -= 1
 
         decisions = wrapping.engine.decisions(ctx.state) if ctx.state is not None else None
-        if decisions is not None and ctx.rehearsed is not None and ctx.flagged is not None:
-            decisions = _merged(ctx.rehearsed, decisions, self._flagged_by_concept(wrapping, ctx.flagged))
+        if decisions is not None and ctx.rehearsed is not None:
+            decisions = _merged(ctx.rehearsed, decisions)
         if error is None and decisions is not None:
             error = self._check_finite(ctx, decisions)
             if error is not None:
@@ -571,13 +568,6 @@ class SafeRedirGuard:
         ctx.state, ctx.steps = None, 0
         snapshot.restore()
         return call(*args, **kwargs)
-
-    @staticmethod
-    def _flagged_by_concept(wrapping: _Wrapping, flagged: torch.Tensor) -> list[list[bool]]:
-        """``flagged`` (B, K state columns) as per-sample lists in the engine's concept order."""
-        rows = flagged.cpu().tolist()
-        engine = wrapping.engine
-        return [[row[engine.column(k)] for k in range(len(engine.concepts))] for row in rows]
 
     def _emit(self, wrapping: _Wrapping, report: CallReport) -> None:
         record = report.to_dict()
