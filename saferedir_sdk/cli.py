@@ -25,6 +25,26 @@ from .errors import PolicyError, SafeRedirError
 CORE_COMMANDS = ("validate", "policy", "plugins", "train", "bundle", "audit")
 
 
+def _share(name: str) -> Any:
+    """An argparse type for one of the trainer's share flags, checked as the trainer checks it
+    (``check_shares``): a bad value is a usage error naming the flag, before any model is loaded."""
+
+    def parse(text: str) -> float:
+        from .training.fit import check_shares
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            check_shares(**{name: value})
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}: ")) from None
+        return value
+
+    return parse
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .policy import load_policy
 
@@ -417,20 +437,20 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument(
         "--prompt-dropout",
-        type=float,
+        type=_share("prompt_dropout"),
         default=0.3,
         help="share of the classifier's augmented rows whose prompt is replaced by the empty one (0: off)",
     )
     p.add_argument(
         "--prompt-swap",
-        type=float,
+        type=_share("prompt_swap"),
         default=0.0,
         help="share of the pairs in the late half of the schedule also classified with their prompts "
         "exchanged, each latent keeping its own outcome label, so the image outweighs the words (0: off)",
     )
     p.add_argument(
         "--swap-below",
-        type=float,
+        type=_share("swap_below"),
         default=0.5,
         help="what --prompt-swap calls late: normalised timesteps below this (0 clean .. 1 noise)",
     )

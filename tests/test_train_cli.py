@@ -128,3 +128,35 @@ def test_train_defaults_to_the_pipelines_own_sampler_settings(pipe):
     shapes = StableDiffusionAdapter(ShapesPipeline.__new__(ShapesPipeline))
     cfg = with_sampler_defaults(TrainConfig("red"), shapes)
     assert (cfg.num_inference_steps, cfg.guidance_scale) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (20, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--prompt-swap", "1.5", "expected a share in [0, 1], got 1.5"),
+        ("--prompt-dropout", "-0.1", "expected a share in [0, 1], got -0.1"),
+        ("--swap-below", "0", "expected a share in (0, 1], got 0.0"),
+        ("--swap-below", "nan", "expected a share in (0, 1], got nan"),
+        ("--prompt-swap", "half", "expected a number, got 'half'"),
+    ],
+)
+def test_train_refuses_a_bad_share_as_a_usage_error_naming_the_flag(capsys, flag, value, expected):
+    argv = [
+        "train",
+        "--backbone",
+        "shapes",
+        "--concept",
+        "red",
+        "--pairs",
+        "p.json",
+        "--out",
+        "x",
+        flag,
+        value,
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {expected}" in err
+    assert "Traceback" not in err

@@ -380,7 +380,7 @@ def evaluate_redirector(
     return result
 
 
-def check_shares(prompt_dropout: float, prompt_swap: float, swap_below: float) -> None:
+def check_shares(prompt_dropout: float = 0.0, prompt_swap: float = 0.0, swap_below: float = 0.5) -> None:
     """``ValueError`` naming the first of the classifier's training shares outside its range:
     ``prompt_dropout`` and ``prompt_swap`` in [0, 1], ``swap_below`` (a normalised timestep) in (0, 1]."""
     for name, value, low_open in (
