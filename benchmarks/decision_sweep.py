@@ -4,6 +4,7 @@ then the guard once per variant, every image scored as ``saferedir eval`` scores
     python benchmarks/decision_sweep.py                      # the variants below, shapes:demo, dev split
     python benchmarks/decision_sweep.py --variants "strength=1.0" "strength=1.0 threshold=0.7"
     python benchmarks/decision_sweep.py --variants base "red:window.start=8 striped:window.start=12"
+    python benchmarks/decision_sweep.py --concepts star --variants base "star:bundle=CANDIDATE.safetensors"
 
 A variant is the policy with some ``defaults`` overridden (``key=value`` pairs, separated by
 spaces; ``base`` = the policy as it is). Per variant it prints erasure, kept attributes, retain
@@ -26,6 +27,7 @@ Choose settings here (dev), then run the eval split once with the chosen policy
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,9 +81,11 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
                 for part in path:
                     target = target.setdefault(part, {})
                 target[leaf] = yaml.safe_load(value)
-    if monitor:
+    if monitor:  # a monitor rule only records (and cannot rewind: there is nothing to redo)
         for rule in policy["concepts"]:
             rule["action"] = "monitor"
+            rule.pop("rewind", None)
+        policy.setdefault("defaults", {})["rewind"] = False
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return path
@@ -134,6 +138,9 @@ def main() -> None:
     parser.add_argument("--split", default="dev", choices=("dev", "eval"))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--concepts", nargs="+", default=None, help="only these concepts (each rule is scored alone anyway)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -145,6 +152,11 @@ def main() -> None:
     suite = pm.hook.saferedir_eval_suite(backbone=args.backbone, split=args.split)
     if suite is None:
         raise SystemExit(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite")
+    if args.concepts:
+        known = [c.name for c in suite.concepts]
+        if unknown := sorted(set(args.concepts) - set(known)):
+            raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
+        suite = dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in args.concepts])
     source = resolve_policy_ref(pm, args.policy or suite.policy)
     adapter = find_adapter(pm, load_backbone(pm, args.backbone))
     tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))  # the variant policies and their audits

@@ -16,11 +16,16 @@ releases it (the decision is revised while the trajectory still says otherwise).
 ``escalate`` > 1, a check that still sees the concept in a sample already being redirected
 multiplies that sample's strength (up to ``escalate_max``): a redirection too weak to move the
 image does not end in an escape. Neither adds a check: both act at the schedule's checks.
-A check before the rule's ``decide_from`` step records its score and never triggers (the decision
-waits for a latent that shows something). A ``rewind`` rule does not move anything while the state
+A check at a normalised timestep above the rule's ``decide_at_t`` records its score and never
+triggers (the decision waits for a latent that shows something; a noise level, so it means the same
+at any number of steps). ``deciding_checks`` counts the checks that could trigger: the guard refuses
+a call in which a rule had too few to decide (fail closed). A ``rewind`` rule does not move anything while the state
 is a *rehearsal* (the guard's first run of a call): the samples it confirms there are
 :meth:`RedirectionEngine.flagged`, and a state made with them (``init_state(cond, flagged)``, the
-guard's second run from the same noise) has them stuck from the first check on.
+guard's second run from the same noise) has them stuck from the first check on. In either run a
+``rewind`` rule acts only on samples it confirmed (``confirm_checks`` hits in a row): the second run
+replays the first run's trajectory for the samples it did not flag, so an unconfirmed hit there must
+not move them (their images would depend on whether a batch mate was flagged).
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
@@ -84,6 +89,8 @@ class EngineState:
         rehearsal: host bool, the guard's first run of a call with ``rewind`` rules: those rules
             decide and do not move anything.
         rewound: (B, K) bool, the samples a first run flagged (``init_state(cond, flagged)``).
+        deciding: (B, K) int64, checks at a timestep at or below the rule's ``decide_at_t`` (the
+            checks that could trigger).
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -99,6 +106,7 @@ class EngineState:
     applied: torch.Tensor
     nonfinite: torch.Tensor
     rewound: torch.Tensor
+    deciding: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -122,6 +130,7 @@ class ConceptDecision:
     applied: bool = False  # its redirection moved the sample at some step (also if released later)
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
     rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
+    deciding_checks: int = 0  # checks at or below the rule's decide_at_t (that could trigger)
 
 
 def _stacked_zeros(cond: Conditioning, n: int) -> Conditioning:
@@ -143,7 +152,7 @@ class _Settings:
     """The rules of a group's K_g concepts as (K_g,) tensors on one device (host-built once)."""
 
     threshold: torch.Tensor
-    decide_from: torch.Tensor
+    decide_at_t: torch.Tensor
     strength: torch.Tensor
     confirm_checks: torch.Tensor
     escalate: torch.Tensor
@@ -189,7 +198,7 @@ class _Group:
 
             self._settings[device] = _Settings(
                 threshold=column([r.threshold for r in rules], torch.float32),
-                decide_from=column([r.decide_from for r in rules], torch.int64),
+                decide_at_t=column([r.decide_at_t for r in rules], torch.float32),
                 strength=column([r.strength for r in rules], torch.float32),
                 confirm_checks=column([r.confirm_checks for r in rules], torch.int64),
                 escalate=column([r.escalate for r in rules], torch.float32),
@@ -268,6 +277,7 @@ class RedirectionEngine:
             hits=torch.zeros(b, k, dtype=torch.int64, device=device),
             stuck=stuck,
             rewound=stuck.clone(),
+            deciding=torch.zeros(b, k, dtype=torch.int64, device=device),
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
@@ -352,20 +362,26 @@ class RedirectionEngine:
         out = group.stack(latents, timestep, cond)
         score = torch.sigmoid(out.logit.float()).T  # (B, K_g)
         finite = torch.isfinite(score)
-        hit = ((score >= p.threshold) & (step >= p.decide_from)) | ~finite  # NaN never reads as "safe"
+        t = timestep.float().reshape(-1, 1)  # () or (B,) -> (1 or B, 1)
+        decides = (t <= p.decide_at_t).expand_as(score)
+        hit = ((score >= p.threshold) & decides) | ~finite  # NaN never reads as "safe"
+        state.deciding[:, cols] += decides.long()
         was_on = state.triggered[:, cols].clone()
         hits, stuck = state.hits[:, cols], state.stuck[:, cols]
         counted = torch.where(hit, hits + 1, torch.where(stuck, hits, 0))
         confirmed = stuck | (counted >= p.confirm_checks)
+        # a rewind rule acts on what it confirmed, in either run: an unconfirmed hit moves nothing (in
+        # the second run the other samples replay the first run's trajectory, which did not confirm)
+        acts = torch.where(p.rewind, confirmed, hit)
         state.hits[:, cols] = torch.where(p.sticky, counted, hits)
         state.stuck[:, cols] = torch.where(p.sticky, confirmed, stuck)
-        state.triggered[:, cols] = torch.where(p.sticky, confirmed | hit, hit)
+        state.triggered[:, cols] = torch.where(p.sticky, confirmed | acts, acts)
         boost = state.boost[:, cols]
         raised = (boost * p.escalate).clamp(max=p.escalate_max)
         boost = torch.where(hit & was_on & p.escalating, raised, boost)
         state.boost[:, cols] = boost
         first = state.first_step[:, cols]
-        state.first_step[:, cols] = torch.where(hit & (first < 0), step, first)
+        state.first_step[:, cols] = torch.where(acts & (first < 0), step, first)
         state.max_score[:, cols] = torch.maximum(state.max_score[:, cols], torch.where(finite, score, -1.0))
         for k in group.indices:
             state.checks[k] += 1
@@ -455,9 +471,10 @@ class RedirectionEngine:
                 state.nonfinite.to(torch.float64),
                 state.applied.to(torch.float64),
                 state.rewound.to(torch.float64),
+                state.deciding.to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad, moved, rewound = (packed[i].tolist() for i in range(7))
+        first, score, on, boost, bad, moved, rewound, deciding = (packed[i].tolist() for i in range(8))
         result = []
         for i in range(state.batch_size):
             row = []
@@ -474,6 +491,7 @@ class RedirectionEngine:
                         applied=moved[i][j] > 0,
                         nonfinite=bad[i][j] > 0,
                         rewound=rewound[i][j] > 0,
+                        deciding_checks=int(deciding[i][j]),
                     )
                 )
             result.append(row)

@@ -89,12 +89,15 @@ class RuleSettings(_Strict):
         description="With sticky: a trigger sticks after this many consecutive positive checks; until then a "
         "negative check (the latent no longer shows the concept) releases the sample. 1: sticks at the first hit.",
     )
-    decide_from: int = Field(
-        0,
-        ge=0,
-        le=1000,
-        description="Checks before this denoising step record p(unsafe) but never trigger: the decision waits for "
-        "a latent that shows what the image is becoming (a NaN/inf score still triggers). 0: every check decides.",
+    decide_at_t: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Checks at a normalised timestep (0 clean .. 1 pure noise) above this record p(unsafe) but never "
+        "trigger: the decision waits for a latent that shows what the image is becoming (a NaN/inf score still "
+        "triggers). A noise level, not a step index: 0.5 is step 10 of 20 and step 4 of 8 on a 1000-timestep "
+        "schedule. A call in which the rule has fewer such checks than it needs to decide (1; confirm_checks "
+        "with rewind) is not enforced: it fails under fail_mode closed. 1: every check decides.",
     )
     rewind: bool = Field(
         False,
@@ -412,13 +415,23 @@ def _duplicate_concepts(data: dict[str, Any], node: yaml.Node | None) -> list[Po
     return issues
 
 
+#: keys an earlier policy schema had, and what replaced them (said where the old key is found)
+_RENAMED = {
+    "decide_from": "replaced by decide_at_t, a normalised timestep (0 clean .. 1 noise): decide_from N "
+    "at S steps is about decide_at_t 1 - N/S",
+}
+
+
 def _issues_from(exc: ValidationError, node: yaml.Node | None) -> list[PolicyIssue]:
     issues = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown key (not in the policy schema; a typo?)"
+            renamed = _RENAMED.get(str(loc[-1]))
+            message = (
+                f"unknown key: {renamed}" if renamed else "unknown key (not in the policy schema; a typo?)"
+            )
         elif err["type"] == "literal_error":
             message = f"{err['msg']}, got {_short(err.get('input'))}"
         elif "input" in err and err["type"] not in ("missing", "value_error"):

@@ -12,6 +12,7 @@ from saferedir_sdk.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from deciding_checks import flagged  # noqa: E402
 from decision_sweep import variant_policy  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "plugins/shapes/saferedir_shapes/policies/demo.yaml"
@@ -34,11 +35,13 @@ def test_a_variant_sets_defaults_per_concept_fields_and_bundles(tmp_path):
     assert policy.defaults.strength == 1.2
     assert (rules["red"].window.start, rules["red"].window.stop) == (8, 19)
     assert (rules["striped"].window.start, rules["striped"].window.stop) == (base["striped"].window.start, 19)
-    assert rules["striped"].threshold == 0.85 and "threshold" not in rules["red"].model_fields_set
+    assert rules["striped"].threshold == 0.85 and rules["red"].threshold == base["red"].threshold == 0.9
+    assert "threshold" not in rules["star"].model_fields_set
     assert rules["star"].redirector.path == str(Path("x.safetensors").resolve())
     assert rules["star"].redirector.plugin is None and rules["red"].redirector == base["red"].redirector
     monitor = load_policy(variant_policy(DEMO, "base", tmp_path, "m", monitor=True)).policy
     assert {r.action for r in monitor.concepts} == {"monitor"}
+    assert base["star"].rewind and not any(r.effective(monitor.defaults).rewind for r in monitor.concepts)
 
 
 @pytest.mark.parametrize(
@@ -52,3 +55,23 @@ def test_a_variant_sets_defaults_per_concept_fields_and_bundles(tmp_path):
 def test_a_variant_that_names_nothing_real_is_refused(tmp_path, overrides, message):
     with pytest.raises(SystemExit, match=message):
         variant_policy(DEMO, overrides, tmp_path, "v")
+
+
+P = [0.95, 0.2, 0.95, 0.95, 0.95, 0.1, 0.95, 0.1]
+T = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+
+
+@pytest.mark.parametrize(
+    "decide_at_t, confirm, every, expected",
+    [
+        (1.0, 2, 1, True),  # steps 2 and 3
+        (0.5, 2, 1, False),  # from step 4 on the hits never come two in a row
+        (0.5, 1, 1, True),
+        (0.6, 2, 2, True),  # checks at steps 4 and 6 (t 0.5, 0.3): both hit
+        (0.2, 1, 1, False),  # the one deciding check (step 7) misses
+    ],
+)
+def test_deciding_checks_flags_as_a_rewind_rules_first_run(decide_at_t, confirm, every, expected):
+    """benchmarks/deciding_checks.py's first-run rule: ``confirm`` hits in a row among the checks
+    (every ``every`` steps from step 0) at a noise level <= ``decide_at_t``."""
+    assert flagged(P, T, 0.9, decide_at_t, confirm, every) is expected

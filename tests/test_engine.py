@@ -258,20 +258,23 @@ def test_escalation_raises_the_strength_while_the_concept_still_shows(recorded):
     )
 
 
-def test_checks_before_decide_from_record_the_score_and_never_trigger(recorded):
+def test_checks_above_decide_at_t_record_the_score_and_never_trigger(recorded):
+    """``decide_at_t`` is a noise level: the same latent checked at t 0.9 and 0.6 records, at t 0.5
+    (the bound itself) decides; ``deciding_checks`` counts the checks that could trigger."""
     forget, _, red, _, _ = recorded
     f = forget.select(torch.tensor([0]))
-    engine = RedirectionEngine([EngineConcept(rule(replace_steps=0, decide_from=2), red.redirector)])
+    engine = RedirectionEngine([EngineConcept(rule(replace_steps=0, decide_at_t=0.5), red.redirector)])
     state = engine.init_state(f.cond)
-    for _ in range(2):
-        moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
-        assert torch.equal(moved.tokens[0], f.cond.tokens[0]), "no decision before step 2"
+    for t in (0.9, 0.6):
+        moved, _, state = engine.step(f.latents, torch.tensor([t]), f.cond, state)
+        assert torch.equal(moved.tokens[0], f.cond.tokens[0]), f"no decision at t {t} > 0.5"
     ((d,),) = engine.decisions(state)
     assert not d.triggered and d.first_step is None and d.max_score > 0.5 and d.checks == 2
-    moved, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
-    assert (
-        not torch.equal(moved.tokens[0], f.cond.tokens[0]) and engine.decisions(state)[0][0].first_step == 2
-    )
+    assert d.deciding_checks == 0
+    moved, _, state = engine.step(f.latents, torch.tensor(0.5), f.cond, state)
+    ((d,),) = engine.decisions(state)
+    assert not torch.equal(moved.tokens[0], f.cond.tokens[0]) and d.first_step == 2
+    assert d.deciding_checks == 1 and d.checks == 3
 
 
 def test_a_rewind_rule_only_decides_in_a_rehearsal_and_its_flags_start_the_next_run_stuck(recorded):
@@ -285,7 +288,7 @@ def test_a_rewind_rule_only_decides_in_a_rehearsal_and_its_flags_start_the_next_
     assert engine.flagged(state).tolist() == [[True], [False]] and not bool(engine.rehearsal_settled(state))
     # the second run: the flagged sample is redirected though no check of it may trigger any more
     never = RedirectionEngine(
-        [EngineConcept(rule(replace_steps=0, rewind=True, decide_from=100), red.redirector)]
+        [EngineConcept(rule(replace_steps=0, rewind=True, decide_at_t=1e-6), red.redirector)]
     )
     again = never.init_state(both.cond, engine.flagged(state))
     moved, _, again = never.step(both.latents, both.timesteps, both.cond, again)
@@ -293,3 +296,31 @@ def test_a_rewind_rule_only_decides_in_a_rehearsal_and_its_flags_start_the_next_
     assert torch.equal(moved.tokens[0][1], both.cond.tokens[0][1])
     with pytest.raises(TensorShapeError, match="flagged samples"):
         engine.init_state(both.cond, torch.zeros(3, 1, dtype=torch.bool))
+
+
+def test_a_rewind_rule_moves_only_what_it_confirmed_in_the_second_run_too(recorded):
+    """In the second run the samples the first run did not flag replay its trajectory: a single hit
+    there (confirm_checks 2) moves nothing and records no trigger, where a plain rule acts on it, so a
+    sample's image does not depend on whether a batch mate was flagged."""
+    forget, retain, red, _, _ = recorded
+    f, r = forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))
+    rewinding = RedirectionEngine(
+        [EngineConcept(rule(replace_steps=0, rewind=True, confirm_checks=2), red.redirector)]
+    )
+    plain = RedirectionEngine([EngineConcept(rule(replace_steps=0, confirm_checks=2), red.redirector)])
+    states = {e: e.init_state(f.cond) for e in (rewinding, plain)}  # not a rehearsal: a second run
+    for e in states:
+        moved, _, states[e] = e.step(f.latents, f.timesteps, f.cond, states[e])  # a hit
+        assert torch.equal(moved.tokens[0], f.cond.tokens[0]) != (e is plain)
+        moved, _, states[e] = e.step(r.latents, r.timesteps, r.cond, states[e])  # no hit: released
+    ((d,),) = rewinding.decisions(states[rewinding])
+    assert d.max_score > 0.5 and not d.triggered and not d.applied and d.first_step is None
+    ((d,),) = plain.decisions(states[plain])
+    assert d.applied and d.first_step == 0
+    # two hits in a row: confirmed, moved from the confirming check on
+    state = rewinding.init_state(f.cond)
+    for step in range(2):
+        moved, _, state = rewinding.step(f.latents, f.timesteps, f.cond, state)
+        assert torch.equal(moved.tokens[0], f.cond.tokens[0]) == (step == 0)
+    ((d,),) = rewinding.decisions(state)
+    assert d.triggered and d.applied and d.first_step == 1

@@ -166,6 +166,10 @@ def test_cli_validate_ok_and_failures(tmp_path, capsys):
         (GOOD + "    treshold: 0.4\n", "concepts.0.treshold (line 7): unknown key"),
         (GOOD + "    threshold: high\n", "concepts.0.threshold (line 7)"),
         (GOOD + "    action: erase\n", "concepts.0.action (line 7)"),
+        (
+            GOOD + "    decide_from: 10\n",
+            "concepts.0.decide_from (line 7): unknown key: replaced by decide_at_t",
+        ),
     ]:
         bad.write_text(text)
         assert main(["validate", str(bad)]) == 1

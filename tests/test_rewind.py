@@ -13,6 +13,8 @@ from saferedir_sdk import PolicyError, SafeRedirGuard
 
 
 def red_rule(bundles, **kw) -> list[dict]:
+    # decide_at_t 0.3: of the tiny pipeline's 4 steps (t 0.751, 0.501, 0.251, 0.001) the check at
+    # step 2 is the first that decides
     return [{"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"])}, **kw}]
 
 
@@ -40,7 +42,7 @@ def test_rewind_decides_unmoved_then_redirects_the_flagged_sample_from_the_first
     generate(pipe)
     reference.remove()
 
-    images, report, calls = run(pipe, write_policy(red_rule(bundles, decide_from=2, rewind=True)))
+    images, report, calls = run(pipe, write_policy(red_rule(bundles, decide_at_t=0.3, rewind=True)))
     assert len(calls) == 2 * STEPS, "a first run that flagged a sample, then the second"
     for got, ref in zip(calls[:STEPS], reference.calls):
         assert torch.equal(got["ehs"], ref["ehs"]), "the first run moves nothing"
@@ -65,7 +67,9 @@ def test_a_call_a_rewind_rule_does_not_flag_runs_once_and_unchanged(pipe, write_
 
 def test_the_first_run_stops_once_every_sample_is_flagged(pipe, write_policy, bundles):
     plain, _, _ = run(pipe, write_policy(red_rule(bundles)), (FORGET,))
-    images, report, calls = run(pipe, write_policy(red_rule(bundles, decide_from=2, rewind=True)), (FORGET,))
+    images, report, calls = run(
+        pipe, write_policy(red_rule(bundles, decide_at_t=0.3, rewind=True)), (FORGET,)
+    )
     # first run: steps 0 and 1 reach the UNet; the check at step 2 flags and ends it there
     assert len(calls) == 2 + STEPS and report.rehearsed_steps == 3
     assert np.array_equal(images, plain)
@@ -81,7 +85,7 @@ def test_the_second_run_replays_the_global_rng_when_no_generator_is_passed(pipe,
     guard = SafeRedirGuard.from_policy(write_policy(red_rule(bundles)))
     plain, _ = call(guard.wrap(pipe))
     guard.unwrap(pipe)
-    guard = SafeRedirGuard.from_policy(write_policy(red_rule(bundles, decide_from=2, rewind=True)))
+    guard = SafeRedirGuard.from_policy(write_policy(red_rule(bundles, decide_at_t=0.3, rewind=True)))
     images, after = call(guard.wrap(pipe))
     assert guard.last_report.rehearsed_steps == STEPS
     assert np.array_equal(images, plain) and np.array_equal(images[1], base[1])

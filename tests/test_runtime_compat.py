@@ -18,7 +18,7 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 def run(pipe, guard):
-    out = pipe(PROMPTS, num_inference_steps=8, generator=torch.Generator().manual_seed(1), output_type="np")
+    out = pipe(PROMPTS, num_inference_steps=12, generator=torch.Generator().manual_seed(1), output_type="np")
     return np.asarray(out.images, dtype=np.float32), [s.action for s in guard.last_report.samples]
 
 
@@ -86,7 +86,7 @@ def test_pipe_to_dtype_after_wrap(reference, dtype, atol):
     np.testing.assert_allclose(images, reference[0], atol=atol)
     unguarded = load_shapes_pipeline().to(dtype)
     plain = unguarded(
-        PROMPTS, num_inference_steps=8, generator=torch.Generator().manual_seed(1), output_type="np"
+        PROMPTS, num_inference_steps=12, generator=torch.Generator().manual_seed(1), output_type="np"
     )
     assert np.abs(np.asarray(plain.images, dtype=np.float32)[0] - images[0]).max() > 10 * atol, (
         "the redirection still changes the red circle in this dtype"

@@ -117,7 +117,12 @@ def _merged(first: list[list[Any]], second: list[list[Any]]) -> list[list[Any]]:
     for a_row, b_row in zip(first, second):
         row = []
         for a, b in zip(a_row, b_row):
-            merged = replace(b, checks=a.checks + b.checks, nonfinite=a.nonfinite or b.nonfinite)
+            merged = replace(
+                b,
+                checks=a.checks + b.checks,
+                nonfinite=a.nonfinite or b.nonfinite,
+                deciding_checks=max(a.deciding_checks, b.deciding_checks),
+            )
             if b.rewound:
                 scores = [s for s in (a.max_score, b.max_score) if s is not None]
                 merged = replace(merged, first_step=a.first_step, max_score=max(scores) if scores else None)
@@ -458,6 +463,38 @@ class SafeRedirGuard:
                 return error
         return None
 
+    def _check_decided(self, ctx: _CallContext, decisions: list[list[Any]]) -> EnforcementError | None:
+        """A rule that did not act on a sample and had fewer checks that could trigger than it needs
+        to decide (1; ``confirm_checks`` for a ``rewind`` rule, which only acts once confirmed) did not
+        enforce anything there: too few steps for its window, ``replace_steps`` or ``decide_at_t``.
+        Closed: the call fails (no images). Open: the record lists it under ``fail_open``."""
+        for k, concept in enumerate(ctx.wrapping.engine.concepts):
+            rule = concept.rule
+            if rule.action == "monitor":
+                continue
+            need = rule.confirm_checks if rule.rewind else 1
+            short = [
+                (i, d.deciding_checks)
+                for i, row in enumerate(decisions)
+                if not ((d := row[k]).applied or d.triggered or d.rewound) and d.deciding_checks < need
+            ]
+            if not short:
+                continue
+            had = sorted({n for _, n in short})
+            error = self._not_enforced(
+                ctx,
+                f"rule '{rule.concept}' had {' or '.join(map(str, had))} check(s) that could trigger for samples "
+                f"{[i for i, _ in short]} and needs {need} (a check every replace_steps + 1 = "
+                f"{rule.replace_steps + 1} steps of window {rule.window.start}..{rule.window.stop or 'end'}, "
+                f"deciding at normalised timestep <= decide_at_t {rule.decide_at_t}"
+                + (f", confirm_checks {need} with rewind" if rule.rewind else "")
+                + f"; the call ran {ctx.steps} denoiser steps): run more steps or change the rule",
+                rule.concept,
+            )
+            if error is not None:
+                return error
+        return None
+
     def _guarded_call(
         self, wrapping: _Wrapping, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
     ) -> Any:
@@ -510,7 +547,7 @@ class SafeRedirGuard:
         if decisions is not None and ctx.rehearsed is not None:
             decisions = _merged(ctx.rehearsed, decisions)
         if error is None and decisions is not None:
-            error = self._check_finite(ctx, decisions)
+            error = self._check_finite(ctx, decisions) or self._check_decided(ctx, decisions)
             if error is not None:
                 output = None
         report = build_report(

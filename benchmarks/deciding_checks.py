@@ -1,0 +1,167 @@
+"""What a rule would decide from its deciding checks alone, and what it reads there: the words or
+the latent. Per concept of the efficacy suite's split, every prompt is generated unguarded (the
+eval's seeds) and every denoising step recorded; each concept's bundle scores every step twice,
+with the real prompt and with the empty one (the latent alone). Each image is labelled by the
+judge: the forget-type sets' images that show the concept ("drawn") and the retain images that do
+not ("benign").
+
+    python benchmarks/deciding_checks.py                          # dev split, the shipped Shapes bundles
+    python benchmarks/deciding_checks.py --bundle star=CANDIDATE.safetensors --concepts star
+
+For every ``decide_at_t`` x threshold x ``confirm_checks`` it prints how many drawn images a
+``rewind`` rule would never flag (no ``confirm_checks`` hits in a row among the checks at a noise
+level <= ``decide_at_t``, every ``replace_steps + 1`` steps) and how many benign ones it would flag,
+reading the real prompt and reading the empty prompt. With ``rewind`` these counts are the rule's
+own decisions (the first run is the unguarded trajectory); whether a flagged image then erases
+needs a guarded run (``benchmarks/decision_sweep.py``). What ``decision_sweep``'s threshold table
+cannot say (it takes each image's peak over every check), this one does. ``--out FILE`` writes the
+per-step scores as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DECIDE_AT = (1.0, 0.5, 0.4, 0.3)
+THRESHOLDS = (0.5, 0.7, 0.9)
+CONFIRMS = (1, 2)
+
+
+@torch.no_grad()
+def scores(suite: Any, adapter: Any, bundles: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """Per concept, one entry per prompt: its set, text, whether the unguarded image shows the
+    concept, and per step the normalised timestep and p(unsafe) with the real and the empty prompt."""
+    from saferedir_bench.evaluation import SETS, Runner
+
+    from saferedir_sdk.bundle import load_bundle
+    from saferedir_sdk.training.trajectories import record_trajectories
+
+    empty = adapter.encode_prompts([""])[0].map(lambda x: x.float())
+    out: dict[str, list[dict[str, Any]]] = {}
+    for concept in suite.concepts:
+        redirector = load_bundle(bundles[concept.name]).redirector.eval()
+
+        def shows(images: np.ndarray, concept: Any = concept) -> np.ndarray:
+            return np.array([v == concept.value for v in suite.judge(images)[concept.attribute]])
+
+        for k, set_name in enumerate(SETS):
+            texts = [p.text for p in concept.sets[set_name]]
+            defaults = Runner(adapter, suite)  # the eval's batches and seeds
+            size, seed0 = defaults.batch_size, defaults.seed
+            for i in range(0, len(texts), size):
+                batch = texts[i : i + size]
+                rows = record_trajectories(
+                    adapter,
+                    batch,
+                    seeds=(seed0 + 1000 * k + i,),  # the eval's seed for this batch
+                    num_inference_steps=suite.num_inference_steps,
+                    guidance_scale=suite.guidance_scale,
+                    outcome=shows,
+                )
+                latents, t, cond = rows.inputs("cpu")
+                real = torch.sigmoid(redirector(latents, t, cond).logit).numpy()
+                n = len(rows)
+                blank = empty.map(lambda x, n=n: x.expand(n, *x.shape[1:]))
+                latent_only = torch.sigmoid(redirector(latents, t, blank).logit).numpy()
+                for j, text in enumerate(batch):
+                    mine = (rows.prompt_ids == j).numpy()
+                    order = np.argsort(rows.steps.numpy()[mine])
+                    out.setdefault(concept.name, []).append(
+                        {
+                            "set": set_name,
+                            "text": text,
+                            "shows": bool(rows.labels[mine][0]),  # type: ignore[index]
+                            "t": rows.timesteps.numpy()[mine][order].round(4).tolist(),
+                            "real": real[mine][order].round(4).tolist(),
+                            "empty": latent_only[mine][order].round(4).tolist(),
+                        }
+                    )
+            print(f"{concept.name} {set_name}: done", flush=True)
+    return out
+
+
+def flagged(
+    p: list[float], t: list[float], threshold: float, decide_at_t: float, confirm: int, every: int
+) -> bool:
+    """A ``rewind`` rule's first run on this trajectory: ``confirm`` hits in a row among the checks
+    (every ``every`` steps from step 0) at a noise level <= ``decide_at_t``."""
+    run = 0
+    for step in range(0, len(p), every):
+        if t[step] > decide_at_t:
+            continue
+        run = run + 1 if p[step] >= threshold else 0
+        if run >= confirm:
+            return True
+    return False
+
+
+def table(entries: list[dict[str, Any]], every: int) -> list[str]:
+    drawn = [e for e in entries if e["set"] != "retain" and e["shows"]]
+    benign = [e for e in entries if e["set"] == "retain" and not e["shows"]]
+    lines = [
+        f"drawn {len(drawn)}, benign {len(benign)}; cells: drawn never flagged / benign flagged",
+        "",
+        "| decide_at_t | threshold | confirm_checks | real prompt | empty prompt (latent alone) |",
+        "|---|---|---|---|---|",
+    ]
+    for d, th, c in itertools.product(DECIDE_AT, THRESHOLDS, CONFIRMS):
+        cells = []
+        for reading in ("real", "empty"):
+            miss = sum(not flagged(e[reading], e["t"], th, d, c, every) for e in drawn)
+            hits = sum(flagged(e[reading], e["t"], th, d, c, every) for e in benign)
+            cells.append(f"{miss}/{hits}")
+        lines.append(f"| {d} | {th} | {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: score this bundle instead")
+    parser.add_argument("--concepts", nargs="+", default=None)
+    parser.add_argument("--split", default="dev", choices=("dev", "eval"))
+    parser.add_argument("--replace-steps", type=int, default=1, help="checks every replace_steps + 1 steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import dataclasses
+
+    from saferedir_shapes.plugin import bundle_path
+
+    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
+
+    pm = default_plugin_manager()
+    suite = pm.hook.saferedir_eval_suite(backbone="shapes", split=args.split)
+    if args.concepts:
+        known = [c.name for c in suite.concepts]
+        if unknown := sorted(set(args.concepts) - set(known)):
+            raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
+        suite = dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in args.concepts])
+    bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
+    for pair in args.bundle:
+        concept, sep, path = pair.partition("=")
+        if not sep or concept not in bundles:
+            raise SystemExit(
+                f"--bundle: expected CONCEPT=PATH for a concept of {sorted(bundles)}, got {pair!r}"
+            )
+        bundles[concept] = Path(path)
+    adapter = find_adapter(pm, load_backbone(pm, "shapes"))
+    result = scores(suite, adapter, bundles)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result))
+    every = args.replace_steps + 1
+    for concept, entries in result.items():
+        print(f"\n{concept} ({args.split} split, {bundles[concept]}, a check every {every} steps): ")
+        print("\n".join(table(entries, every)))
+
+
+if __name__ == "__main__":
+    main()
