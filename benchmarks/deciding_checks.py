@@ -44,6 +44,8 @@ def scores(suite: Any, adapter: Any, bundles: dict[str, Path]) -> dict[str, list
     from saferedir_sdk.training.trajectories import record_trajectories
 
     empty = adapter.encode_prompts([""])[0].map(lambda x: x.float())
+    defaults = Runner(adapter, suite)  # the eval's batches and seeds
+    size, seed0 = defaults.batch_size, defaults.seed
     out: dict[str, list[dict[str, Any]]] = {}
     for concept in suite.concepts:
         redirector = load_bundle(bundles[concept.name]).redirector.eval()
@@ -53,8 +55,6 @@ def scores(suite: Any, adapter: Any, bundles: dict[str, Path]) -> dict[str, list
 
         for k, set_name in enumerate(SETS):
             texts = [p.text for p in concept.sets[set_name]]
-            defaults = Runner(adapter, suite)  # the eval's batches and seeds
-            size, seed0 = defaults.batch_size, defaults.seed
             for i in range(0, len(texts), size):
                 batch = texts[i : i + size]
                 rows = record_trajectories(
@@ -132,19 +132,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import dataclasses
-
+    from decision_sweep import only_concepts
     from saferedir_shapes.plugin import bundle_path
 
     from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
 
     pm = default_plugin_manager()
     suite = pm.hook.saferedir_eval_suite(backbone="shapes", split=args.split)
-    if args.concepts:
-        known = [c.name for c in suite.concepts]
-        if unknown := sorted(set(args.concepts) - set(known)):
-            raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
-        suite = dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in args.concepts])
+    suite = only_concepts(suite, args.concepts)
     bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
     for pair in args.bundle:
         concept, sep, path = pair.partition("=")

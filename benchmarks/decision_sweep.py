@@ -91,6 +91,16 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
     return path
 
 
+def only_concepts(suite: Any, names: list[str] | None) -> Any:
+    """``suite`` with only the concepts ``names`` (all of them when None); an unknown name exits."""
+    if not names:
+        return suite
+    known = [c.name for c in suite.concepts]
+    if unknown := sorted(set(names) - set(known)):
+        raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
+    return dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in names])
+
+
 def sweep(suite: Any, adapter: Any, source: Path, variants: list[str], tmp: Path) -> tuple[dict, dict]:
     """Per concept and set: the unguarded images, the monitor run's peaks, every variant scored.
     Returns the eval-shaped results (one "method" per variant) and the peaks per concept, split
@@ -152,11 +162,7 @@ def main() -> None:
     suite = pm.hook.saferedir_eval_suite(backbone=args.backbone, split=args.split)
     if suite is None:
         raise SystemExit(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite")
-    if args.concepts:
-        known = [c.name for c in suite.concepts]
-        if unknown := sorted(set(args.concepts) - set(known)):
-            raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
-        suite = dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in args.concepts])
+    suite = only_concepts(suite, args.concepts)
     source = resolve_policy_ref(pm, args.policy or suite.policy)
     adapter = find_adapter(pm, load_backbone(pm, args.backbone))
     tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))  # the variant policies and their audits
