@@ -18,9 +18,9 @@ multiplies that sample's strength (up to ``escalate_max``): a redirection too we
 image does not end in an escape. Neither adds a check: both act at the schedule's checks.
 A check at a normalised timestep above the rule's ``decide_at_t`` records its score and never
 triggers (the decision waits for a latent that shows something; a noise level, so it means the same
-at any number of steps). ``deciding_checks`` counts the checks that could trigger: the guard refuses
-a call in which a rule had too few to decide (fail closed). A ``rewind`` rule does not move anything while the state
-is a *rehearsal* (the guard's first run of a call): the samples it confirms there are
+at any number of steps). ``deciding_checks`` counts the checks that could trigger: the guard
+refuses a call in which a rule had too few to decide (fail closed). A ``rewind`` rule does not move
+anything while the state is a *rehearsal* (the guard's first run of a call): the samples it confirms there are
 :meth:`RedirectionEngine.flagged`, and a state made with them (``init_state(cond, flagged)``, the
 guard's second run from the same noise) has them stuck from the first check on. In either run a
 ``rewind`` rule acts only on samples it confirmed (``confirm_checks`` hits in a row): the second run
