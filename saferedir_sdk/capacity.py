@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+CLASSIFIER_READS = ("latent+prompt", "latent")
+
 
 @dataclass(frozen=True)
 class Capacity:
@@ -20,14 +22,22 @@ class Capacity:
     # (average and maximum concatenated: a shape's tips or a texture's edges anywhere in the image)
     latent_readout: str = "mean"
     token_layers: int = 1  # self-attention layers over the prompt's tokens, and the copy head (0: neither)
+    # what the classifier (p(unsafe)) reads: "latent+prompt" (the latent, the timestep and the prompt)
+    # or "latent" (the latent and the timestep only: its decision follows the image being formed and
+    # no wording can move it; the prompt still drives where the redirection moves the tokens)
+    classifier_reads: str = "latent+prompt"
 
     def __post_init__(self) -> None:
         if self.latent_readout not in ("mean", "mean+max"):
             raise ValueError(
                 f"Capacity.latent_readout: expected 'mean' or 'mean+max', got {self.latent_readout!r}"
             )
+        if self.classifier_reads not in CLASSIFIER_READS:
+            raise ValueError(
+                f"Capacity.classifier_reads: expected one of {CLASSIFIER_READS}, got {self.classifier_reads!r}"
+            )
         for f in fields(self):
-            if f.name == "latent_readout":
+            if f.name in ("latent_readout", "classifier_reads"):
                 continue
             value = getattr(self, f.name)
             least = {"token_layers": 0, "latent_layers": 2}.get(f.name, 1)

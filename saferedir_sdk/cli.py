@@ -233,6 +233,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prompt_dropout=args.prompt_dropout,
         prompt_swap=args.prompt_swap,
         swap_below=args.swap_below,
+        renoise=args.renoise,
         pooled=not args.no_pooled,
     )
     device = str(accelerator.device) if accelerator is not None else "cpu"
@@ -325,7 +326,7 @@ def _installed_plugins() -> str:
 
 def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``with_plugins`` the installed plugins add their commands."""
-    from .capacity import Capacity
+    from .capacity import CLASSIFIER_READS, Capacity
 
     parser = argparse.ArgumentParser(
         prog="saferedir",
@@ -434,6 +435,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=Capacity.token_layers,
         help="self-attention layers over the prompt's tokens (and the copy head); 0: neither",
     )
+    p.add_argument(
+        "--classifier-reads",
+        choices=list(CLASSIFIER_READS),
+        default=Capacity.classifier_reads,
+        help="what the classifier reads: the latent, timestep and prompt, or the latent and timestep "
+        "alone (its decision then follows the image being formed; decide late: decide_at_t)",
+    )
     p.add_argument("--patience", type=int, default=5)
     p.add_argument(
         "--prompt-dropout",
@@ -453,6 +461,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         type=_share("swap_below"),
         default=0.5,
         help="what --prompt-swap calls late: normalised timesteps below this (0 clean .. 1 noise)",
+    )
+    p.add_argument(
+        "--renoise",
+        type=_share("renoise"),
+        default=0.0,
+        help="share of the training rows whose starting noise is replaced by another recorded "
+        "generation's, so a latent classifier cannot learn the generations' noises by heart (0: off)",
     )
     p.add_argument(
         "--no-pooled",

@@ -8,7 +8,8 @@ and predicts, in four parts:
 * a latent-aware multimodal **classifier**: p(unsafe) from latent features (a small convolutional
   encoder read out by its mean, or mean and maximum: what the image is becoming), the timestep and the
   prompt (its tokens pooled, and cross-attended by the latent/time query; the pooled embedding
-  when the backbone has one and the config reads it);
+  when the backbone has one and the config reads it); or, with ``capacity.classifier_reads``
+  "latent", from the latent features and the timestep alone, so no wording moves the decision;
 * a token-level **delta generator**: a per-token direction ``D`` per stream: a low-rank head, plus
   (with ``token_layers`` > 0) a copy head that points a token at an attention-weighted mix of its
   stream's other token embeddings. Both read token features mixed by self-attention over all the
@@ -228,9 +229,15 @@ class Redirector(nn.Module):
             self.pooled_norm = nn.LayerNorm(config.pooled_dim)
             self.pooled_proj = nn.Linear(config.pooled_dim, h)
             parts = 5
-        # classifier over [latent, time, pooled tokens, attended tokens(, pooled embedding)]
+        # classifier over [latent, time, pooled tokens, attended tokens(, pooled embedding)], or over
+        # [latent, time] alone (capacity.classifier_reads "latent": the first two parts of ``fused``)
+        self.classifier_parts = parts if cap.classifier_reads == "latent+prompt" else 2
         self.classifier = nn.Sequential(
-            nn.Linear(parts * h, h), nn.SiLU(), nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1)
+            nn.Linear(self.classifier_parts * h, h),
+            nn.SiLU(),
+            nn.Linear(h, h // 2),
+            nn.SiLU(),
+            nn.Linear(h // 2, 1),
         )
         self.context = nn.Linear(parts * h, h)
         # token-level heads, conditioned on the fused context and mixed across tokens
@@ -305,7 +312,7 @@ class Redirector(nn.Module):
             features.append(self.pooled_proj(self.pooled_norm(cond.pooled.to(dtype))))  # type: ignore[union-attr]
         fused = torch.cat(features, dim=-1)  # (B, parts * h)
 
-        logit = self.classifier(fused).squeeze(-1)
+        logit = self.classifier(fused[:, : self.classifier_parts * h]).squeeze(-1)
         context = self.context(fused)
         per_token = tokens + context.unsqueeze(1)  # (B, sum T_s, h)
         for layer in self.token_layers:

@@ -193,7 +193,8 @@ class StackedRedirectors:
                 features.append(linear("pooled_proj", layer_norm("pooled_norm", pooled, shared=True)))
             fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
 
-            logit = mlp("classifier", fused, (0, 2, 4)).squeeze(-1)
+            reads = 2 if cap.classifier_reads == "latent" else fused.shape[-1] // h
+            logit = mlp("classifier", fused[..., : reads * h], (0, 2, 4)).squeeze(-1)
         with record_function("saferedir.token_heads"):
             context = linear("context", fused)
             per_token = tokens + context.unsqueeze(2)

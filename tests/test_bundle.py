@@ -238,19 +238,23 @@ def test_shipped_shapes_bundles_were_trained_on_outcomes_and_read_the_latent():
 
 def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     """``plugins/shapes/train_concepts.sh`` is the command that made the SD-layout bundles: each
-    bundle's recorded training seed, steps and sampler seeds are the script's."""
+    bundle's recorded training seed, steps, sampler seeds, classifier inputs and renoising are the
+    script's."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
     specs = re.search(r"^for spec in (.+); do$", script, re.M).group(1).split()
     assert "--seeds 0 1 --steps 1200" in script and '--seed "$seed"' in script
     assert sorted(s.split(":")[0] for s in specs) == ["red", "star", "striped"]
+    assert '--classifier-reads "$reads"' in script and "extra=(--renoise 0.5)" in script
     for spec in specs:
-        concept, category, seed = spec.split(":")
+        concept, category, seed, reads = spec.split(":")
         bundle = load_bundle(bundle_path(concept, "sd"))
         config = bundle.training["config"]
         assert bundle.concept.category == category
         assert (config["seed"], config["steps"], config["seeds"]) == (int(seed), 1200, [0, 1]), concept
+        assert bundle.config.capacity.classifier_reads == reads, concept
+        assert config.get("renoise", 0.0) == (0.5 if reads == "latent" else 0.0), concept
 
 
 def test_tensors_of_another_dtype_are_refused(tmp_path):

@@ -82,6 +82,24 @@ def test_safe_synonym_matches_the_forget_words_token_count_where_it_can():
     assert world.safe_synonym("p", targets, 1, count) == "abc"  # nothing that short: synonym for synonym
 
 
+def test_star_recipe_draws_the_concept_in_every_colour_the_backbone_was_trained_to_draw_it_in():
+    """A forget prompt whose safe target would make a held-out pair (a blue cross) is paired with a
+    near neighbour (a blue triangle) instead of dropped: otherwise no blue star reaches training."""
+    colours = {}
+    for pair in world.recipe_pairs("star"):
+        if pair.family == "negation":
+            continue
+        named = [
+            c for c in world.COLOURS if any(f" {w} " in f" {pair.forget} " for w in world.COLOUR_WORDS[c][0])
+        ]
+        colours.setdefault(named[0] if named else None, []).append(pair)
+    drawable = {c for c in world.COLOURS if (c, "star") not in world.HELDOUT_PAIRS}
+    assert drawable <= set(colours), sorted(colours, key=str)
+    assert all(len(colours[c]) >= 30 for c in drawable), {c: len(colours[c]) for c in drawable}
+    triangles = set(world.SHAPE_WORDS["triangle"][0])
+    assert all(any(w in p.retain for w in triangles) for p in colours["blue"])
+
+
 def test_recipes_cover_how_people_write_and_every_pair_lines_up():
     import collections
 

@@ -101,6 +101,7 @@ def test_a_share_outside_its_range_is_refused_before_anything_is_trained():
         ({"prompt_swap": 1.5}, "prompt_swap"),
         ({"prompt_dropout": -0.1}, "prompt_dropout"),
         ({"swap_below": 0.0}, "swap_below"),
+        ({"renoise": 2.0}, "renoise"),
     ):
         with pytest.raises(ValueError, match=f"{name}: expected a share"):
             fit_redirector(red, rows, rows, steps=5, **kwargs)
@@ -263,3 +264,117 @@ def test_the_ablation_tells_a_classifier_that_reads_the_words_from_one_that_read
     assert min(image["real"][late], image["shuffled_prompt"][late], image["neutral_prompt"][late]) >= 0.98
     assert words["neutral_prompt"][late] == 0.5
     assert 0.35 < words["shuffled_prompt"][late] < 0.65 and 0.35 < image["shuffled_latent"][late] < 0.65
+
+
+def test_a_classifier_that_reads_the_latent_alone_decides_from_the_image_and_still_redirects_the_words():
+    """``classifier_reads="latent"``: p(unsafe) is the same under any prompt (the ablation's three
+    prompt variants agree exactly), it learns the concept from the latent, and the redirection,
+    which reads the prompt, still learns to move the concept word."""
+    from dataclasses import replace
+
+    from saferedir_sdk.training import classifier_ablation
+
+    forget, retain, streams = _agreeing_pairs(64, 5)
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(streams, 4, capacity=replace(SMALL, classifier_reads="latent")))
+    result = fit_redirector(red, forget, retain, steps=150, batch_size=32, log_every=149)
+    first, last = result.history[0], result.history[-1]
+    assert last["redirection"] < 0.5 * first["redirection"]
+    held_f, held_r, _ = _agreeing_pairs(32, 6)
+    rows = Trajectories.concat([held_f, held_r])
+    figures = classifier_ablation(red, rows, neutral=Conditioning((torch.zeros(1, 6, 16),)))
+    late = "t0.00-0.25"
+    assert figures["real"][late] == figures["shuffled_prompt"][late] == figures["neutral_prompt"][late]
+    assert figures["real"][late] >= 0.95 and figures["shuffled_latent"][late] < 0.7
+    latents, t, cond = held_f.select(torch.arange(4)).inputs("cpu")
+    other = held_r.select(torch.arange(4)).cond
+    with torch.no_grad():
+        a, b = red(latents, t, cond), red(latents, t, other)
+    assert torch.equal(a.logit, b.logit) and not torch.allclose(a.directions[0], b.directions[0])
+
+
+def test_capacity_names_an_unknown_classifier_input():
+    with pytest.raises(
+        ValueError, match=r"Capacity.classifier_reads: expected one of .*'latent'.*got 'words'"
+    ):
+        Capacity(classifier_reads="words")
+
+
+def _mixed_generations(n: int, steps: int, seed: int) -> tuple[Trajectories, torch.Tensor, torch.Tensor]:
+    """``n`` generations recorded over ``steps`` steps as a deterministic sampler's latents are, very
+    nearly: ``z_s = a_s * final + b_s * start`` plus a small residual; rows ordered (seed, step,
+    prompt). Returns the trajectories, the finals and the starting noises."""
+    g = torch.Generator().manual_seed(seed)
+    final, start = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+    t = torch.linspace(1.0, 0.0, steps)
+    a, b = torch.cos(t * torch.pi / 2), torch.sin(t * torch.pi / 2)
+    latents = torch.cat(
+        [a[s] * final + b[s] * start + 0.01 * torch.randn(n, 4, 8, 8, generator=g) for s in range(steps)]
+    )
+    latents[:n], latents[-n:] = start, final  # the first step is the noise, the last the image
+    traj = Trajectories(
+        latents,
+        t.repeat_interleave(n),
+        Conditioning((torch.randn(n * steps, 6, 16, generator=g),)),
+        torch.arange(steps).repeat_interleave(n),
+        torch.arange(n).repeat(steps),
+        torch.zeros(n * steps, dtype=torch.int64),
+        torch.zeros(n * steps),
+    )
+    return traj, final, start
+
+
+def test_the_renoiser_fits_each_step_and_swaps_only_the_starting_noise():
+    from saferedir_sdk.training.renoise import Renoiser
+
+    traj, final, start = _mixed_generations(16, 6, 0)
+    renoiser = Renoiser.from_trajectories([traj])
+    t = torch.linspace(1.0, 0.0, 6)
+    for step, (a, b, r2) in renoiser.fit.items():
+        assert abs(a - float(torch.cos(t[step] * torch.pi / 2))) < 0.01, step
+        assert abs(b - float(torch.sin(t[step] * torch.pi / 2))) < 0.01 and r2 > 0.999, step
+    assert renoiser.summary() == {"min_r2": min(r for _, _, r in renoiser.fit.values()), "noises": 16}
+    index = torch.arange(16, 96)  # steps 1 to 5 of every generation
+    rows = traj.select(index)
+    every = torch.ones(len(index), dtype=torch.bool)
+    own = renoiser.renoise(0, rows, index, index % 16, every)  # each row's own noise: unchanged
+    assert torch.allclose(own.latents, rows.latents, atol=1e-6)
+    other = (index + 3) % 16
+    moved = renoiser.renoise(0, rows, index, other, every)
+    b = torch.tensor([renoiser.fit[int(s)][1] for s in rows.steps]).reshape(-1, 1, 1, 1)
+    assert torch.allclose(moved.latents - rows.latents, b * (start[other] - start[index % 16]), atol=1e-5)
+    kept = renoiser.renoise(0, rows, index, other, torch.zeros(len(index), dtype=torch.bool))
+    assert torch.equal(kept.latents, rows.latents)
+    assert torch.equal(moved.labels, rows.labels) and torch.equal(moved.steps, rows.steps)
+
+
+def test_renoising_keeps_a_latent_classifier_from_learning_the_training_noises_by_heart():
+    """Labels that only the starting noise predicts on the training generations (the images are
+    alike): without renoising a latent-only classifier learns them; with every row renoised it
+    cannot, and stays near chance on the training rows."""
+    from dataclasses import replace
+
+    traj, _, _ = _mixed_generations(32, 6, 1)
+    traj = replace(traj, labels=(traj.prompt_ids % 2).float())  # arbitrary per generation
+    final = traj.latents[-32:]
+    shared = final.mean(dim=0, keepdim=True)
+    traj.latents[-32:] = shared  # every generation ends on the same image
+    for s in range(1, 5):  # and its middle steps mix that image with its own noise
+        rows = traj.steps == s
+        a, b = (
+            torch.cos(traj.timesteps[rows][0] * torch.pi / 2),
+            torch.sin(traj.timesteps[rows][0] * torch.pi / 2),
+        )
+        traj.latents[rows] = a * shared + b * traj.latents[:32]
+    streams = (TokenStream("text_encoder", 6, 16),)
+    capacity = replace(SMALL, classifier_reads="latent")
+    accuracy = {}
+    for share in (0.0, 1.0):
+        torch.manual_seed(0)
+        red = Redirector(RedirectorConfig(streams, 4, capacity=capacity))
+        fit_redirector(red, traj, traj, negatives=traj, steps=200, batch_size=32, renoise=share)
+        latents, t, cond = traj.inputs("cpu")
+        with torch.no_grad():
+            hit = (red(latents, t, cond).logit > 0).float() == traj.labels
+        accuracy[share] = float(hit[traj.steps == 2].float().mean())
+    assert accuracy[0.0] >= 0.9 and accuracy[1.0] <= 0.75, accuracy

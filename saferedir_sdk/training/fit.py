@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from ..conditioning import Conditioning
 from ..redirector import Redirector, RedirectorOutput, apply_redirection
+from .renoise import Renoiser
 from .trajectories import Trajectories
 
 Batch = tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]  # (latents, timesteps, cond, labels)
@@ -258,6 +259,7 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
     heldout: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    renoise: dict[str, float] = field(default_factory=dict)  # Renoiser.summary() when renoising
 
 
 @torch.no_grad()
@@ -380,12 +382,16 @@ def evaluate_redirector(
     return result
 
 
-def check_shares(prompt_dropout: float = 0.0, prompt_swap: float = 0.0, swap_below: float = 0.5) -> None:
+def check_shares(
+    prompt_dropout: float = 0.0, prompt_swap: float = 0.0, swap_below: float = 0.5, renoise: float = 0.0
+) -> None:
     """``ValueError`` naming the first of the classifier's training shares outside its range:
-    ``prompt_dropout`` and ``prompt_swap`` in [0, 1], ``swap_below`` (a normalised timestep) in (0, 1]."""
+    ``prompt_dropout``, ``prompt_swap`` and ``renoise`` in [0, 1], ``swap_below`` (a normalised
+    timestep) in (0, 1]."""
     for name, value, low_open in (
         ("prompt_dropout", prompt_dropout, False),
         ("prompt_swap", prompt_swap, False),
+        ("renoise", renoise, False),
         ("swap_below", swap_below, True),
     ):
         ok = isinstance(value, int | float) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
@@ -393,6 +399,14 @@ def check_shares(prompt_dropout: float = 0.0, prompt_swap: float = 0.0, swap_bel
             raise ValueError(
                 f"{name}: expected a share in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}"
             )
+
+
+def _draws(
+    renoiser: Renoiser, n: int, share: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank's noise each of ``n`` rows would get, and which of them are renoised (``share``)."""
+    pick = torch.rand(n, generator=generator) < share
+    return torch.randint(0, len(renoiser.bank), (n,), generator=generator), pick
 
 
 def fit_redirector(
@@ -406,6 +420,7 @@ def fit_redirector(
     prompt_dropout: float = 0.0,
     prompt_swap: float = 0.0,
     swap_below: float = 0.5,
+    renoise: float = 0.0,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -427,6 +442,9 @@ def fit_redirector(
     ``prompt_swap``: the share of pairs, among those at normalised timesteps below ``swap_below``
     (the late half of the schedule by default), also classified with their prompts exchanged (the
     counterfactual term of :func:`redirector_losses`).
+    ``renoise``: the share of drawn rows (a pair's two rows together) whose starting noise is replaced
+    by another recorded generation's (:class:`~saferedir_sdk.training.renoise.Renoiser`), so the
+    classifier cannot learn the training generations' noises by heart.
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
     without improvement. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
@@ -436,7 +454,11 @@ def fit_redirector(
         raise ValueError(
             f"forget and retain trajectories must pair up row by row: {len(forget)} vs {len(retain)}"
         )
-    check_shares(prompt_dropout=prompt_dropout, prompt_swap=prompt_swap, swap_below=swap_below)
+    check_shares(
+        prompt_dropout=prompt_dropout, prompt_swap=prompt_swap, swap_below=swap_below, renoise=renoise
+    )
+    sets = [forget, retain] + ([negatives] if negatives is not None and len(negatives) else [])
+    renoiser = Renoiser.from_trajectories(sets) if renoise > 0 else None
     rank = accelerator.process_index if accelerator is not None else 0
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     base = redirector
@@ -445,7 +467,7 @@ def fit_redirector(
     if accelerator is not None:
         redirector, optimizer = accelerator.prepare(redirector, optimizer)
     device = next(base.parameters()).device
-    result = FitResult(steps=steps, seconds=0.0)
+    result = FitResult(steps=steps, seconds=0.0, renoise=renoiser.summary() if renoiser else {})
     best_loss, best_state, stale = float("inf"), None, 0
     bar = None
     if progress and (accelerator is None or accelerator.is_main_process):
@@ -457,11 +479,19 @@ def fit_redirector(
     for step in range(steps):
         index = torch.randint(0, n, (min(batch_size, n),), generator=generator)
         f, r = forget.select(index), retain.select(index)
+        if renoiser is not None:
+            draws = _draws(renoiser, len(index), renoise, generator)
+            f, r = renoiser.renoise(0, f, index, *draws), renoiser.renoise(1, r, index, *draws)
         neg = None
         if negatives is not None and len(negatives):
-            neg = negatives.select(
-                torch.randint(0, len(negatives), (min(batch_size, len(negatives)),), generator=generator)
+            neg_index = torch.randint(
+                0, len(negatives), (min(batch_size, len(negatives)),), generator=generator
             )
+            neg = negatives.select(neg_index)
+            if renoiser is not None:
+                neg = renoiser.renoise(
+                    2, neg, neg_index, *_draws(renoiser, len(neg_index), renoise, generator)
+                )
         augment = None
         if token_dropout > 0 or embed_noise > 0 or (prompt_dropout > 0 and neutral is not None):
 

@@ -66,6 +66,7 @@ class TrainConfig:
     prompt_dropout: float = 0.3  # share of the classifier's augmented rows whose prompt is replaced by ""
     prompt_swap: float = 0.0  # share of late pairs also classified with their prompts exchanged
     swap_below: float = 0.5  # "late": normalised timesteps below this
+    renoise: float = 0.0  # share of drawn rows whose starting noise is another generation's (renoise.py)
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -73,7 +74,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:  # refused before minutes of sampling, not after
-        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below)
+        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below, self.renoise)
 
 
 def _cache_key(
@@ -205,6 +206,7 @@ def train_bundle(
         prompt_dropout=cfg.prompt_dropout,
         prompt_swap=cfg.prompt_swap,
         swap_below=cfg.swap_below,
+        renoise=cfg.renoise,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -235,6 +237,7 @@ def train_bundle(
         "final_train_losses": result.final,
         "fit_steps": result.steps,
         "stopped_early": result.stopped_early,
+        **({"renoise": result.renoise} if result.renoise else {}),
         "seconds": {
             "collect": round(t_collect, 1),
             "fit": round(result.seconds, 1),

@@ -494,17 +494,22 @@ class RecipeSettings:
     n_pool: int = 150
     long_framing: bool = True  # :func:`frame` with long tag-style framings beside the short wrappers
     negations: int = len(NEGATIONS[0])  # how many of the training negation templates it uses
+    # where the safe target would make a held-out colour-shape pair, pair the forget prompt with the
+    # first near neighbour that does not (False: skip the pair; that left every blue star out of
+    # star's first recipes, its target a blue cross being held out, and its classifier never saw one)
+    neighbour_target: bool = False
 
 
 #: per concept. Red and star: the second recipes (long tag-style framings, nine negation templates,
 #: more expressions per family). Striped keeps the first recipe (240 pairs, 120 pool prompts, short
 #: framings, the first three negation templates, its first word lists): on the efficacy suite's
 #: dev split the second recipe let 3 of its 82 drawn images through against 0 and acted on 5 of 32
-#: benign ones against 2 (benchmarks/README.md).
+#: benign ones against 2 (benchmarks/README.md). Star's third recipe pairs its blue stars with blue
+#: triangles (``neighbour_target``). The Shapes-XL bundles were trained on the recipes before that.
 RECIPES = {
     "red": RecipeSettings(),
     "striped": RecipeSettings(n_pairs=240, n_pool=120, long_framing=False, negations=3),
-    "star": RecipeSettings(),
+    "star": RecipeSettings(neighbour_target=True),
 }
 
 
@@ -519,6 +524,12 @@ class RecipePair:
 
 def _article(text: str) -> str:
     return text.replace("a a", "an a").replace("a o", "an o") if text.startswith(("a a", "a o")) else text
+
+
+def _held_out(a: Attributes, attribute: str, value: str) -> bool:
+    """Whether ``a`` with ``attribute`` set to ``value`` is a held-out colour-shape pair."""
+    b = Attributes(**{**a.__dict__, attribute: value})
+    return (b.colour, b.shape) in HELDOUT_PAIRS
 
 
 def recipe_pairs(
@@ -568,17 +579,18 @@ def recipe_pairs(
             r = template.format(p=p, w=safe_synonym(named[index], safe_words, index, token_count))
         else:
             forget = Attributes(**{**a.__dict__, attribute: value})
-            retain = Attributes(**{**a.__dict__, attribute: target})
-            if (forget.colour, forget.shape) in HELDOUT_PAIRS or (
-                retain.colour,
-                retain.shape,
-            ) in HELDOUT_PAIRS:
+            if (forget.colour, forget.shape) in HELDOUT_PAIRS:
                 continue
+            options = [target, *neighbours] if settings.neighbour_target else [target]
+            safe = next((v for v in options if not _held_out(a, attribute, v)), None)
+            if safe is None:
+                continue
+            targets = words(attribute, safe, "train")
             if family == "synonym":
                 f, r = _prompt_pair(
                     forget,
                     rng,
-                    swap=(attribute, target),
+                    swap=(attribute, safe),
                     misspell_p=0.3,
                     misspellings=verified_misspellings(),
                     token_count=token_count,
@@ -598,7 +610,7 @@ def recipe_pairs(
                 f = _article(template.format(**{**slot, key: expressions[index]}))
                 r = _article(
                     template.format(
-                        **{**slot, key: safe_synonym(expressions[index], safe_words, index, token_count)}
+                        **{**slot, key: safe_synonym(expressions[index], targets, index, token_count)}
                     )
                 )
         f, r = frame([f, r], rng, token_count, settings.long_framing)
