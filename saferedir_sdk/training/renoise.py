@@ -90,12 +90,13 @@ class Renoiser:
             residual = zz - 2 * (a * zx + b * ze) + a * a * xx + 2 * a * b * xe + b * b * ee
             variance = zz - zs * zs / counts[step]
             fit[step] = (round(a, 4), round(b, 4), round(float(1 - residual / variance), 4))
-        scales = []
-        for p, first, last in zip(parts, firsts, lasts):
-            b_of = torch.zeros(last_step + 1)
-            for step, (_, b, _) in fit.items():
-                b_of[step] = b
-            scales.append(torch.where((first >= 0) & (last >= 0), b_of[p.steps], torch.zeros(())))
+        b_of = torch.zeros(last_step + 1)  # per step, the starting noise's coefficient
+        for step, (_, b, _) in fit.items():
+            b_of[step] = b
+        scales = [
+            torch.where((first >= 0) & (last >= 0), b_of[p.steps], torch.zeros(()))
+            for p, first, last in zip(parts, firsts, lasts)
+        ]
         bank = torch.cat([p.latents[p.steps == 0] for p in parts])
         return cls(firsts, scales, bank, fit, [p.latents for p in parts])
 
