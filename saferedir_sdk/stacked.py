@@ -54,6 +54,8 @@ class StackedRedirectors:
         self.config: RedirectorConfig = redirectors[0].config
         self.size = len(redirectors)
         self._check_inputs = redirectors[0].check_inputs
+        # what the classifier reads of the fused features (the redirector's own rule, not restated)
+        self._classifier_width = redirectors[0].classifier_parts * self.config.capacity.hidden_dim
         states = [r.state_dict() for r in redirectors]
         with torch.no_grad():
             self.weights = {name: torch.stack([s[name] for s in states]).detach() for name in states[0]}
@@ -193,8 +195,7 @@ class StackedRedirectors:
                 features.append(linear("pooled_proj", layer_norm("pooled_norm", pooled, shared=True)))
             fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
 
-            reads = 2 if cap.classifier_reads == "latent" else fused.shape[-1] // h
-            logit = mlp("classifier", fused[..., : reads * h], (0, 2, 4)).squeeze(-1)
+            logit = mlp("classifier", fused[..., : self._classifier_width], (0, 2, 4)).squeeze(-1)
         with record_function("saferedir.token_heads"):
             context = linear("context", fused)
             per_token = tokens + context.unsqueeze(2)

@@ -578,9 +578,9 @@ def recipe_pairs(
             f = template.format(p=p, w=named[index])
             r = template.format(p=p, w=safe_synonym(named[index], safe_words, index, token_count))
         else:
-            forget = Attributes(**{**a.__dict__, attribute: value})
-            if (forget.colour, forget.shape) in HELDOUT_PAIRS:
+            if _held_out(a, attribute, value):
                 continue
+            forget = Attributes(**{**a.__dict__, attribute: value})
             options = [target, *neighbours] if settings.neighbour_target else [target]
             safe = next((v for v in options if not _held_out(a, attribute, v)), None)
             if safe is None:
