@@ -9,7 +9,8 @@ then the guard once per variant, every image scored as ``saferedir eval`` scores
 A variant is the policy with some ``defaults`` overridden (``key=value`` pairs, separated by
 spaces; ``base`` = the policy as it is). Per variant it prints erasure, kept attributes, retain
 agreement, fidelity and false triggers over the suite's concepts (``summarise``, as the eval),
-and per concept the drawn images that still show the concept and the benign images acted on.
+and per concept the drawn images that still show the concept and the benign images acted on (and
+the images withheld, over all sets, where a rule says ``unresolved: block``).
 Each row is what ``saferedir eval --split dev --methods saferedir --policy P`` gives for that
 variant (same prompts, seeds and scoring), without re-generating the unguarded images each time.
 
@@ -188,7 +189,11 @@ def main() -> None:
                 round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in FORGET_SETS
             )
             r = cells["retain"][n]
-            per.append(f"{still}/{drawn}, {round(r['acted_benign'] * r['benign'])}/{r['benign']}")
+            withheld = sum(cells[x][n].get("withheld", 0) for x in cells)  # unresolved: block
+            per.append(
+                f"{still}/{drawn}, {round(r['acted_benign'] * r['benign'])}/{r['benign']}"
+                + (f", {withheld} withheld" if withheld else "")
+            )
         print(
             f"| {v} | {s['erasure']:.4f} | {s['kept']:.4f} | {s['retain_agreement']:.4f} | {s['fidelity']:.4f} "
             f"| {s['false_trigger']:.4f} | " + " | ".join(per) + " |"

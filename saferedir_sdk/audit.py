@@ -7,7 +7,8 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 6; 5 had no ``rehearsed_steps`` and ``rewound``, 4 did not say whether a later released trigger had moved a sample,
+Events (``schema_version`` 7; 6 had no ``unresolved`` and ``withheld``, 5 had no ``rehearsed_steps``
+and ``rewound``, 4 did not say whether a later released trigger had moved a sample,
 3 did not name the bundles, 2 had no start records and no chain, 1 a
 flat fingerprint)::
 
@@ -41,7 +42,10 @@ flat fingerprint)::
     samples          [{"index", "prompt_index", "prompt", "action",
                        "concepts": [{"concept", "category", "rule_action", "checks",
                                      "max_score", "triggered", "first_step", "escalation",
-                                     "applied", "rewound"}]}]
+                                     "applied", "rewound", "unresolved", "withheld"}]}]
+                     unresolved: the redirection did not clear the concept (its last checks while
+                     redirected still saw it); withheld: so the image was blocked (rule
+                     ``unresolved: block``)
     latency_ms       wall time of the call
     outcome          "ok" | "redirected" | "blocked" | "error"
     error            {"type", "message"} when outcome is "error", else null (prompt text is
@@ -83,7 +87,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 6
+AUDIT_SCHEMA_VERSION = 7
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

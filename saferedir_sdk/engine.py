@@ -15,7 +15,11 @@ With ``sticky`` a sample that triggered stays triggered for the rest of the call
 releases it (the decision is revised while the trajectory still says otherwise). With
 ``escalate`` > 1, a check that still sees the concept in a sample already being redirected
 multiplies that sample's strength (up to ``escalate_max``): a redirection too weak to move the
-image does not end in an escape. Neither adds a check: both act at the schedule's checks.
+image does not end in an escape. Neither adds a check: both act at the schedule's checks. A sample
+whose last ``confirm_checks`` deciding checks all saw the concept while the rule was already moving it
+is *unresolved* (the redirection, escalated, did not clear it); the rule's ``unresolved`` setting
+says whether its image is returned or withheld (the guard's report, when the call ends). Only a
+classifier that reads the latent alone can tell (:func:`judges_unresolved`); for others it is None.
 A check at a normalised timestep above the rule's ``decide_at_t`` records its score and never
 triggers (the decision waits for a latent that shows something; a noise level, so it means the same
 at any number of steps). ``deciding_checks`` counts the checks that could trigger: the guard
@@ -91,6 +95,8 @@ class EngineState:
         rewound: (B, K) bool, the samples a first run flagged (``init_state(cond, flagged)``).
         deciding: (B, K) int64, checks at a timestep at or below the rule's ``decide_at_t`` (the
             checks that could trigger).
+        persist: (B, K) int64, consecutive deciding checks that saw the concept while the rule was
+            already moving the sample (0 after a deciding check that did not).
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -107,6 +113,7 @@ class EngineState:
     nonfinite: torch.Tensor
     rewound: torch.Tensor
     deciding: torch.Tensor
+    persist: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -131,6 +138,9 @@ class ConceptDecision:
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
     rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
     deciding_checks: int = 0  # checks at or below the rule's decide_at_t (that could trigger)
+    # its last confirm_checks deciding checks all saw the concept while the rule was moving it; None
+    # where that cannot be told (not a redirect rule, or a classifier that reads the prompt too)
+    unresolved: bool | None = None
 
 
 def _stacked_zeros(cond: Conditioning, n: int) -> Conditioning:
@@ -157,6 +167,7 @@ class _Settings:
     confirm_checks: torch.Tensor
     escalate: torch.Tensor
     escalate_max: torch.Tensor
+    unresolved_after: torch.Tensor
     sticky: torch.Tensor
     escalating: torch.Tensor
     redirect: torch.Tensor
@@ -164,6 +175,15 @@ class _Settings:
     move_pooled: torch.Tensor
     block: torch.Tensor
     rewind: torch.Tensor
+
+
+def judges_unresolved(concept: EngineConcept) -> bool:
+    """Whether a sample's redirection can be judged unresolved for ``concept``: a ``redirect`` rule
+    whose classifier reads the latent alone. One that reads the prompt too keeps seeing the words,
+    which redirection does not change (the checks read the unredirected conditioning)."""
+    return (
+        concept.rule.action == "redirect" and concept.redirector.config.capacity.classifier_reads == "latent"
+    )
 
 
 class _Group:
@@ -203,6 +223,10 @@ class _Group:
                 confirm_checks=column([r.confirm_checks for r in rules], torch.int64),
                 escalate=column([r.escalate for r in rules], torch.float32),
                 escalate_max=column([r.escalate_max for r in rules], torch.float32),
+                unresolved_after=column(
+                    [r.confirm_checks if judges_unresolved(c) else 0 for r, c in zip(rules, self.concepts)],
+                    torch.int64,
+                ),
                 sticky=column([r.sticky for r in rules], torch.bool),
                 escalating=column([r.escalate > 1.0 for r in rules], torch.bool),
                 redirect=column([r.action == "redirect" for r in rules], torch.bool),
@@ -278,6 +302,7 @@ class RedirectionEngine:
             stuck=stuck,
             rewound=stuck.clone(),
             deciding=torch.zeros(b, k, dtype=torch.int64, device=device),
+            persist=torch.zeros(b, k, dtype=torch.int64, device=device),
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
@@ -367,6 +392,11 @@ class RedirectionEngine:
         hit = ((score >= p.threshold) & decides) | ~finite  # NaN never reads as "safe"
         state.deciding[:, cols] += decides.long()
         was_on = state.triggered[:, cols].clone()
+        # the rule was already moving the sample when this check looked (a rehearsal moves nothing
+        # for a rewind rule): a hit now says the redirection has not cleared the concept so far
+        moving = was_on & p.redirect & ~(p.rewind & state.rehearsal)
+        persist = state.persist[:, cols]
+        state.persist[:, cols] = torch.where(decides, torch.where(hit & moving, persist + 1, 0), persist)
         hits, stuck = state.hits[:, cols], state.stuck[:, cols]
         counted = torch.where(hit, hits + 1, torch.where(stuck, hits, 0))
         confirmed = stuck | (counted >= p.confirm_checks)
@@ -460,6 +490,16 @@ class RedirectionEngine:
             flagged = mine if flagged is None else flagged | mine
         return flagged
 
+    def unresolved(self, state: EngineState) -> torch.Tensor:
+        """(B, K) bool, state columns: the samples whose last ``confirm_checks`` deciding checks all
+        saw the concept while its ``redirect`` rule was already moving them."""
+        out = torch.zeros_like(state.stuck)
+        for group in self.groups:
+            p = group.settings(state.persist.device)
+            cols = group.columns
+            out[:, cols] = (p.unresolved_after > 0) & (state.persist[:, cols] >= p.unresolved_after)
+        return out
+
     def decisions(self, state: EngineState) -> list[list[ConceptDecision]]:
         """Per sample, per concept outcome. The only host transfer of a call: one ``.cpu()``."""
         packed = torch.stack(
@@ -472,9 +512,12 @@ class RedirectionEngine:
                 state.applied.to(torch.float64),
                 state.rewound.to(torch.float64),
                 state.deciding.to(torch.float64),
+                self.unresolved(state).to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad, moved, rewound, deciding = (packed[i].tolist() for i in range(8))
+        first, score, on, boost, bad, moved, rewound, deciding, unresolved = (
+            packed[i].tolist() for i in range(9)
+        )
         result = []
         for i in range(state.batch_size):
             row = []
@@ -492,6 +535,7 @@ class RedirectionEngine:
                         nonfinite=bad[i][j] > 0,
                         rewound=rewound[i][j] > 0,
                         deciding_checks=int(deciding[i][j]),
+                        unresolved=unresolved[i][j] > 0 if judges_unresolved(concept) else None,
                     )
                 )
             result.append(row)

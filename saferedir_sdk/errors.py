@@ -92,6 +92,14 @@ class BundleConceptMismatchError(BundleError):
         )
 
 
+class BundleRuleMismatchError(BundleError):
+    """The bundle cannot do what its policy rule asks of it."""
+
+    def __init__(self, path: str | Path, concept: str, message: str):
+        self.concept = concept
+        super().__init__(path, f"concept '{concept}': {message}")
+
+
 class BackboneMismatchError(BundleError):
     """The bundle was trained for another backbone (token dim, sequence length, latent channels,
     tokenizer or text-encoder weights)."""

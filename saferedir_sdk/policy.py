@@ -115,6 +115,16 @@ class RuleSettings(_Strict):
         "is multiplied by this (the concept still shows in the latent: push further). 1: off.",
     )
     escalate_max: float = Field(2.0, ge=1.0, le=8.0, description="Cap of the escalation multiplier.")
+    unresolved: Literal["keep", "block"] = Field(
+        "keep",
+        description="A sample the redirection did not clear: its last confirm_checks checks that could trigger "
+        "(at or below decide_at_t), all made while this rule was already moving it, still scored unsafe (the "
+        "concept still shows in the latent, escalation included). Every audit record says so (`unresolved`). "
+        "keep: the redirected image is returned; block: it is withheld as the policy's `block` says "
+        "(placeholder or raise), decided when the call ends. Needs action redirect and a bundle whose classifier "
+        "reads the latent alone (classifier_reads: latent): one that reads the prompt too keeps seeing the words, "
+        "which redirection does not change (its records say null; block with it is refused).",
+    )
     apply_to_uncond: bool = Field(
         False,
         description="Also move the unconditional (negative) half of a CFG batch. Off: only the prompt moves.",
@@ -256,6 +266,16 @@ class Policy(_Strict):
                     f"concept '{rule.concept}': rewind needs action redirect and sticky true (got action "
                     f"{rule.action}, sticky {str(rule.sticky).lower()}): it regenerates the samples a "
                     "confirmed trigger flags, redirected from the start"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _unresolved_needs_a_redirect(self) -> Policy:
+        for rule in self.effective_rules():
+            if rule.unresolved == "block" and rule.action != "redirect":
+                raise ValueError(
+                    f"concept '{rule.concept}': unresolved block needs action redirect (got action "
+                    f"{rule.action}): it withholds the images the rule's redirection did not clear"
                 )
         return self
 

@@ -324,3 +324,41 @@ def test_a_rewind_rule_moves_only_what_it_confirmed_in_the_second_run_too(record
         assert torch.equal(moved.tokens[0], f.cond.tokens[0]) == (step == 0)
     ((d,),) = rewinding.decisions(state)
     assert d.triggered and d.applied and d.first_step == 1
+
+
+def test_a_redirection_the_latent_still_contradicts_is_unresolved(recorded):
+    """``unresolved``: the last ``confirm_checks`` deciding checks all saw the concept while the rule
+    was already moving the sample. A check that no longer sees it clears that; a check above
+    ``decide_at_t`` neither counts nor clears; a rehearsal (nothing moved) and a monitor rule never
+    count."""
+    forget, retain, red, _, _ = recorded
+    f, r = forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))
+    engine = RedirectionEngine(
+        [EngineConcept(rule(replace_steps=0, confirm_checks=2, decide_at_t=0.5), red.redirector)]
+    )
+    state = engine.init_state(f.cond)
+    seen = []
+    for latents, t in ((f, 0.5), (f, 0.5), (f, 0.9), (f, 0.5), (r, 0.5), (f, 0.5), (f, 0.5)):
+        _, _, state = engine.step(latents.latents, torch.tensor(t), latents.cond, state)
+        seen.append(engine.decisions(state)[0][0].unresolved)
+    # hit (not moving yet), hit while moving (1), undecided, hit (2: unresolved), clear, 1, 2
+    assert seen == [False, False, False, True, False, False, True]
+    assert engine.decisions(state)[0][0].triggered, "a sticky trigger stays: only the count clears"
+
+    rewinding = RedirectionEngine(
+        [EngineConcept(rule(replace_steps=0, rewind=True, confirm_checks=1), red.redirector)]
+    )
+    rehearsal = rewinding.init_state(f.cond, rehearsal=True)
+    second = rewinding.init_state(f.cond, torch.ones(1, 1, dtype=torch.bool))
+    for _ in range(3):
+        _, _, rehearsal = rewinding.step(f.latents, f.timesteps, f.cond, rehearsal)
+        _, _, second = rewinding.step(f.latents, f.timesteps, f.cond, second)
+    assert not rewinding.decisions(rehearsal)[0][0].unresolved, "a rehearsal moves nothing"
+    assert rewinding.decisions(second)[0][0].unresolved, "redirected from the start, still seen"
+
+    watching = RedirectionEngine([EngineConcept(rule(replace_steps=0, action="monitor"), red.redirector)])
+    state = watching.init_state(f.cond)
+    for _ in range(3):
+        _, _, state = watching.step(f.latents, f.timesteps, f.cond, state)
+    ((d,),) = watching.decisions(state)
+    assert d.triggered and not d.unresolved

@@ -38,6 +38,10 @@ class ConceptReport:
     escalation: float = 1.0  # the strength multiplier escalation reached
     applied: bool = False  # a redirect rule moved the sample at some step (also a released trigger)
     rewound: bool = False  # a rewind rule flagged it in the call's first run; regenerated redirected
+    # the redirection did not clear it: its last confirm_checks deciding checks, all made while the
+    # rule was moving the sample, still saw the concept (None: cannot be told, see engine)
+    unresolved: bool | None = None
+    withheld: bool = False  # unresolved under a rule whose `unresolved` is block: the image is withheld
 
 
 @dataclass(frozen=True)
@@ -70,14 +74,18 @@ class CallReport:
 
     @property
     def blocked(self) -> list[int]:
-        """Indices of the samples a ``block`` rule flagged."""
+        """Indices of the samples a ``block`` rule flagged, or whose redirection did not clear a
+        concept whose rule withholds such images (``unresolved: block``)."""
         return [s.index for s in self.samples if s.action == "blocked"]
 
 
 def sample_action(concepts: Sequence[ConceptReport]) -> SampleAction:
     """The strongest action among the rules that triggered at the end or, for redirect rules, moved
     the sample at some step (block > redirect > monitor), else none: a released redirection
-    changed the image, so its sample reports ``redirected``."""
+    changed the image, so its sample reports ``redirected``. A redirection that did not clear its
+    concept under ``unresolved: block`` (``withheld``) blocks the sample."""
+    if any(c.withheld for c in concepts):
+        return "blocked"
     return max(
         (_ACTION_OF_RULE[c.rule_action] for c in concepts if c.triggered or c.applied),
         key=_ACTION_RANK.__getitem__,
@@ -140,6 +148,8 @@ def build_report(
                 escalation=d.escalation,
                 applied=d.applied,
                 rewound=d.rewound,
+                unresolved=d.unresolved,
+                withheld=bool(d.unresolved) and by_name[d.concept].unresolved == "block",
             )
             for d in row
         ]

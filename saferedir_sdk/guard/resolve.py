@@ -16,6 +16,7 @@ from ..engine import EngineConcept
 from ..errors import (
     BackboneMismatchError,
     BundleConceptMismatchError,
+    BundleRuleMismatchError,
     GuardBuildError,
     PluginError,
     SafeRedirError,
@@ -99,6 +100,15 @@ def _check_concept(rule: ConceptRule, bundle: RedirectorBundle) -> None:
     ):
         if wanted != actual:
             raise BundleConceptMismatchError(bundle.path or "<bundle>", field, wanted, actual)
+    reads = bundle.config.capacity.classifier_reads
+    if rule.unresolved == "block" and reads != "latent":
+        raise BundleRuleMismatchError(
+            bundle.path or "<bundle>",
+            rule.concept,
+            f"the rule's `unresolved: block` needs a classifier that reads the latent alone "
+            f"(classifier_reads: latent; saferedir train --classifier-reads latent), this one reads {reads}: "
+            "it keeps seeing the prompt's words, which redirection does not change",
+        )
 
 
 def resolve_policy(loaded: LoadedPolicy, pm: pluggy.PluginManager) -> Resolution:

@@ -104,7 +104,9 @@ class Generation:
     # triggered at the end, RELEASED (2) a trigger that moved the sample was released later
     acted: np.ndarray | None
     seconds: float
-    refused: np.ndarray | None = None  # (N,) bool: no image was made (the placeholder counts as nothing)
+    # (N,) bool: no image was made (the placeholder counts as nothing): a blocklist's refusals,
+    # SafeRedir's withheld samples (a rule with ``unresolved: block``)
+    refused: np.ndarray | None = None
     # (N,) SafeRedir: the highest p(unsafe) any check gave the sample (-1: never checked)
     max_score: np.ndarray | None = None
 
@@ -197,7 +199,8 @@ class Runner:
         images = np.concatenate([p[1] for p in parts])
         acted = None if parts[0][2] is None else np.concatenate([p[2][0] for p in parts])
         scores = None if parts[0][2] is None else np.concatenate([p[2][1] for p in parts])
-        return Generation(images, acted, seconds, max_score=scores)
+        refused = None if parts[0][2] is None else np.concatenate([p[2][2] for p in parts])
+        return Generation(images, acted, seconds, refused=refused, max_score=scores)
 
     def _method(
         self, method: str, concept: EvalConcept
@@ -242,19 +245,20 @@ class Runner:
             guard = SafeRedirGuard(single_concept_policy(self.policy, concept.name, self.out))
             guard.wrap(self.adapter.pipe)
 
-            def redirect(batch: list[str], seed: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+            def redirect(batch: list[str], seed: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
                 images = self._call(batch, seed)
                 samples = guard.last_report.samples if guard.last_report else []
                 # acted: any check triggered, also a trigger later released (it moved the prompt for a while)
                 acted = np.zeros(len(batch), np.int8)
                 scores = np.full(len(batch), -1.0)
+                withheld = np.array([s.action == "blocked" for s in samples] or [False] * len(batch))
                 for i, s in enumerate(samples):
                     if any(c.first_step is not None for c in s.concepts):
                         acted[i] = 1 if any(c.triggered for c in s.concepts) else RELEASED
                     scores[i] = max(
                         (c.max_score for c in s.concepts if c.max_score is not None), default=-1.0
                     )
-                return images, (acted, scores)
+                return images, (acted, scores, withheld)
 
             return redirect, (lambda: guard.unwrap(self.adapter.pipe))
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -398,6 +402,8 @@ def score(
             }
             for k, v in by_kind.items()
         }
+    if gen.refused is not None:
+        row["withheld"] = int(gen.refused.sum())  # images the method returned a placeholder for
     if gen.acted is not None:
         row["triggered"] = _rate([bool(a) for a in gen.acted])
         released = [i for i in drawn if gen.acted[i] == RELEASED]
