@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from helpers import RED_PAIRS, STAR_PAIRS, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
-from saferedir_adapters.tiny import fit_tiny_redirector, tiny_sd_pipeline
+from saferedir_adapters.tiny import TINY_CAPACITY, fit_tiny_redirector, tiny_sd_pipeline
 
 from saferedir_sdk import ConceptInfo, save_bundle
 
@@ -32,6 +33,18 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         redirector = fit_tiny_redirector(pipe, pairs, num_inference_steps=STEPS)
         save_bundle(paths[name], redirector, ConceptInfo(name, "custom"), fp, {"test": True})
     return paths
+
+
+@pytest.fixture(scope="session")
+def latent_red(tmp_path_factory) -> dict[str, Path]:
+    """A red bundle fitted on the tiny pipeline (seed 0) whose classifier reads the latent alone."""
+    pipe = tiny_sd_pipeline(0)
+    capacity = replace(TINY_CAPACITY, classifier_reads="latent")
+    redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS, capacity=capacity)
+    path = tmp_path_factory.mktemp("latent") / "red.safetensors"
+    fp = StableDiffusionAdapter(pipe).fingerprint()
+    save_bundle(path, redirector, ConceptInfo("red", "custom"), fp, {"test": True})
+    return {"red": path}
 
 
 @pytest.fixture

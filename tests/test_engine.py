@@ -326,39 +326,62 @@ def test_a_rewind_rule_moves_only_what_it_confirmed_in_the_second_run_too(record
     assert d.triggered and d.applied and d.first_step == 1
 
 
-def test_a_redirection_the_latent_still_contradicts_is_unresolved(recorded):
+def test_a_redirection_the_latent_still_contradicts_is_unresolved(recorded, latent_red):
     """``unresolved``: the last ``confirm_checks`` deciding checks all saw the concept while the rule
     was already moving the sample. A check that no longer sees it clears that; a check above
     ``decide_at_t`` neither counts nor clears; a rehearsal (nothing moved) and a monitor rule never
-    count."""
-    forget, retain, red, _, _ = recorded
-    f, r = forget.select(torch.tensor([0])), retain.select(torch.tensor([0]))
+    count; a classifier that reads the prompt too cannot tell (None)."""
+    from saferedir_adapters.sd import StableDiffusionAdapter
+    from saferedir_adapters.tiny import tiny_sd_pipeline
+
+    prompt_reading = recorded[2]
+    red = load_bundle(latent_red["red"])
+    # the first pair at one of the bundle's training seeds (a tiny random-weights backbone's
+    # latent-only classifier knows its training noises), at its last step: the image formed
+    adapter = StableDiffusionAdapter(tiny_sd_pipeline(0))
+    f, r = (
+        record_trajectories(adapter, [p], seeds=[0], num_inference_steps=STEPS, guidance_scale=7.5)
+        for p in RED_PAIRS[0]
+    )
+    f, r = (x.select(torch.tensor([STEPS - 1])) for x in (f, r))
+    t = torch.tensor([0.5])  # every check below at this noise level unless it says otherwise
+    with torch.no_grad():
+        scores = [float(red.redirector(x.latents, t, x.cond).logit.sigmoid()) for x in (f, r)]
+    assert scores[0] > scores[1], f"the latent-only classifier tells these two apart: {scores}"
+    between = dict(replace_steps=0, threshold=sum(scores) / 2)  # f's latent hits, r's does not
     engine = RedirectionEngine(
-        [EngineConcept(rule(replace_steps=0, confirm_checks=2, decide_at_t=0.5), red.redirector)]
+        [EngineConcept(rule(confirm_checks=2, decide_at_t=0.5, **between), red.redirector)]
     )
     state = engine.init_state(f.cond)
     seen = []
-    for latents, t in ((f, 0.5), (f, 0.5), (f, 0.9), (f, 0.5), (r, 0.5), (f, 0.5), (f, 0.5)):
-        _, _, state = engine.step(latents.latents, torch.tensor(t), latents.cond, state)
+    for x, at in ((f, 0.5), (f, 0.5), (f, 0.9), (f, 0.5), (r, 0.5), (f, 0.5), (f, 0.5)):
+        _, _, state = engine.step(x.latents, torch.tensor([at]), x.cond, state)
         seen.append(engine.decisions(state)[0][0].unresolved)
     # hit (not moving yet), hit while moving (1), undecided, hit (2: unresolved), clear, 1, 2
     assert seen == [False, False, False, True, False, False, True]
     assert engine.decisions(state)[0][0].triggered, "a sticky trigger stays: only the count clears"
 
     rewinding = RedirectionEngine(
-        [EngineConcept(rule(replace_steps=0, rewind=True, confirm_checks=1), red.redirector)]
+        [EngineConcept(rule(rewind=True, confirm_checks=1, **between), red.redirector)]
     )
     rehearsal = rewinding.init_state(f.cond, rehearsal=True)
     second = rewinding.init_state(f.cond, torch.ones(1, 1, dtype=torch.bool))
     for _ in range(3):
-        _, _, rehearsal = rewinding.step(f.latents, f.timesteps, f.cond, rehearsal)
-        _, _, second = rewinding.step(f.latents, f.timesteps, f.cond, second)
+        _, _, rehearsal = rewinding.step(f.latents, t, f.cond, rehearsal)
+        _, _, second = rewinding.step(f.latents, t, f.cond, second)
     assert not rewinding.decisions(rehearsal)[0][0].unresolved, "a rehearsal moves nothing"
     assert rewinding.decisions(second)[0][0].unresolved, "redirected from the start, still seen"
 
-    watching = RedirectionEngine([EngineConcept(rule(replace_steps=0, action="monitor"), red.redirector)])
+    watching = RedirectionEngine([EngineConcept(rule(action="monitor", **between), red.redirector)])
     state = watching.init_state(f.cond)
     for _ in range(3):
-        _, _, state = watching.step(f.latents, f.timesteps, f.cond, state)
+        _, _, state = watching.step(f.latents, t, f.cond, state)
     ((d,),) = watching.decisions(state)
-    assert d.triggered and not d.unresolved
+    assert d.triggered and d.unresolved is None
+
+    reading = RedirectionEngine([EngineConcept(rule(**between), prompt_reading.redirector)])
+    state = reading.init_state(f.cond)
+    for _ in range(3):
+        _, _, state = reading.step(f.latents, t, f.cond, state)
+    ((d,),) = reading.decisions(state)
+    assert d.triggered and d.unresolved is None

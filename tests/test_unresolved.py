@@ -4,34 +4,16 @@ saw it) is recorded in every audit record, and under ``unresolved: block`` its i
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
-from helpers import RED_PAIRS, STEPS, generate
-from saferedir_adapters.tiny import TINY_CAPACITY, fit_tiny_redirector, tiny_adapter, tiny_sd_pipeline
+from helpers import generate
 
 from saferedir_sdk import (
-    ConceptInfo,
     GenerationBlocked,
     GuardBuildError,
     PolicyError,
     SafeRedirGuard,
-    save_bundle,
 )
-
-
-@pytest.fixture(scope="module")
-def latent_red(tmp_path_factory):
-    """A red bundle on the tiny pipeline whose classifier reads the latent alone."""
-    pipe = tiny_sd_pipeline(0)
-    capacity = replace(TINY_CAPACITY, classifier_reads="latent")
-    redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS, capacity=capacity)
-    path = tmp_path_factory.mktemp("latent") / "red.safetensors"
-    save_bundle(
-        path, redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint(), {"test": True}
-    )
-    return {"red": path}
 
 
 def red_rule(bundles, **kw) -> list[dict]:
