@@ -49,7 +49,7 @@ import torch
 from .conditioning import Conditioning
 from .errors import TensorShapeError
 from .policy import ConceptRule
-from .redirector import Redirector, redirection
+from .redirector import Redirector, RedirectorConfig, redirection
 from .stacked import StackedRedirectors
 
 
@@ -177,13 +177,12 @@ class _Settings:
     rewind: torch.Tensor
 
 
-def judges_unresolved(concept: EngineConcept) -> bool:
-    """Whether a sample's redirection can be judged unresolved for ``concept``: a ``redirect`` rule
-    whose classifier reads the latent alone. One that reads the prompt too keeps seeing the words,
-    which redirection does not change (the checks read the unredirected conditioning)."""
-    return (
-        concept.rule.action == "redirect" and concept.redirector.config.capacity.classifier_reads == "latent"
-    )
+def judges_unresolved(rule: ConceptRule, config: RedirectorConfig) -> bool:
+    """Whether a sample's redirection can be judged unresolved under ``rule`` with a redirector of
+    ``config``: a ``redirect`` rule whose classifier reads the latent alone. One that reads the
+    prompt too keeps seeing the words, which redirection does not change (the checks read the
+    unredirected conditioning)."""
+    return rule.action == "redirect" and config.capacity.classifier_reads == "latent"
 
 
 class _Group:
@@ -224,7 +223,10 @@ class _Group:
                 escalate=column([r.escalate for r in rules], torch.float32),
                 escalate_max=column([r.escalate_max for r in rules], torch.float32),
                 unresolved_after=column(
-                    [r.confirm_checks if judges_unresolved(c) else 0 for r, c in zip(rules, self.concepts)],
+                    [
+                        r.confirm_checks if judges_unresolved(r, c.redirector.config) else 0
+                        for r, c in zip(rules, self.concepts)
+                    ],
                     torch.int64,
                 ),
                 sticky=column([r.sticky for r in rules], torch.bool),
@@ -518,6 +520,7 @@ class RedirectionEngine:
         first, score, on, boost, bad, moved, rewound, deciding, unresolved = (
             packed[i].tolist() for i in range(9)
         )
+        judged = [judges_unresolved(c.rule, c.redirector.config) for c in self.concepts]
         result = []
         for i in range(state.batch_size):
             row = []
@@ -535,7 +538,7 @@ class RedirectionEngine:
                         nonfinite=bad[i][j] > 0,
                         rewound=rewound[i][j] > 0,
                         deciding_checks=int(deciding[i][j]),
-                        unresolved=unresolved[i][j] > 0 if judges_unresolved(concept) else None,
+                        unresolved=unresolved[i][j] > 0 if judged[k] else None,
                     )
                 )
             result.append(row)

@@ -25,26 +25,29 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """Two bundles fitted on the tiny pipeline (seed 0): 'red' and 'star'."""
     folder = tmp_path_factory.mktemp("bundles")
+    return {name: _fitted(folder, name, pairs) for name, pairs in (("red", RED_PAIRS), ("star", STAR_PAIRS))}
+
+
+def _fitted(folder: Path, name: str, pairs, capacity=TINY_CAPACITY) -> Path:
+    """A bundle for ``name`` fitted on the tiny pipeline (seed 0), saved under ``folder``."""
     pipe = tiny_sd_pipeline(0)
-    fp = StableDiffusionAdapter(pipe).fingerprint()
-    paths = {}
-    for name, pairs in (("red", RED_PAIRS), ("star", STAR_PAIRS)):
-        paths[name] = folder / f"{name}.safetensors"
-        redirector = fit_tiny_redirector(pipe, pairs, num_inference_steps=STEPS)
-        save_bundle(paths[name], redirector, ConceptInfo(name, "custom"), fp, {"test": True})
-    return paths
+    path = folder / f"{name}.safetensors"
+    redirector = fit_tiny_redirector(pipe, pairs, num_inference_steps=STEPS, capacity=capacity)
+    save_bundle(
+        path,
+        redirector,
+        ConceptInfo(name, "custom"),
+        StableDiffusionAdapter(pipe).fingerprint(),
+        {"test": True},
+    )
+    return path
 
 
 @pytest.fixture(scope="session")
 def latent_red(tmp_path_factory) -> dict[str, Path]:
     """A red bundle fitted on the tiny pipeline (seed 0) whose classifier reads the latent alone."""
-    pipe = tiny_sd_pipeline(0)
     capacity = replace(TINY_CAPACITY, classifier_reads="latent")
-    redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS, capacity=capacity)
-    path = tmp_path_factory.mktemp("latent") / "red.safetensors"
-    fp = StableDiffusionAdapter(pipe).fingerprint()
-    save_bundle(path, redirector, ConceptInfo("red", "custom"), fp, {"test": True})
-    return {"red": path}
+    return {"red": _fitted(tmp_path_factory.mktemp("latent"), "red", RED_PAIRS, capacity)}
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pluggy
 
 from ..bundle import RedirectorBundle, load_bundle
 from ..concepts import ConceptSpec
-from ..engine import EngineConcept
+from ..engine import EngineConcept, judges_unresolved
 from ..errors import (
     BackboneMismatchError,
     BundleConceptMismatchError,
@@ -100,13 +100,12 @@ def _check_concept(rule: ConceptRule, bundle: RedirectorBundle) -> None:
     ):
         if wanted != actual:
             raise BundleConceptMismatchError(bundle.path or "<bundle>", field, wanted, actual)
-    reads = bundle.config.capacity.classifier_reads
-    if rule.unresolved == "block" and reads != "latent":
+    if rule.unresolved == "block" and not judges_unresolved(rule, bundle.config):
         raise BundleRuleMismatchError(
             bundle.path or "<bundle>",
             rule.concept,
             f"the rule's `unresolved: block` needs a classifier that reads the latent alone "
-            f"(classifier_reads: latent; saferedir train --classifier-reads latent), this one reads {reads}: "
+            f"(classifier_reads: latent; saferedir train --classifier-reads latent), this one reads {bundle.config.capacity.classifier_reads}: "
             "it keeps seeing the prompt's words, which redirection does not change",
         )
 
