@@ -191,7 +191,22 @@ def _cmd_plugins_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refine_figures(refine: dict[str, Any]) -> dict[str, Any]:
+    """The refinement's figures worth printing: rows, how many redirected images still show the
+    concept, and the held-out accuracy on redirected rows before and after."""
+    return {
+        "steps": refine["steps"],
+        "rows": refine["rows"],
+        "still_shows": refine["still_shows"],
+        **{
+            f"heldout_redirected_accuracy_by_t_{when}": refine[when].get("heldout_redirected_accuracy_by_t")
+            for when in ("before", "after")
+        },
+    }
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
     from .capacity import Capacity
     from .optional import optional
     from .plugins import default_plugin_manager, load_backbone, not_loaded_note, registered_concepts
@@ -234,8 +249,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prompt_swap=args.prompt_swap,
         swap_below=args.swap_below,
         renoise=args.renoise,
+        refine_steps=args.refine_steps,
+        refine_below=args.refine_below,
         pooled=not args.no_pooled,
     )
+    init = load_bundle(args.init) if args.init is not None else None
     device = str(accelerator.device) if accelerator is not None else "cpu"
     pipe = load_backbone(pm, args.backbone, device)
     summary = train_bundle(
@@ -248,6 +266,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         plugin_manager=pm,
         progress=not args.quiet,
         outcome=outcome,
+        init=init,
     )
     if accelerator is None or accelerator.is_main_process:
         held = summary["heldout"]
@@ -268,6 +287,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     "unsafe_share": summary["data"]["unsafe_share"],
                     "seconds": summary["seconds"],
                     "processes": summary["processes"],
+                    **({"refine": _refine_figures(summary["refine"])} if "refine" in summary else {}),
                 },
                 indent=2,
             )
@@ -468,6 +488,28 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=0.0,
         help="share of the training rows whose starting noise is replaced by another recorded "
         "generation's, so a latent classifier cannot learn the generations' noises by heart (0: off)",
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="after the fit, generate the forget prompts again redirected by the fitted redirector, label "
+        "those images with the concept's judge, and train this many more steps with them classified too, "
+        "so the classifier tells a redirection that cleared the concept from one that did not (0: off)",
+    )
+    p.add_argument(
+        "--refine-below",
+        type=_share("refine_below"),
+        default=0.5,
+        help="the redirected rows --refine-steps classifies: those at normalised timesteps below this "
+        "(earlier, a redirected latent has not moved away from its unredirected twin)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="BUNDLE",
+        help="start from this bundle's weights and architecture (with --steps 0: refine it only)",
     )
     p.add_argument(
         "--no-pooled",

@@ -121,6 +121,7 @@ def redirector_losses(
     mask_tau: float = 0.05,
     augment: Callable[[Batch], Batch] | None = None,
     swap: torch.Tensor | None = None,
+    redirected: Batch | None = None,
 ) -> dict[str, torch.Tensor]:
     """All losses for a batch of pairs. ``forget``, ``retain`` and the optional unpaired
     ``negatives`` are (latents, timesteps, cond, labels): row ``i`` of ``forget`` and ``retain`` is a
@@ -129,7 +130,10 @@ def redirector_losses(
     every safe row of any group is kept still (preservation). ``augment`` perturbs a copy of every
     group for the classification loss only: the redirection targets stay the clean pair. ``swap``
     (B,) bool picks the pairs that are also classified with their prompts exchanged (the
-    counterfactual term: each latent keeps its own label)."""
+    counterfactual term: each latent keeps its own label). ``redirected``: labelled rows of
+    trajectories the guard redirected (:func:`~saferedir_sdk.training.trajectories.record_trajectories`
+    with an engine), classified only (the ``redirected`` term): redirection still runs on them, so
+    they teach neither redirection nor preservation."""
     groups = [forget, retain] + ([negatives] if negatives is not None else [])
     if augment is not None:
         groups += [augment(g) for g in groups]
@@ -139,6 +143,9 @@ def redirector_losses(
             groups.append(
                 (latent_side[0][swap], latent_side[1][swap], prompt_side[2].rows(swap), latent_side[3][swap])
             )
+    n_counter = len(groups)
+    if redirected is not None:
+        groups.append(redirected)
     sizes = [g[0].shape[0] for g in groups]
     # one forward over all groups (one pass under DistributedDataParallel, and faster)
     cond = Conditioning(
@@ -150,9 +157,9 @@ def redirector_losses(
     out_f, out_r = parts[0], parts[1]
     bce = [F.binary_cross_entropy_with_logits(p.logit, g[3].to(p.logit.dtype)) for p, g in zip(parts, groups)]
     classification = sum(bce[:n_plain]) / (2 if augment is not None else 1)
-    counterfactual = (
-        sum(bce[n_plain:]) / 2 if len(bce) > n_plain else torch.zeros((), device=out.logit.device)
-    )
+    zero = torch.zeros((), device=out.logit.device)
+    counterfactual = sum(bce[n_plain:n_counter]) / 2 if n_counter > n_plain else zero
+    on_redirected = bce[n_counter] if redirected is not None else zero
 
     pooled = out.pooled_direction is not None  # (the module may be wrapped: DistributedDataParallel)
     e_f, e_r = forget[2], retain[2]
@@ -184,7 +191,7 @@ def redirector_losses(
         ((1.0 - g[3]) * (p.alpha.unsqueeze(-1) * _masks(p)).mean(dim=1)).mean()
         for p, g in zip(parts[: n_plain // (2 if augment is not None else 1)], groups)
     )
-    total = classification + counterfactual + redirection + mask + scale + preservation
+    total = classification + counterfactual + on_redirected + redirection + mask + scale + preservation
     accuracy = 0.5 * (
         ((out_f.logit > 0).float() == y_f).float().mean() + ((out_r.logit > 0).float() == y_r).float().mean()
     )
@@ -194,6 +201,7 @@ def redirector_losses(
         "total": total,
         "classification": classification,
         "counterfactual": counterfactual,
+        "redirected": on_redirected,
         "redirection": redirection,
         "mask": mask,
         "scale": scale,
@@ -348,10 +356,13 @@ def evaluate_redirector(
     strength: float = 1.0,
     batch_size: int = 256,
     neutral: Conditioning | None = None,
+    redirected: Trajectories | None = None,
 ) -> dict[str, Any]:
     """Held-out figures: losses, classifier accuracy (overall and per timestep quarter) against each
     row's label (its outcome label, or 1 / 0 by side), the redirection cosine to the paired retain
-    embedding on the tokens the pair changes, and :func:`classifier_ablation` (``heldout_ablation``)."""
+    embedding on the tokens the pair changes, and :func:`classifier_ablation` (``heldout_ablation``).
+    ``redirected`` (labelled held-out rows of redirected trajectories) join the classifier's rows,
+    and their own accuracy per quarter is ``heldout_redirected_accuracy_by_t``."""
     was_training = redirector.training
     redirector.eval()
     device = next(redirector.parameters()).device
@@ -365,8 +376,13 @@ def evaluate_redirector(
             sums[key] = sums.get(key, 0.0) + float(value) * len(index)
     both = Trajectories.concat([forget.labelled(1.0), retain.labelled(0.0)])
     result: dict[str, Any] = {
-        f"heldout_{k}": round(v / n, 5) for k, v in sums.items() if k != "counterfactual"
+        f"heldout_{k}": round(v / n, 5) for k, v in sums.items() if k not in ("counterfactual", "redirected")
     }
+    if redirected is not None:
+        both = Trajectories.concat([both, redirected])
+        result["heldout_redirected_accuracy_by_t"] = classifier_ablation(
+            redirector, redirected, batch_size=batch_size
+        )["real"]
     ablation = classifier_ablation(redirector, both, neutral=neutral, batch_size=batch_size)
     quarters = timestep_quarter(both.timesteps)
     weights = torch.bincount(quarters, minlength=4).float()
@@ -383,16 +399,21 @@ def evaluate_redirector(
 
 
 def check_shares(
-    prompt_dropout: float = 0.0, prompt_swap: float = 0.0, swap_below: float = 0.5, renoise: float = 0.0
+    prompt_dropout: float = 0.0,
+    prompt_swap: float = 0.0,
+    swap_below: float = 0.5,
+    renoise: float = 0.0,
+    refine_below: float = 0.5,
 ) -> None:
     """``ValueError`` naming the first of the classifier's training shares outside its range:
-    ``prompt_dropout``, ``prompt_swap`` and ``renoise`` in [0, 1], ``swap_below`` (a normalised
-    timestep) in (0, 1]."""
+    ``prompt_dropout``, ``prompt_swap`` and ``renoise`` in [0, 1], ``swap_below`` and
+    ``refine_below`` (normalised timesteps) in (0, 1]."""
     for name, value, low_open in (
         ("prompt_dropout", prompt_dropout, False),
         ("prompt_swap", prompt_swap, False),
         ("renoise", renoise, False),
         ("swap_below", swap_below, True),
+        ("refine_below", refine_below, True),
     ):
         ok = isinstance(value, int | float) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
         if not ok:
@@ -417,6 +438,8 @@ def fit_redirector(
     negatives: Trajectories | None = None,
     heldout: tuple[Trajectories, Trajectories] | None = None,
     neutral: Conditioning | None = None,
+    redirected: Trajectories | None = None,
+    heldout_redirected: Trajectories | None = None,
     prompt_dropout: float = 0.0,
     prompt_swap: float = 0.0,
     swap_below: float = 0.5,
@@ -447,7 +470,9 @@ def fit_redirector(
     classifier cannot learn the training generations' noises by heart.
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
-    without improvement. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
+    without improvement. ``redirected`` / ``heldout_redirected``: labelled rows of trajectories the
+    guard redirected (the ``redirected`` classification term; never renoised), and their held-out
+    counterpart for :func:`evaluate_redirector`. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
     (several processes: each draws its own batches, gradients are averaged).
     """
     if len(forget) != len(retain):
@@ -457,6 +482,11 @@ def fit_redirector(
     check_shares(
         prompt_dropout=prompt_dropout, prompt_swap=prompt_swap, swap_below=swap_below, renoise=renoise
     )
+    for name, rows in (("redirected", redirected), ("heldout_redirected", heldout_redirected)):
+        if rows is not None and rows.labels is None:
+            raise ValueError(
+                f"{name}: trajectories the guard redirected need outcome labels (record them with a judge)"
+            )
     sets = [forget, retain] + ([negatives] if negatives is not None and len(negatives) else [])
     renoiser = Renoiser.from_trajectories(sets) if renoise > 0 else None
     rank = accelerator.process_index if accelerator is not None else 0
@@ -492,6 +522,10 @@ def fit_redirector(
                 neg = renoiser.renoise(
                     2, neg, neg_index, *_draws(renoiser, len(neg_index), renoise, generator)
                 )
+        moved = None
+        if redirected is not None and len(redirected):
+            pick = torch.randint(0, len(redirected), (min(batch_size, len(redirected)),), generator=generator)
+            moved = redirected.select(pick).batch(device, 1.0)
         augment = None
         if token_dropout > 0 or embed_noise > 0 or (prompt_dropout > 0 and neutral is not None):
 
@@ -509,6 +543,7 @@ def fit_redirector(
             strength=strength,
             augment=augment,
             swap=swap.to(device) if swap is not None else None,
+            redirected=moved,
         )
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:
@@ -524,7 +559,9 @@ def fit_redirector(
                 {"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
             )
         if heldout is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
-            figures = evaluate_redirector(base, *heldout, strength=strength, neutral=neutral)
+            figures = evaluate_redirector(
+                base, *heldout, strength=strength, neutral=neutral, redirected=heldout_redirected
+            )
             if figures["heldout_selection"] < best_loss:
                 best_loss, stale = figures["heldout_selection"], 0
                 best_state = {k: v.detach().clone() for k, v in base.state_dict().items()}

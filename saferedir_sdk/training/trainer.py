@@ -31,12 +31,14 @@ import pluggy
 import torch
 
 from ..adapter import Adapter
-from ..bundle import save_bundle
+from ..bundle import RedirectorBundle, save_bundle
 from ..concepts import ConceptInfo, OutcomeJudge
+from ..engine import EngineConcept, RedirectionEngine
 from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
+from ..policy import ConceptRule, RedirectorRef
 from ..redirector import Capacity, Redirector, RedirectorConfig
-from .fit import check_shares, fit_redirector
+from .fit import FitResult, check_shares, evaluate_redirector, fit_redirector
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
 
@@ -67,6 +69,13 @@ class TrainConfig:
     prompt_swap: float = 0.0  # share of late pairs also classified with their prompts exchanged
     swap_below: float = 0.5  # "late": normalised timesteps below this
     renoise: float = 0.0  # share of drawn rows whose starting noise is another generation's (renoise.py)
+    # after the fit: the forget prompts generated again *redirected* by the fitted redirector (as the
+    # guard's second run redirects a flagged sample), labelled by the judge on those images, and this
+    # many more steps with those rows classified too (needs an outcome judge; 0: off)
+    refine_steps: int = 0
+    # ... of those rows only the ones at normalised timesteps below this: earlier, a redirected
+    # latent has not yet moved away from its unredirected twin, whose label it would contradict
+    refine_below: float = 0.5
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -75,23 +84,36 @@ class TrainConfig:
 
     def __post_init__(self) -> None:  # refused before minutes of sampling, not after
         check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below, self.renoise)
+        check_shares(refine_below=self.refine_below)
+        for name in ("steps", "refine_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a whole number of optimiser steps >= 0, got {value!r}")
+        if self.steps == 0 and self.refine_steps == 0:
+            raise ValueError("steps and refine_steps are both 0: nothing to train")
 
 
 def _cache_key(
-    fingerprint: dict[str, Any], prompts: list[str], cfg: TrainConfig, kind: str, judge: str | None
+    fingerprint: dict[str, Any],
+    prompts: list[str],
+    cfg: TrainConfig,
+    kind: str,
+    judge: str | None,
+    redirection: dict[str, Any] | None = None,
 ) -> str:
-    payload = json.dumps(
-        [
-            CACHE_FORMAT,
-            fingerprint,
-            prompts,
-            list(cfg.seeds),
-            cfg.num_inference_steps,
-            cfg.guidance_scale,
-            kind,
-            judge,
-        ]
-    )
+    fields: list[Any] = [
+        CACHE_FORMAT,
+        fingerprint,
+        prompts,
+        list(cfg.seeds),
+        cfg.num_inference_steps,
+        cfg.guidance_scale,
+        kind,
+        judge,
+    ]
+    if redirection is not None:  # (unredirected recordings keep the keys they always had)
+        fields.append(redirection)
+    payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -113,18 +135,24 @@ def collect(
     kind: str,
     cache_dir: Path | None,
     outcome: OutcomeJudge | None = None,
+    engine: RedirectionEngine | None = None,
 ) -> Trajectories:
     """Recorded trajectories of ``prompts`` (from the cache when present), labelled by ``outcome``
-    when given."""
+    when given; with ``engine``, redirected by it (:func:`record_trajectories`; the cache key then
+    holds its redirectors' weights and rules)."""
     cfg = with_sampler_defaults(cfg, adapter)
     # the backbone fingerprint covers the text side; trajectories also depend on the denoiser's weights
     fingerprint = {**adapter.fingerprint().to_dict(), "denoiser_sha256": module_sha256(adapter.denoiser)}
-    path = (
-        cache_dir
-        / f"{kind}-{_cache_key(fingerprint, prompts, cfg, kind, outcome and outcome.name)}.safetensors"
-        if cache_dir
-        else None
+    redirection = (
+        None
+        if engine is None
+        else {
+            c.name: [module_sha256(c.redirector), c.rule.model_dump(mode="json", exclude={"redirector"})]
+            for c in engine.concepts
+        }
     )
+    key = _cache_key(fingerprint, prompts, cfg, kind, outcome and outcome.name, redirection)
+    path = cache_dir / f"{kind}-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return Trajectories.load(path)
     traj = record_trajectories(
@@ -134,6 +162,7 @@ def collect(
         num_inference_steps=cfg.num_inference_steps,  # type: ignore[arg-type]
         guidance_scale=cfg.guidance_scale,  # type: ignore[arg-type]
         outcome=outcome,
+        engine=engine,
     )
     if path is not None:
         traj.save(path)
@@ -150,6 +179,48 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _redirected_rows(
+    adapter: Adapter,
+    redirector: Redirector,
+    sets: dict[str, list[str]],
+    cfg: TrainConfig,
+    cache_dir: Path | None,
+    outcome: OutcomeJudge | None,
+    accelerator: Any,
+    out: str | Path,
+) -> dict[str, Trajectories]:
+    """The training and held-out forget prompts generated redirected by ``redirector`` (every sample
+    flagged from the first check, strength ``cfg.strength``), each row labelled by its image; the
+    rows at normalised timesteps below ``cfg.refine_below``."""
+    below = cfg.refine_below
+    rule = ConceptRule(
+        concept=cfg.concept,
+        category=cfg.category,  # type: ignore[arg-type]
+        redirector=RedirectorRef(path=str(out)),
+        strength=cfg.strength,
+        escalate=1.0,
+    )
+    engine = RedirectionEngine([EngineConcept(rule, redirector)])
+    kinds = ("forget", "heldout_forget")
+    moved: dict[str, Trajectories] = {}
+    main = accelerator is None or accelerator.is_main_process
+    for turn in (True, False):  # the main process records (and caches) first, the others read
+        if turn == main:
+            for k in kinds:
+                moved[k] = collect(
+                    adapter,
+                    sets[k],
+                    cfg,
+                    kind=f"redirected_{k}",
+                    cache_dir=cache_dir,
+                    outcome=outcome,
+                    engine=engine,
+                )
+        if accelerator is not None and turn:
+            accelerator.wait_for_everyone()
+    return {k: rows.select(torch.nonzero(rows.timesteps < below).flatten()) for k, rows in moved.items()}
+
+
 def train_bundle(
     pipe: Any,
     pairs: PromptPairs,
@@ -161,13 +232,32 @@ def train_bundle(
     plugin_manager: pluggy.PluginManager | None = None,
     progress: bool = True,
     outcome: OutcomeJudge | None = None,
+    init: RedirectorBundle | None = None,
 ) -> dict[str, Any]:
     """Train a redirector for ``cfg.concept`` on ``pipe`` (through its adapter) and write it to
     ``out``; returns the summary. With ``outcome`` every trajectory is labelled by what its image
-    became (the judge on the final image, per prompt and seed), not by its side of a pair."""
+    became (the judge on the final image, per prompt and seed), not by its side of a pair.
+
+    ``init``: start from that bundle's weights (its architecture; it must fit this backbone) instead
+    of a fresh initialisation; with ``cfg.steps`` 0 only the refinement runs. ``cfg.refine_steps``:
+    after the fit, the training and held-out forget prompts are generated again redirected by the
+    fitted redirector (every sample flagged, as the guard's second run redirects one a ``rewind``
+    rule confirmed: strength ``cfg.strength``, no escalation), labelled by ``outcome`` on those
+    images, and the fit goes on for that many steps with them as classification rows: the classifier
+    then knows a redirection that cleared the concept from one that did not (what escalation and
+    ``unresolved`` read). The summary's ``refine`` holds the held-out figures before and after."""
     start = time.perf_counter()
+    if cfg.steps == 0 and init is None:
+        raise ValueError("steps 0: only a bundle given as init can be refined without a fit first")
+    if cfg.refine_steps and outcome is None:
+        raise ValueError(
+            "refine_steps: labelling redirected trajectories needs the concept's outcome judge "
+            "(a concept plugin's judge); none was given"
+        )
     adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
     fingerprint = adapter.fingerprint()
+    if init is not None:
+        init.check_backbone(fingerprint)  # BackboneMismatchError naming the bundle and what differs
     cfg = with_sampler_defaults(cfg, adapter)
     train_pairs, held_pairs = pairs.split(cfg.heldout_fraction, cfg.seed)
     sets = {
@@ -195,30 +285,63 @@ def train_bundle(
     t_collect = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
-    redirector = Redirector(RedirectorConfig.for_backbone(fingerprint, cfg.capacity, pooled=cfg.pooled))
-    result = fit_redirector(
-        redirector,
-        data["forget"],
-        data["retain"],
-        negatives=data.get("pool"),
-        heldout=(data["heldout_forget"], data["heldout_retain"]),
-        neutral=adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu()),
-        prompt_dropout=cfg.prompt_dropout,
-        prompt_swap=cfg.prompt_swap,
-        swap_below=cfg.swap_below,
-        renoise=cfg.renoise,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        strength=cfg.strength,
-        token_dropout=cfg.token_dropout,
-        embed_noise=cfg.embed_noise,
-        eval_every=cfg.eval_every,
-        patience=cfg.patience,
-        seed=cfg.seed,
-        accelerator=accelerator,
-        progress=progress,
-    )
+    if init is not None:
+        redirector = Redirector(init.redirector.config)
+        redirector.load_state_dict(init.redirector.state_dict())
+    else:
+        redirector = Redirector(RedirectorConfig.for_backbone(fingerprint, cfg.capacity, pooled=cfg.pooled))
+    neutral = adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu())
+    heldout = (data["heldout_forget"], data["heldout_retain"])
+
+    def fit(steps: int, seed: int, **extra: Any) -> FitResult:
+        return fit_redirector(
+            redirector,
+            data["forget"],
+            data["retain"],
+            negatives=data.get("pool"),
+            heldout=heldout,
+            neutral=neutral,
+            prompt_dropout=cfg.prompt_dropout,
+            prompt_swap=cfg.prompt_swap,
+            swap_below=cfg.swap_below,
+            renoise=cfg.renoise,
+            steps=steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            strength=cfg.strength,
+            token_dropout=cfg.token_dropout,
+            embed_noise=cfg.embed_noise,
+            eval_every=cfg.eval_every,
+            patience=cfg.patience,
+            seed=seed,
+            accelerator=accelerator,
+            progress=progress,
+            **extra,
+        )
+
+    result = fit(cfg.steps, cfg.seed) if cfg.steps else None
+    refine: dict[str, Any] = {}
+    if cfg.refine_steps:
+        t_refine = time.perf_counter()
+        moved = _redirected_rows(adapter, redirector, sets, cfg, cache_dir, outcome, accelerator, out)
+        before = evaluate_redirector(
+            redirector, *heldout, strength=cfg.strength, neutral=neutral, redirected=moved["heldout_forget"]
+        )
+        refined = fit(
+            cfg.refine_steps,
+            cfg.seed + 1,
+            redirected=moved["forget"],
+            heldout_redirected=moved["heldout_forget"],
+        )
+        refine = {
+            "steps": refined.steps,
+            "rows": {k: len(v) for k, v in moved.items()},
+            "still_shows": {k: round(float(v.labels.mean()), 4) for k, v in moved.items()},  # type: ignore[union-attr]
+            "before": before,
+            "after": refined.heldout,
+            "seconds": round(time.perf_counter() - t_refine, 1),
+        }
+        result = refined if result is None else result
     summary = {
         "config": asdict(cfg),
         "data": {
@@ -233,11 +356,17 @@ def train_bundle(
                 k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
             },
         },
-        "heldout": result.heldout,
+        "heldout": refine["after"] if refine else result.heldout,
         "final_train_losses": result.final,
-        "fit_steps": result.steps,
+        "fit_steps": result.steps if cfg.steps else 0,
         "stopped_early": result.stopped_early,
         **({"renoise": result.renoise} if result.renoise else {}),
+        **({"refine": refine} if refine else {}),
+        **(
+            {"init": {"concept": init.concept.name, "training_config": init.training.get("config")}}
+            if init
+            else {}
+        ),
         "seconds": {
             "collect": round(t_collect, 1),
             "fit": round(result.seconds, 1),

@@ -4,7 +4,7 @@ at each denoising step of a pipeline's own sampler, through the same adapter the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from ..adapter import Adapter
 from ..atomic import atomic_path
 from ..conditioning import Conditioning
+from ..engine import EngineState, RedirectionEngine
 
 
 @dataclass
@@ -135,19 +136,42 @@ def record_trajectories(
     num_inference_steps: int = 10,
     guidance_scale: float = 7.5,
     outcome: Outcome | None = None,
+    engine: RedirectionEngine | None = None,
 ) -> Trajectories:
     """Run the adapter's pipeline on ``prompts`` once per seed and record every denoising step's
     conditional inputs, as the adapter splits them for the guard. With ``outcome`` the final images
     are judged and every row of a generation gets that generation's label (1: the image shows the
-    concept), whatever its prompt said; without it nothing is decoded (``output_type="latent"``)."""
+    concept), whatever its prompt said; without it nothing is decoded (``output_type="latent"``).
+
+    With ``engine`` every generation is *redirected* as the guard's second run redirects a sample a
+    ``rewind`` rule flagged: each of the engine's concepts stuck from its first check
+    (``init_state(cond, flagged)``), its deltas recomputed at the rule's checks. The rows record what
+    the guard's checks read on such a trajectory: its latents, and the unredirected conditioning.
+    With ``outcome`` each is labelled by whether the redirected image still shows the concept."""
     records: list[tuple[Any, ...]] = []
-    box = {"seed": 0, "step": 0}
+    box: dict[str, Any] = {"seed": 0, "step": 0, "state": None}
     n = len(prompts)
 
-    def hook(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    def redirected(args: tuple, kwargs: dict[str, Any], inputs: Any) -> tuple[tuple, dict[str, Any]] | None:
+        if engine is None:
+            return None
+        state: EngineState | None = box["state"]
+        if inputs.cond is None:  # the unconditional call of a backbone that runs CFG halves apart
+            if state is None or inputs.uncond is None:
+                return None
+            return adapter.merge(
+                args, kwargs, replace(inputs, uncond=engine.uncond_only(inputs.uncond, state))
+            )
+        if state is None:
+            flagged = torch.ones(inputs.cond.batch_size, len(engine.concepts), dtype=torch.bool)
+            state = box["state"] = engine.init_state(inputs.cond, flagged)
+        cond, uncond, _ = engine.step(inputs.latents, inputs.timestep, inputs.cond, state, inputs.uncond)
+        return adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
+
+    def hook(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         inputs = adapter.split(args, kwargs, n)
         if inputs.cond is None:  # the unconditional call of a backbone that runs CFG halves apart
-            return
+            return redirected(args, kwargs, inputs)
         b = inputs.cond.batch_size
         records.append(
             (
@@ -160,12 +184,13 @@ def record_trajectories(
             )
         )
         box["step"] += 1
+        return redirected(args, kwargs, inputs)
 
     judged: list[torch.Tensor] = []
     handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for seed in seeds:
-            box.update(seed=int(seed), step=0)
+            box.update(seed=int(seed), step=0, state=None)
             out = adapter.generate(
                 list(prompts),
                 seed=int(seed),
