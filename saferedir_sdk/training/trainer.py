@@ -22,10 +22,11 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 import torch
@@ -41,6 +42,8 @@ from ..redirector import Capacity, Redirector, RedirectorConfig
 from .fit import FitResult, check_shares, evaluate_redirector, fit_redirector
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
+
+T = TypeVar("T")
 
 DEFAULT_CACHE = Path.home() / ".cache" / "saferedir" / "trajectories"
 CACHE_FORMAT = 2  # bumped when what a cached file holds changes (2: normalised timesteps, token streams)
@@ -179,6 +182,19 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _main_first(accelerator: Any, make: Callable[[], T]) -> T:
+    """``make()`` on every process, the main one first (it records and caches; the others then
+    read the cache): sampling happens once."""
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        value = make()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if not main:
+            value = make()
+    return value
+
+
 def _redirected_rows(
     adapter: Adapter,
     redirector: Redirector,
@@ -201,23 +217,21 @@ def _redirected_rows(
         escalate=1.0,
     )
     engine = RedirectionEngine([EngineConcept(rule, redirector)])
-    kinds = ("forget", "heldout_forget")
-    moved: dict[str, Trajectories] = {}
-    main = accelerator is None or accelerator.is_main_process
-    for turn in (True, False):  # the main process records (and caches) first, the others read
-        if turn == main:
-            for k in kinds:
-                moved[k] = collect(
-                    adapter,
-                    sets[k],
-                    cfg,
-                    kind=f"redirected_{k}",
-                    cache_dir=cache_dir,
-                    outcome=outcome,
-                    engine=engine,
-                )
-        if accelerator is not None and turn:
-            accelerator.wait_for_everyone()
+    moved = _main_first(
+        accelerator,
+        lambda: {
+            k: collect(
+                adapter,
+                sets[k],
+                cfg,
+                kind=f"redirected_{k}",
+                cache_dir=cache_dir,
+                outcome=outcome,
+                engine=engine,
+            )
+            for k in ("forget", "heldout_forget")
+        },
+    )
     return {k: rows.select(torch.nonzero(rows.timesteps < below).flatten()) for k, rows in moved.items()}
 
 
@@ -268,20 +282,14 @@ def train_bundle(
         "pool": train_pairs.retain_pool,
     }
     main = accelerator is None or accelerator.is_main_process
-    if main:
-        data = {
+    data = _main_first(
+        accelerator,
+        lambda: {
             k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir, outcome=outcome)
             for k, v in sets.items()
             if v
-        }
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-        if not main:
-            data = {
-                k: collect(adapter, v, cfg, kind=k, cache_dir=cache_dir, outcome=outcome)
-                for k, v in sets.items()
-                if v
-            }
+        },
+    )
     t_collect = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
