@@ -86,8 +86,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:  # refused before minutes of sampling, not after
-        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below, self.renoise)
-        check_shares(refine_below=self.refine_below)
+        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below, self.renoise, self.refine_below)
         for name in ("steps", "refine_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
