@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 CLASSIFIER_READS = ("latent+prompt", "latent")
+CLASSIFIER_ENCODERS = ("shared", "own")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Capacity:
     # or "latent" (the latent and the timestep only: its decision follows the image being formed and
     # no wording can move it; the prompt still drives where the redirection moves the tokens)
     classifier_reads: str = "latent+prompt"
+    # the latent encoder and timestep embedding the classifier reads: "shared" with the redirection
+    # heads, or its "own" (with classifier_reads "latent" only): then the classifier can be fitted
+    # without moving a redirection, and the heads without moving a decision
+    classifier_encoder: str = "shared"
 
     def __post_init__(self) -> None:
         if self.latent_readout not in ("mean", "mean+max"):
@@ -36,8 +41,18 @@ class Capacity:
             raise ValueError(
                 f"Capacity.classifier_reads: expected one of {CLASSIFIER_READS}, got {self.classifier_reads!r}"
             )
+        if self.classifier_encoder not in CLASSIFIER_ENCODERS:
+            raise ValueError(
+                f"Capacity.classifier_encoder: expected one of {CLASSIFIER_ENCODERS}, "
+                f"got {self.classifier_encoder!r}"
+            )
+        if self.classifier_encoder == "own" and self.classifier_reads != "latent":
+            raise ValueError(
+                "Capacity.classifier_encoder: 'own' needs classifier_reads 'latent' (a classifier that "
+                f"reads the prompt reads the shared features), got {self.classifier_reads!r}"
+            )
         for f in fields(self):
-            if f.name in ("latent_readout", "classifier_reads"):
+            if f.name in ("latent_readout", "classifier_reads", "classifier_encoder"):
                 continue
             value = getattr(self, f.name)
             least = {"token_layers": 0, "latent_layers": 2}.get(f.name, 1)

@@ -217,13 +217,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     pm = default_plugin_manager()
     outcome = None
     if args.pairs.startswith("plugin:"):
-        spec = registered_concepts(pm).get(args.pairs.removeprefix("plugin:"))
+        name, _, variant = args.pairs.removeprefix("plugin:").partition(":")
+        spec = registered_concepts(pm).get(name)
         if spec is None or spec.recipe is None:
             raise SafeRedirError(
                 f"{args.pairs}: no loaded plugin registers a concept with a prompt recipe by that name"
                 f"{not_loaded_note(pm)}"
             )
-        pairs_list, pool = spec.recipe()
+        recipe = spec.recipe_named(variant)
+        if recipe is None:
+            raise SafeRedirError(
+                f"{args.pairs}: concept {name!r} has no recipe variant {variant!r}; it has "
+                f"{sorted(spec.recipe_variants) or 'none'}"
+            )
+        pairs_list, pool = recipe()
         pairs = PromptPairs(list(pairs_list), list(pool))
         if spec.outcome is not None and not args.no_outcome_labels:
             outcome = spec.outcome()
@@ -251,6 +258,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         renoise=args.renoise,
         refine_steps=args.refine_steps,
         refine_below=args.refine_below,
+        trainable=args.trainable,
         pooled=not args.no_pooled,
     )
     init = load_bundle(args.init) if args.init is not None else None
@@ -346,7 +354,7 @@ def _installed_plugins() -> str:
 
 def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``with_plugins`` the installed plugins add their commands."""
-    from .capacity import CLASSIFIER_READS, Capacity
+    from .capacity import CLASSIFIER_ENCODERS, CLASSIFIER_READS, Capacity
 
     parser = argparse.ArgumentParser(
         prog="saferedir",
@@ -405,7 +413,10 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--category", default="custom", choices=CATEGORIES)
     p.add_argument("--description", default="")
     p.add_argument(
-        "--pairs", required=True, help="pairs file (.jsonl/.json/.csv), IGMU forget file, or plugin:NAME"
+        "--pairs",
+        required=True,
+        help="pairs file (.jsonl/.json/.csv), IGMU forget file, or plugin:NAME[:VARIANT] (a concept "
+        "plugin's recipe, or one of its named variants)",
     )
     p.add_argument(
         "--igmu", metavar="KEY", help="read --pairs/--retain-file as IGMU files and take concept KEY"
@@ -510,6 +521,23 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=None,
         metavar="BUNDLE",
         help="start from this bundle's weights and architecture (with --steps 0: refine it only)",
+    )
+    p.add_argument(
+        "--classifier-encoder",
+        choices=list(CLASSIFIER_ENCODERS),
+        default=Capacity.classifier_encoder,
+        help="the latent encoder the classifier reads: shared with the redirection heads, or its own "
+        "(with --classifier-reads latent): then --trainable classifier refits the decision of an --init "
+        "bundle without touching its redirection",
+    )
+    p.add_argument(
+        "--trainable",
+        choices=("all", "redirection", "classifier"),
+        default="all",
+        help="redirection: fit only the --init bundle's delta, mask and scale heads; every module its "
+        "unsafe score reads stays as it was, so it decides exactly as before. classifier: fit only its "
+        "classifier (reading what --classifier-reads and --classifier-encoder say; fresh where they "
+        "differ from the bundle's), so it redirects exactly as before",
     )
     p.add_argument(
         "--no-pooled",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -73,6 +73,9 @@ class ConceptSpec:
             registering a concept costs nothing.
         outcome: optional zero-argument callable returning the concept's :class:`OutcomeJudge`;
             with it, ``saferedir train --pairs plugin:NAME`` labels trajectories by outcome.
+        recipe_variants: other recipes of the concept by name, each like ``recipe``
+            (``saferedir train --pairs plugin:NAME:VARIANT``): e.g. the pairs one stage of a
+            bundle's training is fitted on.
     """
 
     name: str
@@ -81,9 +84,14 @@ class ConceptSpec:
     description: str = ""
     recipe: Callable[[], Recipe] | None = None
     outcome: Callable[[], OutcomeJudge] | None = None
+    recipe_variants: Mapping[str, Callable[[], Recipe]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_category(self.category)
+
+    def recipe_named(self, variant: str = "") -> Callable[[], Recipe] | None:
+        """The recipe (``variant`` "") or the named variant; None where there is none by that name."""
+        return self.recipe if not variant else self.recipe_variants.get(variant)
 
 
 @dataclass(frozen=True)

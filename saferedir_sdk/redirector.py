@@ -205,19 +205,28 @@ class Redirector(nn.Module):
         c_mid = max(32, h // 4)
         # latent encoder: pooled to latent_pool x latent_pool, two convolutions, global mean
         self.latent_pool = nn.AdaptiveAvgPool2d(cap.latent_pool)
-        deeper = []
-        for _ in range(cap.latent_layers - 2):  # more depth: a wider view of the shape being formed
-            deeper += [nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU()]
-        self.latent_encoder = nn.Sequential(
-            nn.Conv2d(config.latent_channels, c_mid, 3, padding=1),
-            nn.GroupNorm(8 if c_mid % 8 == 0 else 1, c_mid),
-            nn.SiLU(),
-            nn.Conv2d(c_mid, h, 3, stride=2, padding=1),
-            nn.SiLU(),
-            *deeper,
-        )
-        self.latent_proj = nn.Linear(2 * h if cap.latent_readout == "mean+max" else h, h)
+
+        def latent_encoder() -> nn.Sequential:
+            deeper = []
+            for _ in range(cap.latent_layers - 2):  # more depth: a wider view of the shape being formed
+                deeper += [nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU()]
+            return nn.Sequential(
+                nn.Conv2d(config.latent_channels, c_mid, 3, padding=1),
+                nn.GroupNorm(8 if c_mid % 8 == 0 else 1, c_mid),
+                nn.SiLU(),
+                nn.Conv2d(c_mid, h, 3, stride=2, padding=1),
+                nn.SiLU(),
+                *deeper,
+            )
+
+        readout = 2 * h if cap.latent_readout == "mean+max" else h
+        self.latent_encoder = latent_encoder()
+        self.latent_proj = nn.Linear(readout, h)
         self.time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        if cap.classifier_encoder == "own":  # the classifier's own copy of the three (same shapes)
+            self.classifier_latent_encoder = latent_encoder()
+            self.classifier_latent_proj = nn.Linear(readout, h)
+            self.classifier_time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
         # one input projection and position table per token stream; the streams' tokens are then
         # one sequence
         self.token_norms = nn.ModuleList(nn.LayerNorm(s.dim) for s in config.streams)
@@ -261,6 +270,42 @@ class Redirector(nn.Module):
             self.pooled_delta = nn.Sequential(nn.Linear(h, cap.rank), nn.Linear(cap.rank, config.pooled_dim))
             self.pooled_gate = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
 
+    def decision_modules(self) -> tuple[str, ...]:
+        """The submodules whose weights the unsafe logit reads: the latent encoder, the timestep
+        embedding and the classifier, and with ``classifier_reads`` "latent+prompt" the token
+        projections, positions and cross-attention (and the pooled projection) too. Fitting every
+        other module (``fit_redirector(trainable="redirection")``) leaves every decision exactly as
+        it was and changes only where and how far a flagged prompt is moved."""
+        if self.config.capacity.classifier_encoder == "own":
+            return self.classifier_modules()
+        names = ["latent_encoder", "latent_proj", "time_mlp", "classifier"]
+        if self.config.capacity.classifier_reads == "latent+prompt":
+            names += ["token_norms", "token_projs", "positions", "cross_attention"]
+            if self.config.pooled_dim:
+                names += ["pooled_norm", "pooled_proj"]
+        return tuple(names)
+
+    def classifier_modules(self) -> tuple[str, ...]:
+        """The submodules only the unsafe logit reads (``fit_redirector(trainable="classifier")``
+        fits these and nothing else, so every direction, mask and scale stays as it was): the
+        classifier head, and with ``classifier_encoder`` "own" its latent encoder and timestep MLP."""
+        if self.config.capacity.classifier_encoder == "own":
+            return (
+                "classifier_latent_encoder",
+                "classifier_latent_proj",
+                "classifier_time_mlp",
+                "classifier",
+            )
+        return ("classifier",)
+
+    def _latent_features(self, prefix: str, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, h) features of the pooled latent through the ``prefix`` encoder and projection."""
+        latent_map = getattr(self, f"{prefix}latent_encoder")(pooled)  # (B, h, h', w')
+        z = latent_map.mean(dim=(2, 3))
+        if self.config.capacity.latent_readout == "mean+max":
+            z = torch.cat([z, latent_map.amax(dim=(2, 3))], dim=-1)  # (B, 2h)
+        return getattr(self, f"{prefix}latent_proj")(z)
+
     def check_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> None:
         """Raise :class:`TensorShapeError` naming the tensor whose shape does not fit the config."""
         cfg = self.config
@@ -291,12 +336,10 @@ class Redirector(nn.Module):
         t = timestep.reshape(-1).expand(b) if timestep.ndim else timestep.reshape(1).expand(b)
         h = cfg.capacity.hidden_dim
 
-        latent_map = self.latent_encoder(self.latent_pool(latents))  # (B, h, h', w')
-        z = latent_map.mean(dim=(2, 3))  # (B, h)
-        if cfg.capacity.latent_readout == "mean+max":
-            z = torch.cat([z, latent_map.amax(dim=(2, 3))], dim=-1)  # (B, 2h)
-        z = self.latent_proj(z)
-        temb = self.time_mlp(timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype))  # (B, h)
+        pooled_latent = self.latent_pool(latents)
+        z = self._latent_features("", pooled_latent)  # (B, h)
+        t_features = timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype)
+        temb = self.time_mlp(t_features)  # (B, h)
         tokens = torch.cat(
             [
                 proj(norm(e)) + pos
@@ -312,7 +355,11 @@ class Redirector(nn.Module):
             features.append(self.pooled_proj(self.pooled_norm(cond.pooled.to(dtype))))  # type: ignore[union-attr]
         fused = torch.cat(features, dim=-1)  # (B, parts * h)
 
-        logit = self.classifier(fused[:, : self.classifier_parts * h]).squeeze(-1)
+        if cfg.capacity.classifier_encoder == "own":
+            own = [self._latent_features("classifier_", pooled_latent), self.classifier_time_mlp(t_features)]
+            logit = self.classifier(torch.cat(own, dim=-1)).squeeze(-1)
+        else:
+            logit = self.classifier(fused[:, : self.classifier_parts * h]).squeeze(-1)
         context = self.context(fused)
         per_token = tokens + context.unsqueeze(1)  # (B, sum T_s, h)
         for layer in self.token_layers:

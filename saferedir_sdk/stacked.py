@@ -144,27 +144,30 @@ class StackedRedirectors:
         # latent encoder: the pooling is shared; the first convolution runs the K kernels side by
         # side over the shared input, the others as one grouped convolution (profiler scopes name
         # the parts: benchmarks/overhead.py reports them)
-        with record_function("saferedir.latent_encoder"):
-            pooled_latent = F.adaptive_avg_pool2d(latents, cap.latent_pool)
-            c_mid = max(32, h // 4)
+        pooled_latent = F.adaptive_avg_pool2d(latents, cap.latent_pool)
+        t_embedded = timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype)
+        c_mid = max(32, h // 4)
+
+        def latent_features(prefix: str) -> torch.Tensor:
+            """(K, B, h): the ``prefix`` latent encoder and projection of every redirector."""
             x = F.conv2d(
                 pooled_latent,
-                w["latent_encoder.0.weight"].flatten(0, 1),
-                w["latent_encoder.0.bias"].flatten(),
+                w[f"{prefix}latent_encoder.0.weight"].flatten(0, 1),
+                w[f"{prefix}latent_encoder.0.bias"].flatten(),
                 padding=1,
             )
             x = F.group_norm(
                 x,
                 k * (8 if c_mid % 8 == 0 else 1),
-                w["latent_encoder.1.weight"].flatten(),
-                w["latent_encoder.1.bias"].flatten(),
+                w[f"{prefix}latent_encoder.1.weight"].flatten(),
+                w[f"{prefix}latent_encoder.1.bias"].flatten(),
             )
             x = F.silu(x)
             for index in range(3, 3 + 2 * (cap.latent_layers - 1), 2):
                 x = F.conv2d(
                     x,
-                    w[f"latent_encoder.{index}.weight"].flatten(0, 1),
-                    w[f"latent_encoder.{index}.bias"].flatten(),
+                    w[f"{prefix}latent_encoder.{index}.weight"].flatten(0, 1),
+                    w[f"{prefix}latent_encoder.{index}.bias"].flatten(),
                     stride=2,
                     padding=1,
                     groups=k,
@@ -174,10 +177,16 @@ class StackedRedirectors:
             z = latent_map.mean(dim=-1)
             if cap.latent_readout == "mean+max":
                 z = torch.cat([z, latent_map.amax(dim=-1)], dim=-1)
-            z = linear("latent_proj", z)  # (K, B, h)
+            return linear(f"{prefix}latent_proj", z)
+
+        def time_features(prefix: str) -> torch.Tensor:
+            hidden = F.silu(linear(f"{prefix}time_mlp.0", t_embedded.expand(k, b, h)))
+            return linear(f"{prefix}time_mlp.2", hidden)
+
+        with record_function("saferedir.latent_encoder"):
+            z = latent_features("")  # (K, B, h)
         with record_function("saferedir.prompt_and_classifier"):
-            temb = timestep_embedding(t.float() * cfg.time_embed_scale, h).to(dtype)
-            temb = linear("time_mlp.2", F.silu(linear("time_mlp.0", temb.expand(k, b, h))))
+            temb = time_features("")
             tokens = torch.cat(
                 [
                     linear(f"token_projs.{i}", layer_norm(f"token_norms.{i}", e, shared=True))
@@ -195,7 +204,11 @@ class StackedRedirectors:
                 features.append(linear("pooled_proj", layer_norm("pooled_norm", pooled, shared=True)))
             fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
 
-            logit = mlp("classifier", fused[..., : self._classifier_width], (0, 2, 4)).squeeze(-1)
+            if cap.classifier_encoder == "own":
+                own = torch.cat([latent_features("classifier_"), time_features("classifier_")], dim=-1)
+                logit = mlp("classifier", own, (0, 2, 4)).squeeze(-1)
+            else:
+                logit = mlp("classifier", fused[..., : self._classifier_width], (0, 2, 4)).squeeze(-1)
         with record_function("saferedir.token_heads"):
             context = linear("context", fused)
             per_token = tokens + context.unsqueeze(2)

@@ -100,6 +100,25 @@ def test_star_recipe_draws_the_concept_in_every_colour_the_backbone_was_trained_
     assert all(any(w in p.retain for w in triangles) for p in colours["blue"])
 
 
+def test_star_one_target_variant_pairs_every_star_with_a_cross_and_the_plugin_names_it():
+    """The recipe variant star's redirection heads are fitted on (``plugin:shapes-star:one-target``):
+    one safe target for every forget prompt, so no blue star (its cross would be held out)."""
+    from saferedir_shapes.plugin import RECIPE_VARIANT_NAMES
+
+    from saferedir_sdk.plugins import make_plugin_manager, registered_concepts
+
+    assert {c: tuple(v) for c, v in world.RECIPE_VARIANTS.items()} == RECIPE_VARIANT_NAMES
+    spec = registered_concepts(make_plugin_manager())["shapes-star"]
+    pairs, pool = spec.recipe_named("one-target")()
+    assert (pairs, pool) == world.concept_recipe("star", settings=world.RecipeSettings())
+    assert pairs != spec.recipe()[0] and spec.recipe_named("other") is None
+    shapes = [
+        p for p in world.recipe_pairs("star", settings=world.RecipeSettings()) if p.family != "negation"
+    ]
+    triangles = set(world.SHAPE_WORDS["triangle"][0])
+    assert shapes and not any(w in p.retain.split() for p in shapes for w in triangles)
+
+
 def test_recipes_cover_how_people_write_and_every_pair_lines_up():
     import collections
 

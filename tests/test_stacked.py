@@ -27,6 +27,16 @@ VARIANTS = [
     Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, latent_layers=3, latent_readout="mean+max"),
     Capacity(hidden_dim=64, rank=16, num_heads=2, latent_pool=8, token_layers=2),
     Capacity(hidden_dim=64, rank=8, num_heads=4, latent_pool=8, classifier_reads="latent"),
+    Capacity(
+        hidden_dim=64,
+        rank=8,
+        num_heads=4,
+        latent_pool=8,
+        latent_layers=3,
+        latent_readout="mean+max",
+        classifier_reads="latent",
+        classifier_encoder="own",
+    ),  # fmt: skip
 ]
 LAYOUTS = {"sd": ([(77, 32)], 0), "sdxl": ([(77, 32), (77, 48)], 40)}
 
@@ -64,7 +74,9 @@ def inputs(cfg: RedirectorConfig, b: int = 3, seed: int = 1):
 @pytest.mark.parametrize(
     "capacity",
     VARIANTS,
-    ids=lambda c: f"h{c.hidden_dim}-tl{c.token_layers}-{c.latent_readout}-{c.classifier_reads}",
+    ids=lambda c: (
+        f"h{c.hidden_dim}-tl{c.token_layers}-{c.latent_readout}-{c.classifier_reads}-{c.classifier_encoder}"
+    ),
 )
 def test_stacked_matches_each_redirector_alone(layout, capacity):
     cfg = config(layout, capacity)

@@ -161,3 +161,16 @@ def test_train_refuses_a_bad_share_as_a_usage_error_naming_the_flag(capsys, flag
     err = capsys.readouterr().err
     assert f"argument {flag}: {expected}" in err
     assert "Traceback" not in err
+
+
+def test_train_names_the_recipe_variants_a_concept_has(tmp_path, capsys):
+    """``--pairs plugin:NAME:VARIANT`` reads a concept plugin's named recipe; an unknown variant is an
+    error naming the ones there are, before any backbone is loaded or anything written."""
+    out = tmp_path / "x.safetensors"
+    argv = ["train", "--backbone", "shapes", "--concept", "star", "--out", str(out), "--pairs"]
+    assert main([*argv, "plugin:shapes-star:two-targets"]) != 0
+    err = capsys.readouterr().err
+    assert "concept 'shapes-star' has no recipe variant 'two-targets'; it has ['one-target']" in err
+    assert main([*argv, "plugin:shapes-red:one-target"]) != 0
+    assert "has no recipe variant 'one-target'; it has none" in capsys.readouterr().err
+    assert not out.exists()

@@ -9,20 +9,29 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=plugins/shapes/saferedir_shapes/weights
-# concept:category:seed:reads -- the training seed (held-out split and initialisation) of each
-# shipped bundle (two seeds were trained per concept and the better on the efficacy suite's dev
-# split kept: benchmarks/README.md, "Retrain variance") and what its classifier reads: "latent" (the
-# latent and timestep alone, trained with half the rows' starting noise redrawn: --renoise 0.5;
-# benchmarks/README.md, "A classifier that reads only the latent") or "latent+prompt"
-for spec in red:nsfw:0:latent+prompt striped:artist_style:1:latent+prompt star:object:1:latent; do
-  IFS=: read -r concept category seed reads <<<"$spec"
-  extra=()
-  if [ "$reads" = latent ]; then extra=(--renoise 0.5); fi
-  "$BIN/saferedir" train --backbone shapes --concept "$concept" --category "$category" \
-    --pairs "plugin:shapes-$concept" --out "$OUT/$concept.safetensors" \
-    --seeds 0 1 --steps 1200 --patience 0 --seed "$seed" --latent-readout mean+max \
-    --classifier-reads "$reads" "${extra[@]}" \
-    --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}"
+train() {
+  "$BIN/saferedir" train --backbone shapes --seeds 0 1 --steps 1200 --patience 0 \
+    --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}" "$@"
+}
+# concept:category:seed -- the training seed (held-out split and initialisation) of each shipped
+# bundle (two seeds were trained per concept and the better on the efficacy suite's dev split kept:
+# benchmarks/README.md, "Retrain variance"); their classifiers read the latent, timestep and prompt
+for spec in red:nsfw:0 striped:artist_style:1; do
+  IFS=: read -r concept category seed <<<"$spec"
+  train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept" \
+    --out "$OUT/$concept.safetensors" --seed "$seed" --latent-readout mean+max
 done
+# star decides and redirects with modules apart (benchmarks/README.md, "Deciding and redirecting
+# apart"): first a bundle on the one-target recipe (every star paired with a cross) whose heads
+# redirect; then, on the recipe, a classifier with its own latent encoder that reads the latent and
+# timestep alone (half the rows' starting noise redrawn: --renoise 0.5); the second fit moves nothing
+# the redirection reads (--trainable classifier)
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+train --concept star --category object --pairs plugin:shapes-star:one-target \
+  --out "$stage/star-redirection.safetensors" --seed 1 --latent-readout mean+max
+train --concept star --category object --pairs plugin:shapes-star --out "$OUT/star.safetensors" \
+  --seed 1 --init "$stage/star-redirection.safetensors" --trainable classifier \
+  --classifier-reads latent --classifier-encoder own --renoise 0.5
 echo "sha256 pins for saferedir_shapes/policies/demo.yaml:"
 sha256sum "$OUT"/red.safetensors "$OUT"/striped.safetensors "$OUT"/star.safetensors

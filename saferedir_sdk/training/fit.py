@@ -47,6 +47,9 @@ from .renoise import Renoiser
 from .trajectories import Trajectories
 
 Batch = tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]  # (latents, timesteps, cond, labels)
+#: what :func:`fit_redirector` may train: every module, the redirection heads alone (the modules the
+#: unsafe logit does not read), or the classifier head alone
+TRAINABLE = ("all", "redirection", "classifier")
 
 
 def _vectors(cond: Conditioning, pooled: bool) -> list[torch.Tensor]:
@@ -456,6 +459,7 @@ def fit_redirector(
     log_every: int = 50,
     accelerator: Any = None,
     progress: bool = False,
+    trainable: str = "all",
 ) -> FitResult:
     """Train ``redirector`` in place on paired trajectories (row i of ``forget`` and ``retain`` is a
     pair), with an optional unpaired retain pool ``negatives``.
@@ -474,7 +478,14 @@ def fit_redirector(
     guard redirected (the ``redirected`` classification term; never renoised), and their held-out
     counterpart for :func:`evaluate_redirector`. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
     (several processes: each draws its own batches, gradients are averaged).
+    ``trainable``: "all"; "redirection": the modules the unsafe logit reads
+    (:meth:`~saferedir_sdk.redirector.Redirector.decision_modules`) stay as they are, so every
+    decision of the redirector it starts from is kept and only the delta, mask and scale heads learn;
+    "classifier": only the classifier head learns, on features that stay as they are, so every
+    direction, mask and scale is kept.
     """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable: expected one of {TRAINABLE}, got {trainable!r}")
     if len(forget) != len(retain):
         raise ValueError(
             f"forget and retain trajectories must pair up row by row: {len(forget)} vs {len(retain)}"
@@ -492,8 +503,17 @@ def fit_redirector(
     rank = accelerator.process_index if accelerator is not None else 0
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     base = redirector
-    optimizer = torch.optim.AdamW(redirector.parameters(), lr=lr, weight_decay=1e-4)
     base.train().requires_grad_(True)
+    if trainable == "redirection":
+        for name in base.decision_modules():
+            getattr(base, name).requires_grad_(False)
+    elif trainable == "classifier":
+        base.requires_grad_(False)
+        for name in base.classifier_modules():
+            getattr(base, name).requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [p for p in redirector.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4
+    )
     if accelerator is not None:
         redirector, optimizer = accelerator.prepare(redirector, optimizer)
     device = next(base.parameters()).device

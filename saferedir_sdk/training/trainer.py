@@ -39,7 +39,7 @@ from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..policy import ConceptRule, RedirectorRef
 from ..redirector import Capacity, Redirector, RedirectorConfig
-from .fit import FitResult, check_shares, evaluate_redirector, fit_redirector
+from .fit import TRAINABLE, FitResult, check_shares, evaluate_redirector, fit_redirector
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
 
@@ -79,6 +79,11 @@ class TrainConfig:
     # ... of those rows only the ones at normalised timesteps below this: earlier, a redirected
     # latent has not yet moved away from its unredirected twin, whose label it would contradict
     refine_below: float = 0.5
+    # "redirection": fit only the delta, mask and scale heads of the ``init`` bundle; every module the
+    # unsafe logit reads stays as it was, so the bundle decides exactly as before. "classifier": fit
+    # only its classifier head, reading what ``capacity.classifier_reads`` says (a fresh head where
+    # that differs from init's): it redirects exactly as before (fit.TRAINABLE)
+    trainable: str = "all"
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -93,6 +98,13 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a whole number of optimiser steps >= 0, got {value!r}")
         if self.steps == 0 and self.refine_steps == 0:
             raise ValueError("steps and refine_steps are both 0: nothing to train")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable: expected one of {TRAINABLE}, got {self.trainable!r}")
+        if self.trainable == "redirection" and self.refine_steps:
+            raise ValueError(
+                "trainable 'redirection' with refine_steps: refining teaches the classifier, which "
+                "'redirection' keeps as it is"
+            )
 
 
 def _cache_key(
@@ -262,6 +274,11 @@ def train_bundle(
     start = time.perf_counter()
     if cfg.steps == 0 and init is None:
         raise ValueError("steps 0: only a bundle given as init can be refined without a fit first")
+    if cfg.trainable != "all" and init is None:
+        raise ValueError(
+            f"trainable {cfg.trainable!r} keeps the rest of the bundle it starts from: give that "
+            "bundle as init"
+        )
     if cfg.refine_steps and outcome is None:
         raise ValueError(
             "refine_steps: labelling redirected trajectories needs the concept's outcome judge "
@@ -271,6 +288,14 @@ def train_bundle(
     fingerprint = adapter.fingerprint()
     if init is not None:
         init.check_backbone(fingerprint)  # BackboneMismatchError naming the bundle and what differs
+        # the architecture is init's (the summary records its capacity, not the command line's), but
+        # for what a refitted classifier reads and through which encoder
+        own = cfg.capacity
+        classifier = {"classifier_reads": own.classifier_reads, "classifier_encoder": own.classifier_encoder}
+        capacity = init.redirector.config.capacity
+        cfg = replace(
+            cfg, capacity=replace(capacity, **classifier) if cfg.trainable == "classifier" else capacity
+        )
     cfg = with_sampler_defaults(cfg, adapter)
     train_pairs, held_pairs = pairs.split(cfg.heldout_fraction, cfg.seed)
     sets = {
@@ -293,8 +318,14 @@ def train_bundle(
 
     torch.manual_seed(cfg.seed)
     if init is not None:
-        redirector = Redirector(init.redirector.config)
-        redirector.load_state_dict(init.redirector.state_dict())
+        redirector = Redirector(replace(init.redirector.config, capacity=cfg.capacity))
+        state = init.redirector.state_dict()
+        fresh = redirector.classifier_modules()
+        if cfg.capacity != init.redirector.config.capacity:  # another classifier: fresh classifier modules
+            state = {k: v for k, v in state.items() if k.split(".")[0] not in fresh + ("classifier",)}
+        missing, unexpected = redirector.load_state_dict(state, strict=False)
+        if unexpected or any(k.split(".")[0] not in fresh for k in missing):
+            raise ValueError(f"init: weights that do not fit its own architecture: {missing + unexpected}")
     else:
         redirector = Redirector(RedirectorConfig.for_backbone(fingerprint, cfg.capacity, pooled=cfg.pooled))
     neutral = adapter.encode_prompts([""])[0].map(lambda t: t.float().cpu())
@@ -323,6 +354,7 @@ def train_bundle(
             seed=seed,
             accelerator=accelerator,
             progress=progress,
+            trainable=cfg.trainable,
             **extra,
         )
 

@@ -25,17 +25,20 @@ CONCEPTS = {
 #: backbone name -> (pipeline layout, prefix of its concepts' names and bundle files)
 BACKBONES = {"shapes": ("sd", ""), "shapes-xl": ("xl", "xl-")}
 SUITE_POLICIES = {"shapes": "shapes:demo", "shapes-xl": "shapes:xl"}
+#: the named recipe variants per concept (world.RECIPE_VARIANTS, named here so registering imports
+#: nothing heavy; tests/test_shapes.py checks the two agree)
+RECIPE_VARIANT_NAMES = {"star": ("one-target",)}
 
 
 def bundle_path(concept: str, layout: str = "sd") -> Path:
     return BUNDLES / f"{'xl-' if layout == 'xl' else ''}{concept}.safetensors"
 
 
-def recipe(concept: str) -> Recipe:
-    """The concept's training recipe (built once per process, on first use)."""
+def recipe(concept: str, variant: str = "") -> Recipe:
+    """The concept's training recipe, or a named variant (built once per process, on first use)."""
     from .world import cached_recipe
 
-    return cached_recipe(concept)
+    return cached_recipe(concept, variant)
 
 
 def outcome(concept: str) -> OutcomeJudge:
@@ -63,6 +66,10 @@ def saferedir_register_concepts() -> list[ConceptSpec]:
                     description + (" - bundle for the Shapes-XL backbone" if prefix else ""),
                     recipe=functools.partial(recipe, concept),
                     outcome=functools.partial(outcome, concept),
+                    recipe_variants={
+                        v: functools.partial(recipe, concept, v)
+                        for v in RECIPE_VARIANT_NAMES.get(concept, ())
+                    },
                 )
             )
     return specs

@@ -513,6 +513,15 @@ RECIPES = {
 }
 
 
+#: other recipes per concept, by name (``saferedir train --pairs plugin:shapes-star:one-target``).
+#: Star's "one-target": every forget prompt paired with a cross (the recipe before
+#: ``neighbour_target``: its blue stars left out). The shipped star bundle's redirection heads are
+#: fitted on it, its classifier on the recipe (plugins/shapes/train_concepts.sh): a delta head that
+#: must send blue stars to triangles and the rest to crosses redirected fewer of the dev split's
+#: drawn stars (benchmarks/README.md, "Deciding and redirecting apart").
+RECIPE_VARIANTS = {"star": {"one-target": RecipeSettings()}}
+
+
 @dataclass(frozen=True)
 class RecipePair:
     """A forget/retain pair of a concept recipe and the wording family of its forget side."""
@@ -624,14 +633,15 @@ def concept_recipe(
     n_pool: int | None = None,
     seed: int = 0,
     token_count: Callable[[str], int] | None = minilm_token_count,
+    settings: RecipeSettings | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The concept's training recipe: :func:`recipe_pairs` and a pool of benign prompts, 60% of them
     the other near neighbours (the prompts a classifier could confuse with the concept), the rest
     any non-concept prompt, framed as the pairs are (:func:`frame`)."""
-    settings = RECIPES[concept]
+    settings = settings or RECIPES[concept]
     n_pool = settings.n_pool if n_pool is None else n_pool
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
-    pairs = [(p.forget, p.retain) for p in recipe_pairs(concept, n_pairs, seed, token_count)]
+    pairs = [(p.forget, p.retain) for p in recipe_pairs(concept, n_pairs, seed, token_count, settings)]
     rng = np.random.default_rng([seed, 1])
     pool = []
     while len(pool) < n_pool:
@@ -653,6 +663,7 @@ def training_expressions() -> frozenset[str]:
 
 
 @functools.cache
-def cached_recipe(concept: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """:func:`concept_recipe` with its defaults, built once per process."""
-    return concept_recipe(concept)
+def cached_recipe(concept: str, variant: str = "") -> tuple[list[tuple[str, str]], list[str]]:
+    """:func:`concept_recipe` with its defaults (or a :data:`RECIPE_VARIANTS` entry's settings),
+    built once per process."""
+    return concept_recipe(concept, settings=RECIPE_VARIANTS[concept][variant] if variant else None)

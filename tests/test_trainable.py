@@ -1,0 +1,187 @@
+"""Fitting the redirection heads alone (``trainable="redirection"``): every decision of the bundle it
+starts from is kept bit for bit, only where and how far a flagged prompt moves is learnt."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+from helpers import RED_PAIRS, STEPS
+from saferedir_adapters.tiny import tiny_sd_pipeline
+
+from saferedir_sdk import Conditioning, Redirector, RedirectorConfig, TokenStream, load_bundle
+from saferedir_sdk.capacity import Capacity
+from saferedir_sdk.training import PromptPairs, TrainConfig, Trajectories, fit_redirector
+from saferedir_sdk.training.trainer import train_bundle
+
+STREAMS = (TokenStream("text_encoder", 6, 16),)
+
+
+def _rows(shift: float, n: int = 64) -> Trajectories:
+    g = torch.Generator().manual_seed(int(shift * 10) + 1)
+    tokens = torch.randn(n, 6, 16, generator=torch.Generator().manual_seed(0))
+    tokens[:, 2] += shift * 3.0  # the concept word: the pair's only difference in the prompt
+    return Trajectories(
+        torch.randn(n, 4, 8, 8, generator=g) + shift,
+        torch.rand(n, generator=g),
+        Conditioning((tokens,)),
+        torch.zeros(n, dtype=torch.int64),
+        torch.arange(n),
+        torch.zeros(n, dtype=torch.int64),
+    )
+
+
+def _split(red: Redirector) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(decision weights, every other weight) of ``red``, copied."""
+    decision = red.decision_modules()
+    state = {k: v.clone() for k, v in red.state_dict().items()}
+    mine = {k: v for k, v in state.items() if k.split(".")[0] in decision}
+    return mine, {k: v for k, v in state.items() if k not in mine}
+
+
+@pytest.mark.parametrize("reads", ["latent", "latent+prompt"])
+def test_fitting_the_redirection_alone_keeps_every_decision_bit_for_bit(reads):
+    capacity = Capacity(
+        hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1, classifier_reads=reads
+    )
+    forget, retain = _rows(1.0), _rows(0.0)
+    probe = _rows(0.5, n=16).inputs("cpu")
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(STREAMS, 4, capacity=capacity))
+    fit_redirector(red, forget, retain, steps=40, batch_size=32)  # a classifier that decides something
+    decision, heads = _split(red)
+    logits = red(*probe).logit
+    result = fit_redirector(
+        red, forget, retain, steps=60, batch_size=32, trainable="redirection", log_every=59
+    )
+    after, heads_after = _split(red)
+    assert all(torch.equal(v, after[k]) for k, v in decision.items())
+    assert torch.equal(red(*probe).logit, logits), "every decision as before"
+    changed = [k for k, v in heads.items() if not torch.equal(v, heads_after[k])]
+    assert any(k.startswith(("delta_", "mask_head", "scale_head")) for k in changed)
+    assert result.history[-1]["redirection"] < result.history[0]["redirection"]
+    # the same fit with every module trainable moves the decision: the check above can fail
+    fit_redirector(red, forget, retain, steps=5, batch_size=32)
+    assert not torch.equal(red(*probe).logit, logits)
+
+
+def test_a_classifier_reading_the_prompt_keeps_the_prompt_modules_it_reads():
+    latent = Redirector(
+        RedirectorConfig(STREAMS, 4, capacity=Capacity(hidden_dim=64, classifier_reads="latent"))
+    )
+    both = Redirector(RedirectorConfig(STREAMS, 4, pooled_dim=12, capacity=Capacity(hidden_dim=64)))
+    assert "token_projs" not in latent.decision_modules()
+    assert {"token_projs", "positions", "cross_attention", "pooled_proj"} <= set(both.decision_modules())
+    for red in (latent, both):  # every name is a module of the redirector
+        assert all(hasattr(red, name) for name in red.decision_modules())
+
+
+def test_train_bundle_fits_the_redirection_of_its_init_bundle_and_nothing_else(bundles, tmp_path):
+    pipe = tiny_sd_pipeline(0)
+    pairs = PromptPairs(list(RED_PAIRS) * 2, [])
+    init = load_bundle(bundles["red"])
+    cfg = TrainConfig(
+        concept="red", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5, steps=20, eval_every=10,
+        batch_size=16, trainable="redirection",
+    )  # fmt: skip
+    summary = train_bundle(
+        pipe, pairs, cfg, tmp_path / "red.safetensors", cache_dir=None, init=init, progress=False
+    )
+    fitted = load_bundle(tmp_path / "red.safetensors")
+    assert summary["config"]["trainable"] == "redirection" and summary["init"]["concept"] == "red"
+    # the architecture is init's, and so is the capacity the summary records (not TrainConfig's default)
+    assert cfg.capacity != init.redirector.config.capacity
+    assert summary["config"]["capacity"] == asdict(init.redirector.config.capacity)
+    decision, heads = _split(init.redirector)
+    after, heads_after = _split(fitted.redirector)
+    assert all(torch.equal(v, after[k]) for k, v in decision.items())
+    assert any(not torch.equal(v, heads_after[k]) for k, v in heads.items())
+
+
+def test_fitting_the_redirection_alone_is_refused_where_it_means_nothing(bundles, tmp_path):
+    rows = _rows(0.0, n=8)
+    red = Redirector(RedirectorConfig(STREAMS, 4, capacity=Capacity(hidden_dim=64)))
+    with pytest.raises(ValueError, match="trainable: expected one of"):
+        fit_redirector(red, rows, rows, steps=1, trainable="heads")
+    with pytest.raises(ValueError, match="trainable: expected one of"):
+        TrainConfig("red", trainable="heads")
+    with pytest.raises(ValueError, match="refining teaches the classifier"):
+        TrainConfig("red", trainable="redirection", refine_steps=5)
+    out = tmp_path / "red.safetensors"
+    with pytest.raises(ValueError, match="give that bundle as init"):
+        train_bundle(
+            tiny_sd_pipeline(0), PromptPairs(list(RED_PAIRS), []), TrainConfig("red", trainable="redirection"),
+            out, cache_dir=None,
+        )  # fmt: skip
+    assert not out.exists()
+
+
+def _moves(out) -> list[torch.Tensor]:
+    return [*out.directions, *out.masks, out.alpha]
+
+
+def test_a_classifier_with_its_own_encoder_is_refitted_without_moving_a_redirection():
+    capacity = Capacity(
+        hidden_dim=64, rank=8, num_heads=4, latent_pool=8, token_layers=1, classifier_reads="latent",
+        classifier_encoder="own",
+    )  # fmt: skip
+    forget, retain = _rows(1.0), _rows(0.0)
+    probe = _rows(0.5, n=16).inputs("cpu")
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(STREAMS, 4, capacity=capacity))
+    assert set(red.decision_modules()) == set(red.classifier_modules()) >= {"classifier_latent_encoder"}
+    fit_redirector(red, forget, retain, steps=40, batch_size=32)
+    before = red(*probe)
+    shared = {
+        k: v.clone() for k, v in red.state_dict().items() if k.split(".")[0] not in red.classifier_modules()
+    }
+    fit_redirector(red, forget, retain, steps=40, batch_size=32, trainable="classifier")
+    after = red(*probe)
+    assert all(torch.equal(a, b) for a, b in zip(_moves(before), _moves(after))), "every move as before"
+    assert not torch.equal(before.logit, after.logit)
+    assert all(torch.equal(v, red.state_dict()[k]) for k, v in shared.items())
+    # and the other way round: the heads (and the shared encoder they read) learn, no decision moves
+    fit_redirector(red, forget, retain, steps=20, batch_size=32, trainable="redirection")
+    again = red(*probe)
+    assert torch.equal(again.logit, after.logit)
+    assert not all(torch.equal(a, b) for a, b in zip(_moves(after), _moves(again)))
+
+
+def test_an_own_classifier_encoder_needs_a_classifier_that_reads_the_latent_alone():
+    with pytest.raises(ValueError, match="classifier_encoder: 'own' needs classifier_reads 'latent'"):
+        Capacity(classifier_encoder="own")
+    with pytest.raises(ValueError, match="Capacity.classifier_encoder: expected one of"):
+        Capacity(classifier_reads="latent", classifier_encoder="separate")
+
+
+def test_train_bundle_gives_a_bundle_a_classifier_of_its_own_and_keeps_its_redirection(bundles, tmp_path):
+    """A bundle whose classifier reads the prompt (the tiny red one) gets a fresh latent-only classifier
+    with its own encoder: every weight of the redirection is the init's, the summary says what was
+    fitted."""
+    pipe = tiny_sd_pipeline(0)
+    init = load_bundle(bundles["red"])
+    assert init.redirector.config.capacity.classifier_reads == "latent+prompt"
+    cfg = TrainConfig(
+        concept="red", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5, steps=20, eval_every=10,
+        batch_size=16, trainable="classifier",
+        capacity=Capacity(classifier_reads="latent", classifier_encoder="own"),
+    )  # fmt: skip
+    pairs = PromptPairs(list(RED_PAIRS) * 2, [])
+    summary = train_bundle(
+        pipe, pairs, cfg, tmp_path / "red.safetensors", cache_dir=None, init=init, progress=False
+    )
+    fitted = load_bundle(tmp_path / "red.safetensors").redirector
+    capacity = fitted.config.capacity
+    assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own")
+    assert capacity.hidden_dim == init.redirector.config.capacity.hidden_dim != Capacity().hidden_dim
+    assert (
+        summary["config"]["capacity"] == asdict(capacity) and summary["config"]["trainable"] == "classifier"
+    )
+    old = init.redirector.state_dict()
+    new = fitted.state_dict()
+    kept = [k for k in old if k.split(".")[0] != "classifier"]
+    assert kept and all(torch.equal(old[k], new[k]) for k in kept)
+    assert {k.split(".")[0] for k in set(new) - set(old)} == {
+        "classifier_latent_encoder", "classifier_latent_proj", "classifier_time_mlp"
+    }  # fmt: skip
