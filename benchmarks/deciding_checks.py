@@ -121,6 +121,29 @@ def table(entries: list[dict[str, Any]], every: int) -> list[str]:
     return lines
 
 
+def suite_bundles_adapter(
+    split: str, concepts: list[str] | None, overrides: list[str]
+) -> tuple[Any, dict[str, Path], Any]:
+    """The Shapes efficacy suite's ``split`` (only ``concepts``, if given), each concept's bundle (the
+    shipped one, or ``CONCEPT=PATH`` from ``overrides``) and the Shapes backbone's adapter."""
+    from decision_sweep import only_concepts
+    from saferedir_shapes.plugin import bundle_path
+
+    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
+
+    pm = default_plugin_manager()
+    suite = only_concepts(pm.hook.saferedir_eval_suite(backbone="shapes", split=split), concepts)
+    bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
+    for pair in overrides:
+        concept, sep, path = pair.partition("=")
+        if not sep or concept not in bundles:
+            raise SystemExit(
+                f"--bundle: expected CONCEPT=PATH for a concept of {sorted(bundles)}, got {pair!r}"
+            )
+        bundles[concept] = Path(path)
+    return suite, bundles, find_adapter(pm, load_backbone(pm, "shapes"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: score this bundle instead")
@@ -132,23 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from decision_sweep import only_concepts
-    from saferedir_shapes.plugin import bundle_path
-
-    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
-
-    pm = default_plugin_manager()
-    suite = pm.hook.saferedir_eval_suite(backbone="shapes", split=args.split)
-    suite = only_concepts(suite, args.concepts)
-    bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
-    for pair in args.bundle:
-        concept, sep, path = pair.partition("=")
-        if not sep or concept not in bundles:
-            raise SystemExit(
-                f"--bundle: expected CONCEPT=PATH for a concept of {sorted(bundles)}, got {pair!r}"
-            )
-        bundles[concept] = Path(path)
-    adapter = find_adapter(pm, load_backbone(pm, "shapes"))
+    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle)
     result = scores(suite, adapter, bundles)
     if args.out is not None:
         args.out.write_text(json.dumps(result))

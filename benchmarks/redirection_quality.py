@@ -109,22 +109,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from deciding_checks import suite_bundles_adapter
     from decision_sweep import only_concepts
-    from saferedir_shapes.plugin import bundle_path
 
-    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
-
-    pm = default_plugin_manager()
-    suite = only_concepts(pm.hook.saferedir_eval_suite(backbone="shapes", split=args.split), args.concepts)
-    bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}
-    for pair in args.bundle:
-        concept, sep, path = pair.partition("=")
-        if not sep or concept not in bundles:
-            raise SystemExit(
-                f"--bundle: expected CONCEPT=PATH for a concept of {sorted(bundles)}, got {pair!r}"
-            )
-        bundles[concept] = Path(path)
-    adapter = find_adapter(pm, load_backbone(pm, "shapes"))
+    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle)
     for concept in suite.concepts:
         rows = measure(
             only_concepts(suite, [concept.name]),
