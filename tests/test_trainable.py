@@ -3,7 +3,7 @@ starts from is kept bit for bit, only where and how far a flagged prompt moves i
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -185,3 +185,13 @@ def test_train_bundle_gives_a_bundle_a_classifier_of_its_own_and_keeps_its_redir
     assert {k.split(".")[0] for k in set(new) - set(old)} == {
         "classifier_latent_encoder", "classifier_latent_proj", "classifier_time_mlp"
     }  # fmt: skip
+    # and back: a classifier that reads the prompt again through the shared features (the own
+    # encoder's weights dropped, nothing of the redirection moved)
+    again = load_bundle(tmp_path / "red.safetensors")
+    train_bundle(
+        pipe, pairs, replace(cfg, capacity=Capacity()), tmp_path / "back.safetensors", cache_dir=None, init=again,
+        progress=False,
+    )  # fmt: skip
+    back = load_bundle(tmp_path / "back.safetensors").redirector
+    assert back.config.capacity == init.redirector.config.capacity
+    assert set(back.state_dict()) == set(old) and all(torch.equal(old[k], back.state_dict()[k]) for k in kept)

@@ -48,7 +48,7 @@ from .trajectories import Trajectories
 
 Batch = tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]  # (latents, timesteps, cond, labels)
 #: what :func:`fit_redirector` may train: every module, the redirection heads alone (the modules the
-#: unsafe logit does not read), or the classifier head alone
+#: unsafe logit does not read), or the classifier alone (the modules only the logit reads)
 TRAINABLE = ("all", "redirection", "classifier")
 
 
@@ -481,7 +481,8 @@ def fit_redirector(
     ``trainable``: "all"; "redirection": the modules the unsafe logit reads
     (:meth:`~saferedir_sdk.redirector.Redirector.decision_modules`) stay as they are, so every
     decision of the redirector it starts from is kept and only the delta, mask and scale heads learn;
-    "classifier": only the classifier head learns, on features that stay as they are, so every
+    "classifier": only :meth:`~saferedir_sdk.redirector.Redirector.classifier_modules` learn (the
+    classifier head, and its own latent encoder and timestep MLP where it has them), so every
     direction, mask and scale is kept.
     """
     if trainable not in TRAINABLE:

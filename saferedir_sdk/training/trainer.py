@@ -81,8 +81,9 @@ class TrainConfig:
     refine_below: float = 0.5
     # "redirection": fit only the delta, mask and scale heads of the ``init`` bundle; every module the
     # unsafe logit reads stays as it was, so the bundle decides exactly as before. "classifier": fit
-    # only its classifier head, reading what ``capacity.classifier_reads`` says (a fresh head where
-    # that differs from init's): it redirects exactly as before (fit.TRAINABLE)
+    # only its classifier, reading what ``capacity.classifier_reads`` and ``classifier_encoder`` say
+    # (fresh classifier modules where they differ from init's): it redirects exactly as before
+    # (fit.TRAINABLE)
     trainable: str = "all"
     eval_every: int = 100
     patience: int = 5
@@ -322,7 +323,8 @@ def train_bundle(
         state = init.redirector.state_dict()
         fresh = redirector.classifier_modules()
         if cfg.capacity != init.redirector.config.capacity:  # another classifier: fresh classifier modules
-            state = {k: v for k, v in state.items() if k.split(".")[0] not in fresh + ("classifier",)}
+            dropped = set(fresh) | set(init.redirector.classifier_modules())
+            state = {k: v for k, v in state.items() if k.split(".")[0] not in dropped}
         missing, unexpected = redirector.load_state_dict(state, strict=False)
         if unexpected or any(k.split(".")[0] not in fresh for k in missing):
             raise ValueError(f"init: weights that do not fit its own architecture: {missing + unexpected}")
