@@ -238,36 +238,35 @@ def test_shipped_shapes_bundles_were_trained_on_outcomes_and_read_the_latent():
 
 def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     """``plugins/shapes/train_concepts.sh`` is the command that made the SD-layout bundles: each
-    bundle's recorded training seed, steps, sampler seeds, classifier inputs and renoising are the
-    script's; star's records its two fits (the redirection on the one-target recipe, then its own
-    latent-only classifier with nothing else trainable)."""
+    bundle records its two fits, with the script's training seed, steps and sampler seeds: the
+    redirection (star's on its one-target recipe) with a classifier reading latent, timestep and
+    prompt, then a latent-only classifier with an encoder of its own, renoised, nothing else
+    trainable."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
     specs = re.search(r"^for spec in (.+); do$", script, re.M).group(1).split()
     assert "--seeds 0 1 --steps 1200" in script and '--seed "$seed"' in script
-    assert sorted(s.split(":")[0] for s in specs) == ["red", "striped"]
-    for spec in specs:
-        concept, category, seed = spec.split(":")
-        bundle = load_bundle(bundle_path(concept, "sd"))
-        config = bundle.training["config"]
-        assert bundle.concept.category == category
-        assert (config["seed"], config["steps"], config["seeds"]) == (int(seed), 1200, [0, 1]), concept
-        assert bundle.config.capacity.classifier_reads == "latent+prompt", concept
-        assert config.get("renoise", 0.0) == 0.0 and "init" not in bundle.training, concept
-    assert "--pairs plugin:shapes-star:one-target" in script
+    assert sorted(s.split(":")[0] for s in specs) == ["red", "star", "striped"]
+    assert "star:object:1:one-target" in specs
     assert (
         "--trainable classifier" in script
         and "--classifier-reads latent --classifier-encoder own --renoise 0.5" in script
     )
-    star = load_bundle(bundle_path("star", "sd"))
-    config, first = star.training["config"], star.training["init"]["training_config"]
-    assert (config["seed"], config["steps"], config["seeds"], config["renoise"]) == (1, 1200, [0, 1], 0.5)
-    assert config["trainable"] == "classifier"
-    capacity = star.config.capacity
-    assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own")
-    assert (first["seed"], first["steps"], first["seeds"]) == (1, 1200, [0, 1])
-    assert first["capacity"].get("classifier_reads", "latent+prompt") == "latent+prompt"
+    for spec in specs:
+        concept, category, seed, _variant = spec.split(":")
+        bundle = load_bundle(bundle_path(concept, "sd"))
+        assert bundle.concept.category == category
+        config, first = bundle.training["config"], bundle.training["init"]["training_config"]
+        assert (config["seed"], config["steps"], config["seeds"], config["renoise"]) == (
+            int(seed), 1200, [0, 1], 0.5
+        ), concept
+        assert config["trainable"] == "classifier", concept
+        capacity = bundle.config.capacity
+        assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own"), concept
+        assert (first["seed"], first["steps"], first["seeds"]) == (int(seed), 1200, [0, 1]), concept
+        assert first["capacity"].get("classifier_reads", "latent+prompt") == "latent+prompt", concept
+        assert first.get("renoise", 0.0) == 0.0, concept
 
 
 def test_tensors_of_another_dtype_are_refused(tmp_path):
