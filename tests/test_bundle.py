@@ -258,9 +258,8 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
         bundle = load_bundle(bundle_path(concept, "sd"))
         assert bundle.concept.category == category
         config, first = bundle.training["config"], bundle.training["init"]["training_config"]
-        assert (config["seed"], config["steps"], config["seeds"], config["renoise"]) == (
-            int(seed), 1200, [0, 1], 0.5
-        ), concept
+        recorded = (config["seed"], config["steps"], config["seeds"], config["renoise"])
+        assert recorded == (int(seed), 1200, [0, 1], 0.5), concept
         assert config["trainable"] == "classifier", concept
         capacity = bundle.config.capacity
         assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own"), concept
