@@ -259,6 +259,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps,
         refine_below=args.refine_below,
         trainable=args.trainable,
+        average_init=args.average_init,
         pooled=not args.no_pooled,
     )
     init = load_bundle(args.init) if args.init is not None else None
@@ -538,6 +539,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         "unsafe score reads stays as it was, so it decides exactly as before. classifier: fit only its "
         "classifier (reading what --classifier-reads and --classifier-encoder say; fresh where they "
         "differ from the bundle's), so it redirects exactly as before",
+    )
+    p.add_argument(
+        "--average-init",
+        action="store_true",
+        help="after the fit, average every weight with the --init bundle's (a uniform soup of the two; "
+        "with --trainable redirection the decision stays the init's): the bundle written, and its "
+        "held-out figures, are the average's",
     )
     p.add_argument(
         "--no-pooled",

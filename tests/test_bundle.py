@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -238,10 +239,10 @@ def test_shipped_shapes_bundles_were_trained_on_outcomes_and_read_the_latent():
 
 def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     """``plugins/shapes/train_concepts.sh`` is the command that made the SD-layout bundles: each
-    bundle records its two fits, with the script's training seed, steps and sampler seeds: the
+    bundle records its three fits, with the script's training seed, steps and sampler seeds: the
     redirection (star's on its one-target recipe) with a classifier reading latent, timestep and
-    prompt, then a latent-only classifier with an encoder of its own, renoised, nothing else
-    trainable."""
+    prompt; a latent-only classifier with an encoder of its own, renoised, nothing else trainable;
+    the redirection heads refitted and averaged with the second fit."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
@@ -252,17 +253,24 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     assert (
         "--trainable classifier" in script
         and "--classifier-reads latent --classifier-encoder own --renoise 0.5" in script
+        and "--trainable redirection --steps 500 --average-init" in script
     )
     for spec in specs:
         concept, category, seed, _variant = spec.split(":")
         bundle = load_bundle(bundle_path(concept, "sd"))
         assert bundle.concept.category == category
-        config, first = bundle.training["config"], bundle.training["init"]["training_config"]
-        recorded = (config["seed"], config["steps"], config["seeds"], config["renoise"])
-        assert recorded == (int(seed), 1200, [0, 1], 0.5), concept
-        assert config["trainable"] == "classifier", concept
+        third = bundle.training["config"]
+        second = bundle.training["init"]["training_config"]
+        first = bundle.training["init"]["init"]["training_config"]
+        assert "init" not in bundle.training["init"]["init"], concept
+        recorded = (third["seed"], third["steps"], third["seeds"], third["trainable"], third["average_init"])
+        assert recorded == (int(seed), 500, [0, 1], "redirection", True), concept
+        assert "fitted_heldout" in bundle.training["average_init"], concept
+        recorded = (second["seed"], second["steps"], second["seeds"], second["renoise"], second["trainable"])
+        assert recorded == (int(seed), 1200, [0, 1], 0.5, "classifier"), concept
         capacity = bundle.config.capacity
         assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own"), concept
+        assert asdict(capacity) == third["capacity"] == second["capacity"], concept
         assert (first["seed"], first["steps"], first["seeds"]) == (int(seed), 1200, [0, 1]), concept
         assert first["capacity"].get("classifier_reads", "latent+prompt") == "latent+prompt", concept
         assert first.get("renoise", 0.0) == 0.0, concept

@@ -195,3 +195,51 @@ def test_train_bundle_gives_a_bundle_a_classifier_of_its_own_and_keeps_its_redir
     back = load_bundle(tmp_path / "back.safetensors").redirector
     assert back.config.capacity == init.redirector.config.capacity
     assert set(back.state_dict()) == set(old) and all(torch.equal(old[k], back.state_dict()[k]) for k in kept)
+
+
+def test_average_init_writes_the_mean_of_the_fit_and_its_init_and_keeps_the_decision(bundles, tmp_path):
+    """``average_init``: the bundle written is, weight for weight, the mean of what the same fit
+    writes without it and of the init (a uniform soup of the two); a redirection-only fit keeps every
+    decision weight, and the summary keeps the fit's own held-out figures beside the average's."""
+    pipe = tiny_sd_pipeline(0)
+    pairs = PromptPairs(list(RED_PAIRS) * 2, [])
+    init = load_bundle(bundles["red"])
+    cfg = TrainConfig(
+        concept="red", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5, steps=20, eval_every=10,
+        batch_size=16, trainable="redirection",
+    )  # fmt: skip
+    plain = train_bundle(
+        pipe, pairs, cfg, tmp_path / "fit.safetensors", cache_dir=None, init=init, progress=False
+    )
+    soup = train_bundle(
+        pipe, pairs, replace(cfg, average_init=True), tmp_path / "soup.safetensors", cache_dir=None, init=init,
+        progress=False,
+    )  # fmt: skip
+    start = init.redirector.state_dict()
+    fitted = load_bundle(tmp_path / "fit.safetensors").redirector.state_dict()
+    mean = load_bundle(tmp_path / "soup.safetensors").redirector.state_dict()
+    assert set(mean) == set(start) == set(fitted)
+    assert all(torch.equal(mean[k], (fitted[k] + start[k]) / 2) for k in mean)
+    moved = [k for k in mean if not torch.equal(fitted[k], start[k])]
+    assert moved and all(not torch.equal(mean[k], fitted[k]) for k in moved)
+    decision, _ = _split(init.redirector)
+    assert all(torch.equal(v, mean[k]) for k, v in decision.items())
+    assert soup["config"]["average_init"] is True and "average_init" not in plain
+    assert soup["average_init"]["fitted_heldout"] == plain["heldout"]
+    assert soup["heldout"] != plain["heldout"]  # the average's own figures, evaluated on it
+
+
+def test_average_init_is_refused_without_an_init_or_across_architectures(bundles, tmp_path):
+    pipe = tiny_sd_pipeline(0)
+    pairs = PromptPairs(list(RED_PAIRS), [])
+    out = tmp_path / "red.safetensors"
+    with pytest.raises(ValueError, match="average_init: averages the fit with the bundle it starts from"):
+        train_bundle(pipe, pairs, TrainConfig("red", average_init=True), out, cache_dir=None)
+    init = load_bundle(bundles["red"])  # its classifier reads the prompt through the shared encoder
+    own = TrainConfig(
+        "red", trainable="classifier", average_init=True,
+        capacity=Capacity(classifier_reads="latent", classifier_encoder="own"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="latent/own against latent\\+prompt/shared.*no weight to average"):
+        train_bundle(pipe, pairs, own, out, cache_dir=None, init=init)
+    assert not out.exists()

@@ -13,14 +13,17 @@ train() {
   "$BIN/saferedir" train --backbone shapes --seeds 0 1 --steps 1200 --patience 0 \
     --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}" "$@"
 }
-# Each bundle is made in two fits, the second moving nothing the redirection reads
-# (benchmarks/README.md, "Deciding and redirecting apart" and "Latent-only classifiers for red and
-# striped"):
+# Each bundle is made in three fits, the second and third each moving nothing the other reads
+# (benchmarks/README.md, "Deciding and redirecting apart", "Latent-only classifiers for red and
+# striped" and "Averaging a refit of the heads with its init"):
 #   1. the redirection: a bundle on the concept's recipe (star: its one-target recipe, every star
 #      paired with a cross), whose classifier reads the latent, timestep and prompt;
 #   2. the classifier: on the recipe, from the first fit (--init, --trainable classifier), with a
 #      latent encoder of its own, reading the latent and timestep alone, half the rows' starting
-#      noise redrawn (--renoise 0.5). No wording moves its decision.
+#      noise redrawn (--renoise 0.5). No wording moves its decision;
+#   3. the heads again: 500 more steps of the redirection alone on the first fit's recipe, from the
+#      second (--trainable redirection), every weight then averaged with the second's (--average-init,
+#      a uniform soup of the two). The decision is the second fit's, bit for bit.
 # concept:category:seed:variant -- the training seed (held-out split and initialisation) of each
 # shipped bundle (red and striped: two seeds were trained and the better on the efficacy suite's
 # dev split kept: benchmarks/README.md, "Retrain variance") and the first fit's recipe variant
@@ -28,11 +31,15 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 for spec in red:nsfw:0: striped:artist_style:1: star:object:1:one-target; do
   IFS=: read -r concept category seed variant <<<"$spec"
-  train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept${variant:+:$variant}" \
-    --out "$stage/$concept.safetensors" --seed "$seed" --latent-readout mean+max
+  recipe="plugin:shapes-$concept${variant:+:$variant}"
+  train --concept "$concept" --category "$category" --pairs "$recipe" \
+    --out "$stage/$concept-1.safetensors" --seed "$seed" --latent-readout mean+max
   train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept" \
-    --out "$OUT/$concept.safetensors" --seed "$seed" --init "$stage/$concept.safetensors" \
+    --out "$stage/$concept-2.safetensors" --seed "$seed" --init "$stage/$concept-1.safetensors" \
     --trainable classifier --classifier-reads latent --classifier-encoder own --renoise 0.5
+  train --concept "$concept" --category "$category" --pairs "$recipe" \
+    --out "$OUT/$concept.safetensors" --seed "$seed" --init "$stage/$concept-2.safetensors" \
+    --trainable redirection --steps 500 --average-init
 done
 echo "sha256 pins for saferedir_shapes/policies/demo.yaml:"
 sha256sum "$OUT"/red.safetensors "$OUT"/striped.safetensors "$OUT"/star.safetensors

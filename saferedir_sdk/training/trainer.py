@@ -85,6 +85,12 @@ class TrainConfig:
     # (fresh classifier modules where they differ from init's): it redirects exactly as before
     # (fit.TRAINABLE)
     trainable: str = "all"
+    # after the fit, every weight becomes the mean of the fitted one and ``init``'s: a uniform soup of
+    # the two (Wortsman et al. 2022, "Model soups"); on the Shapes bundles the average of a heads refit
+    # redirected held-out wordings better than either side alone (benchmarks/README.md, "Averaging a
+    # refit of the heads with its init"). The summary's held-out figures are the average's, the
+    # fit's own are kept beside them
+    average_init: bool = False
     eval_every: int = 100
     patience: int = 5
     capacity: Capacity = field(default_factory=Capacity)
@@ -280,6 +286,10 @@ def train_bundle(
             f"trainable {cfg.trainable!r} keeps the rest of the bundle it starts from: give that "
             "bundle as init"
         )
+    if cfg.average_init and init is None:
+        raise ValueError(
+            "average_init: averages the fit with the bundle it starts from: give that bundle as init"
+        )
     if cfg.refine_steps and outcome is None:
         raise ValueError(
             "refine_steps: labelling redirected trajectories needs the concept's outcome judge "
@@ -297,6 +307,12 @@ def train_bundle(
         cfg = replace(
             cfg, capacity=replace(capacity, **classifier) if cfg.trainable == "classifier" else capacity
         )
+        if cfg.average_init and cfg.capacity != capacity:
+            raise ValueError(
+                "average_init: the fit's classifier reads or encodes otherwise than init's "
+                f"({cfg.capacity.classifier_reads}/{cfg.capacity.classifier_encoder} against "
+                f"{capacity.classifier_reads}/{capacity.classifier_encoder}): there is no weight to average it with"
+            )
     cfg = with_sampler_defaults(cfg, adapter)
     train_pairs, held_pairs = pairs.split(cfg.heldout_fraction, cfg.seed)
     sets = {
@@ -383,6 +399,16 @@ def train_bundle(
             "seconds": round(time.perf_counter() - t_refine, 1),
         }
         result = refined if result is None else result
+    averaged: dict[str, Any] = {}
+    if cfg.average_init:
+        assert init is not None  # checked above
+        start_state = init.redirector.state_dict()
+        fitted_state = redirector.state_dict()
+        redirector.load_state_dict({k: (v + start_state[k]) / 2 for k, v in fitted_state.items()})
+        averaged = {
+            "fitted_heldout": refine["after"] if refine else result.heldout,
+            "heldout": evaluate_redirector(redirector, *heldout, strength=cfg.strength, neutral=neutral),
+        }
     summary = {
         "config": asdict(cfg),
         "data": {
@@ -397,14 +423,22 @@ def train_bundle(
                 k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
             },
         },
-        "heldout": refine["after"] if refine else result.heldout,
+        "heldout": averaged["heldout"] if averaged else refine["after"] if refine else result.heldout,
+        **({"average_init": {"fitted_heldout": averaged["fitted_heldout"]}} if averaged else {}),
         "final_train_losses": result.final,
         "fit_steps": result.steps if cfg.steps else 0,
         "stopped_early": result.stopped_early,
         **({"renoise": result.renoise} if result.renoise else {}),
         **({"refine": refine} if refine else {}),
         **(
-            {"init": {"concept": init.concept.name, "training_config": init.training.get("config")}}
+            {
+                "init": {
+                    "concept": init.concept.name,
+                    "training_config": init.training.get("config"),
+                    # the fits before it, each with its own init: the bundle's whole history
+                    **({"init": init.training["init"]} if "init" in init.training else {}),
+                }
+            }
             if init
             else {}
         ),
