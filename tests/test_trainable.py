@@ -77,7 +77,8 @@ def test_a_classifier_reading_the_prompt_keeps_the_prompt_modules_it_reads():
         assert all(hasattr(red, name) for name in red.decision_modules())
 
 
-def test_train_bundle_fits_the_redirection_of_its_init_bundle_and_nothing_else(bundles, tmp_path):
+def _redirection_fit(bundles) -> tuple[object, PromptPairs, object, TrainConfig]:
+    """The tiny SD pipeline, red pairs, the tiny red bundle and a 20-step redirection-only fit of it."""
     pipe = tiny_sd_pipeline(0)
     pairs = PromptPairs(list(RED_PAIRS) * 2, [])
     init = load_bundle(bundles["red"])
@@ -85,6 +86,11 @@ def test_train_bundle_fits_the_redirection_of_its_init_bundle_and_nothing_else(b
         concept="red", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5, steps=20, eval_every=10,
         batch_size=16, trainable="redirection",
     )  # fmt: skip
+    return pipe, pairs, init, cfg
+
+
+def test_train_bundle_fits_the_redirection_of_its_init_bundle_and_nothing_else(bundles, tmp_path):
+    pipe, pairs, init, cfg = _redirection_fit(bundles)
     summary = train_bundle(
         pipe, pairs, cfg, tmp_path / "red.safetensors", cache_dir=None, init=init, progress=False
     )
@@ -201,13 +207,7 @@ def test_average_init_writes_the_mean_of_the_fit_and_its_init_and_keeps_the_deci
     """``average_init``: the bundle written is, weight for weight, the mean of what the same fit
     writes without it and of the init (a uniform soup of the two); a redirection-only fit keeps every
     decision weight, and the summary keeps the fit's own held-out figures beside the average's."""
-    pipe = tiny_sd_pipeline(0)
-    pairs = PromptPairs(list(RED_PAIRS) * 2, [])
-    init = load_bundle(bundles["red"])
-    cfg = TrainConfig(
-        concept="red", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5, steps=20, eval_every=10,
-        batch_size=16, trainable="redirection",
-    )  # fmt: skip
+    pipe, pairs, init, cfg = _redirection_fit(bundles)
     plain = train_bundle(
         pipe, pairs, cfg, tmp_path / "fit.safetensors", cache_dir=None, init=init, progress=False
     )
