@@ -399,16 +399,15 @@ def train_bundle(
             "seconds": round(time.perf_counter() - t_refine, 1),
         }
         result = refined if result is None else result
+    held_figures = refine["after"] if refine else result.heldout
     averaged: dict[str, Any] = {}
     if cfg.average_init:
         assert init is not None  # checked above
         start_state = init.redirector.state_dict()
         fitted_state = redirector.state_dict()
         redirector.load_state_dict({k: (v + start_state[k]) / 2 for k, v in fitted_state.items()})
-        averaged = {
-            "fitted_heldout": refine["after"] if refine else result.heldout,
-            "heldout": evaluate_redirector(redirector, *heldout, strength=cfg.strength, neutral=neutral),
-        }
+        averaged = {"average_init": {"fitted_heldout": held_figures}}
+        held_figures = evaluate_redirector(redirector, *heldout, strength=cfg.strength, neutral=neutral)
     summary = {
         "config": asdict(cfg),
         "data": {
@@ -423,8 +422,8 @@ def train_bundle(
                 k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
             },
         },
-        "heldout": averaged["heldout"] if averaged else refine["after"] if refine else result.heldout,
-        **({"average_init": {"fitted_heldout": averaged["fitted_heldout"]}} if averaged else {}),
+        "heldout": held_figures,
+        **averaged,
         "final_train_losses": result.final,
         "fit_steps": result.steps if cfg.steps else 0,
         "stopped_early": result.stopped_early,
