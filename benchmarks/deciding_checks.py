@@ -7,6 +7,7 @@ not ("benign").
 
     python benchmarks/deciding_checks.py                          # dev split, the shipped Shapes bundles
     python benchmarks/deciding_checks.py --bundle star=CANDIDATE.safetensors --concepts star
+    python benchmarks/deciding_checks.py --concepts striped --n 192   # 4x the dev prompts
 
 For every ``decide_at_t`` x threshold x ``confirm_checks`` it prints how many drawn images a
 ``rewind`` rule would never flag (no ``confirm_checks`` hits in a row among the checks at a noise
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 
 DECIDE_AT = (1.0, 0.5, 0.4, 0.3)
-THRESHOLDS = (0.5, 0.7, 0.9)
-CONFIRMS = (1, 2)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+CONFIRMS = (1, 2, 3)
 
 
 @torch.no_grad()
@@ -122,17 +123,19 @@ def table(entries: list[dict[str, Any]], every: int) -> list[str]:
 
 
 def suite_bundles_adapter(
-    split: str, concepts: list[str] | None, overrides: list[str]
+    split: str, concepts: list[str] | None, overrides: list[str], n: int = 0
 ) -> tuple[Any, dict[str, Path], Any]:
-    """The Shapes efficacy suite's ``split`` (only ``concepts``, if given), each concept's bundle (the
-    shipped one, or ``CONCEPT=PATH`` from ``overrides``) and the Shapes backbone's adapter."""
+    """The Shapes efficacy suite's ``split`` (only ``concepts``, if given; ``n`` prompts per set, if
+    given), each concept's bundle (the shipped one, or ``CONCEPT=PATH`` from ``overrides``) and the
+    Shapes backbone's adapter."""
     from decision_sweep import only_concepts
     from saferedir_shapes.plugin import bundle_path
 
     from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
 
     pm = default_plugin_manager()
-    suite = only_concepts(pm.hook.saferedir_eval_suite(backbone="shapes", split=split), concepts)
+    suite = pm.hook.saferedir_eval_suite(backbone="shapes", split=split)
+    suite = only_concepts(suite.sized(n) if n else suite, concepts)
     bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
     for pair in overrides:
         concept, sep, path = pair.partition("=")
@@ -152,10 +155,13 @@ def main() -> None:
     parser.add_argument("--replace-steps", type=int, default=1, help="checks every replace_steps + 1 steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle)
+    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
     result = scores(suite, adapter, bundles)
     if args.out is not None:
         args.out.write_text(json.dumps(result))

@@ -5,12 +5,15 @@ then the guard once per variant, every image scored as ``saferedir eval`` scores
     python benchmarks/decision_sweep.py --variants "strength=1.0" "strength=1.0 threshold=0.7"
     python benchmarks/decision_sweep.py --variants base "red:window.start=8 striped:window.start=12"
     python benchmarks/decision_sweep.py --concepts star --variants base "star:bundle=CANDIDATE.safetensors"
+    python benchmarks/decision_sweep.py --n 192 --sets retain --variants base   # 4x the dev benign prompts
 
 A variant is the policy with some ``defaults`` overridden (``key=value`` pairs, separated by
 spaces; ``base`` = the policy as it is). Per variant it prints erasure, kept attributes, retain
 agreement, fidelity and false triggers over the suite's concepts (``summarise``, as the eval),
-and per concept the drawn images that still show the concept and the benign images acted on (and
-the images withheld, over all sets, where a rule says ``unresolved: block``).
+and per concept the drawn images that still show the concept, the kept attributes and the benign
+images acted on (and the images withheld, over all sets, where a rule says ``unresolved: block``).
+``--n``: more prompts per set than the split's 48, its next draws (the first 48 unchanged);
+``--sets``: only some sets (the totals then are not printed).
 Each row is what ``saferedir eval --split dev --methods saferedir --policy P`` gives for that
 variant (same prompts, seeds and scoring), without re-generating the unguarded images each time.
 
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from saferedir_bench.evaluation import SETS
 
 DEFAULT_VARIANTS = (
     "strength=1.3 threshold=0.5",  # the settings before this sweep
@@ -102,11 +106,19 @@ def only_concepts(suite: Any, names: list[str] | None) -> Any:
     return dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in names])
 
 
-def sweep(suite: Any, adapter: Any, source: Path, variants: list[str], tmp: Path) -> tuple[dict, dict]:
-    """Per concept and set: the unguarded images, the monitor run's peaks, every variant scored.
-    Returns the eval-shaped results (one "method" per variant) and the peaks per concept, split
-    into the benign retain images and the drawn forget-type ones."""
-    from saferedir_bench.evaluation import SETS, Runner, score
+def sweep(
+    suite: Any,
+    adapter: Any,
+    source: Path,
+    variants: list[str],
+    tmp: Path,
+    sets: tuple[str, ...] | None = None,
+) -> tuple[dict, dict]:
+    """Per concept and set (``sets``: only these; each keeps its own seeds): the unguarded images, the
+    monitor run's peaks, every variant scored. Returns the eval-shaped results (one "method" per
+    variant) and the peaks per concept, split into the benign retain images and the drawn
+    forget-type ones."""
+    from saferedir_bench.evaluation import Runner, score
 
     names = [f"v{i}" for i in range(len(variants))]
     runners = {
@@ -122,6 +134,8 @@ def sweep(suite: Any, adapter: Any, source: Path, variants: list[str], tmp: Path
     for concept in suite.concepts:
         cells: dict[str, dict[str, Any]] = {}
         for k, set_name in enumerate(SETS):
+            if sets is not None and set_name not in sets:
+                continue
             prompts = concept.sets[set_name]
             unguarded = base.run("none", concept, prompts, k)
             judged = suite.judge(unguarded.images)
@@ -152,6 +166,12 @@ def main() -> None:
     parser.add_argument(
         "--concepts", nargs="+", default=None, help="only these concepts (each rule is scored alone anyway)"
     )
+    parser.add_argument(
+        "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
+    )
+    parser.add_argument(
+        "--sets", nargs="+", default=None, choices=SETS, help="only these sets (the totals need all four)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -163,41 +183,53 @@ def main() -> None:
     suite = pm.hook.saferedir_eval_suite(backbone=args.backbone, split=args.split)
     if suite is None:
         raise SystemExit(f"backbone {args.backbone!r}: no installed plugin provides an evaluation suite")
-    suite = only_concepts(suite, args.concepts)
+    suite = only_concepts(suite.sized(args.n) if args.n else suite, args.concepts)
     source = resolve_policy_ref(pm, args.policy or suite.policy)
     adapter = find_adapter(pm, load_backbone(pm, args.backbone))
     tmp = Path(tempfile.mkdtemp(prefix="decision-sweep-"))  # the variant policies and their audits
     try:
-        results, peaks = sweep(suite, adapter, source, args.variants, tmp)
+        results, peaks = sweep(suite, adapter, source, args.variants, tmp, args.sets and tuple(args.sets))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = summarise(results)
+    every_set = args.sets is None or set(args.sets) == set(SETS)
+    summary = summarise(results) if every_set else None  # the totals pool every set
+    totals = ("erasure", "kept", "retain_agreement", "fidelity", "false_trigger") if every_set else ()
 
     print(f"\nsplit {args.split}, policy {source} with its defaults overridden:\n")
     print(
-        "| variant | erasure | kept | retain agreement | fidelity | false trigger | "
-        + " | ".join(f"{c} still shown / drawn, acted / benign" for c in results["concepts"])
+        "| variant | "
+        + "".join(f"{t.replace('_', ' ')} | " for t in totals)
+        + " | ".join(f"{c} still shown / drawn, kept, acted / benign" for c in results["concepts"])
         + " |"
     )
-    print("|" + "---|" * (6 + len(results["concepts"])))
+    print("|" + "---|" * (1 + len(totals) + len(results["concepts"])))
     for n, v in zip(results["methods"], args.variants):
-        s = summary[n]
         per = []
         for cells in results["concepts"].values():
-            drawn = sum(cells[x][n]["drawn"] for x in FORGET_SETS)
-            still = sum(
-                round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in FORGET_SETS
-            )
-            r = cells["retain"][n]
+            forget = [x for x in FORGET_SETS if x in cells]
+            drawn = sum(cells[x][n]["drawn"] for x in forget)
+            still = sum(round((cells[x][n]["present_drawn"] or 0) * cells[x][n]["drawn"]) for x in forget)
+            kept = np.mean([cells[x][n]["kept"] for x in forget]) if forget else None
+            parts = [f"{still}/{drawn}, kept {kept:.3f}"] if forget else ["-"]
+            if "retain" in cells:
+                r = cells["retain"][n]
+                parts.append(f"{round(r['acted_benign'] * r['benign'])}/{r['benign']}")
             withheld = sum(cells[x][n].get("withheld", 0) for x in cells)  # unresolved: block
-            per.append(
-                f"{still}/{drawn}, {round(r['acted_benign'] * r['benign'])}/{r['benign']}"
-                + (f", {withheld} withheld" if withheld else "")
-            )
-        print(
-            f"| {v} | {s['erasure']:.4f} | {s['kept']:.4f} | {s['retain_agreement']:.4f} | {s['fidelity']:.4f} "
-            f"| {s['false_trigger']:.4f} | " + " | ".join(per) + " |"
-        )
+            per.append(", ".join(parts) + (f", {withheld} withheld" if withheld else ""))
+        figures = "".join(f"{summary[n][t]:.4f} | " for t in totals) if summary else ""
+        print(f"| {v} | {figures}" + " | ".join(per) + " |")
+
+    retained = [c for c, cells in results["concepts"].items() if "retain" in cells]
+    if retained:
+        print("\nBenign images acted on, by retain kind (acted / benign):\n")
+        print("| variant | " + " | ".join(retained) + " |")
+        print("|" + "---|" * (1 + len(retained)))
+        for n, v in zip(results["methods"], args.variants):
+            kinds = [results["concepts"][c]["retain"][n].get("by_kind", {}) for c in retained]
+            cols = [
+                ", ".join(f"{k} {x['acted_benign']}/{x['benign']}" for k, x in by.items()) for by in kinds
+            ]
+            print(f"| {v} | " + " | ".join(cols) + " |")
 
     print("\nWhat a threshold does at the first hit (from each unguarded trajectory's peak p(unsafe)):\n")
     print("| threshold | " + " | ".join(f"{c} benign acted on, drawn never acted on" for c in peaks) + " |")

@@ -3,22 +3,28 @@ gets flagged. Every prompt of the efficacy suite's forget-type sets is generated
 seeds twice: unguarded, and redirected from the first step as a ``rewind`` rule's second run
 redirects a sample it confirmed (every sample flagged: ``record_trajectories(engine=...)``, strength
 ``--strength``, no escalation). Per prompt kind it prints how many of the images the unguarded model
-drew as the concept still show it redirected, and lists them.
+drew as the concept still show it redirected, and lists them, and how many of the other attributes
+the judge reads the redirection changed (the eval's ``kept``, over every prompt and over the drawn).
 
     python benchmarks/redirection_quality.py --concepts star                  # dev split, shipped bundle
     python benchmarks/redirection_quality.py --concepts star --bundle star=CANDIDATE.safetensors
     python benchmarks/redirection_quality.py --concepts star --other-long     # + three long framings
+    python benchmarks/redirection_quality.py --concepts red --target-swap     # + the target prompt itself
 
 ``benchmarks/deciding_checks.py`` counts the drawn images a rule never flags; the images a guarded
 run lets through are (roughly) those plus the flagged ones this script finds not cleared.
 ``--other-long``: the split's long-prompt subjects also in three long framings written for this
 benchmark (none a training tag, none the suite's long template), to tell a template from the category.
+``--target-swap``: each prompt that names the concept in a dictionary word also generated with that
+word swapped for the recipe's safe target (red -> purple), unguarded, same seed: the prompt the
+heads are fitted to reach, so what it changes is what even a perfect redirection would change.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,27 @@ def other_long(concept: Any) -> list[Any]:
     ]
 
 
-def measure(suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool) -> list[dict[str, Any]]:
+def target_swap(concept: Any) -> Callable[[str], str | None]:
+    """The prompt with the concept's first named word (any of its synonyms, training or held out)
+    swapped for the recipe's safe target (red -> purple): what the heads are fitted to reach. None
+    where the prompt names the concept in no dictionary word (descriptions, misspellings, junk)."""
+    from saferedir_shapes.eval_suite import TABLES
+    from saferedir_shapes.world import CONCEPT_SWAPS
+
+    words = sorted({w for ws in TABLES[concept.attribute][concept.value] for w in ws}, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])")
+    target = CONCEPT_SWAPS[concept.name][2]
+
+    def swap(text: str) -> str | None:
+        swapped = pattern.sub(target, text, count=1)
+        return swapped if swapped != text else None
+
+    return swap
+
+
+def measure(
+    suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool, swap: bool = False
+) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
     from saferedir_sdk.bundle import load_bundle
@@ -67,9 +93,14 @@ def measure(suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool
     engine = RedirectionEngine([EngineConcept(rule, redirector)])
     runner = Runner(adapter, suite)  # the eval's batches and seeds
 
-    def shows(images: np.ndarray) -> np.ndarray:
-        return np.array([v == concept.value for v in suite.judge(images)[concept.attribute]])
+    judged: dict[str, list[str]] = {}
 
+    def shows(images: np.ndarray) -> np.ndarray:
+        judged.clear()
+        judged.update(suite.judge(images))  # every attribute, for what the redirection kept
+        return np.array([v == concept.value for v in judged[concept.attribute]])
+
+    swapper = target_swap(concept) if swap else None
     sets = {name: concept.sets[name] for name in FORGET_SETS}
     if extra:
         sets["other_long"] = other_long(concept)
@@ -80,6 +111,11 @@ def measure(suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool
             texts = [p.text for p in batch]
             seed = runner.seed + 1000 * k + i  # the eval's seed for this batch
             drawn = shows(runner._call(texts, seed))
+            before = dict(judged)
+            if swap:  # the target prompt itself, same seed, where the prompt names the concept in a word
+                swapped = [swapper(t) for t in texts]
+                swapped_still = shows(runner._call([x or t for x, t in zip(swapped, texts)], seed))
+                swapped_judged = dict(judged)
             moved = record_trajectories(
                 adapter,
                 texts,
@@ -91,10 +127,24 @@ def measure(suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool
             )
             first = moved.steps == 0
             still = moved.labels[first][torch.argsort(moved.prompt_ids[first])]  # type: ignore[index]
-            for p, d, s in zip(batch, drawn, still):
-                rows.append(
-                    {"set": set_name, "kind": p.kind, "text": p.text, "drawn": bool(d), "still": bool(s)}
-                )
+            others = [a for a in judged if a != concept.attribute]
+            for j, (p, d, s) in enumerate(zip(batch, drawn, still)):
+                lost = [f"{a} {before[a][j]}->{judged[a][j]}" for a in others if judged[a][j] != before[a][j]]
+                row = {
+                    "set": set_name,
+                    "kind": p.kind,
+                    "text": p.text,
+                    "drawn": bool(d),
+                    "still": bool(s),
+                    "lost": lost,
+                    "attributes": len(others),
+                }
+                if swap and swapped[j] is not None:
+                    row["swapped"] = {
+                        "still": bool(swapped_still[j]),
+                        "lost": [a for a in others if swapped_judged[a][j] != before[a][j]],
+                    }
+                rows.append(row)
     return rows
 
 
@@ -105,14 +155,22 @@ def main() -> None:
     parser.add_argument("--split", default="dev", choices=("dev", "eval"))
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--other-long", action="store_true", help="also the long subjects in other framings")
+    parser.add_argument(
+        "--target-swap",
+        action="store_true",
+        help="also each prompt with the concept's word swapped for the target",
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from deciding_checks import suite_bundles_adapter
     from decision_sweep import only_concepts
 
-    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle)
+    suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
     for concept in suite.concepts:
         rows = measure(
             only_concepts(suite, [concept.name]),
@@ -120,12 +178,29 @@ def main() -> None:
             bundles[concept.name],
             args.strength,
             args.other_long,
+            args.target_swap,
         )
         drawn = [r for r in rows if r["drawn"]]
         print(
             f"\n{concept.name} ({args.split} split, {bundles[concept.name]}, every sample flagged, strength {args.strength}):"
         )
-        print(f"still showing the concept: {sum(r['still'] for r in drawn)} of {len(drawn)} drawn\n")
+        print(f"still showing the concept: {sum(r['still'] for r in drawn)} of {len(drawn)} drawn")
+        for name, among in (("every prompt", rows), ("drawn", drawn)):
+            lost = [a.split()[0] for r in among for a in r["lost"]]
+            kept = 1 - len(lost) / sum(r["attributes"] for r in among)
+            changed = ", ".join(f"{a} {lost.count(a)}" for a in sorted(set(lost))) or "none"
+            print(f"kept, other attributes unchanged ({name}): {kept:.4f}; changed: {changed}")
+        if args.target_swap:
+            named = [r for r in rows if "swapped" in r]
+            pairs = sum(r["attributes"] for r in named)
+            print(
+                f"on the {len(named)} prompts that name it in a word ({sum(r['drawn'] for r in named)} drawn): "
+                f"the target prompt itself leaves {sum(r['swapped']['still'] for r in named if r['drawn'])} "
+                f"showing it and changes {sum(len(r['swapped']['lost']) for r in named)} of {pairs} other "
+                f"attributes; the redirection {sum(r['still'] for r in named if r['drawn'])} and "
+                f"{sum(len(r['lost']) for r in named)}"
+            )
+        print()
         print("| set / kind | still / drawn |\n|---|---|")
         kinds: dict[str, list[int]] = {}
         for r in drawn:
@@ -137,6 +212,9 @@ def main() -> None:
         for r in drawn:
             if r["still"]:
                 print(f"  still: {r['set']} {r['kind']} {r['text']!r}")
+        for r in rows:
+            if r["lost"]:
+                print(f"  changed {', '.join(r['lost'])}: {r['set']} {r['kind']} {r['text']!r}")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ def test_deciding_checks_flags_as_a_rewind_rules_first_run(decide_at_t, confirm,
     """benchmarks/deciding_checks.py's first-run rule: ``confirm`` hits in a row among the checks
     (every ``every`` steps from step 0) at a noise level <= ``decide_at_t``."""
     assert flagged(P, T, 0.9, decide_at_t, confirm, every) is expected
+
+
+def test_target_swap_writes_the_prompt_the_heads_are_fitted_to_reach():
+    """benchmarks/redirection_quality.py --target-swap: the concept's first dictionary word (training
+    or held-out synonym, the longest match) becomes the recipe's target; a prompt with no such word
+    (a description, a misspelling) has no swap, so it is left out of the comparison."""
+    from redirection_quality import target_swap
+    from saferedir_shapes.eval_suite import ShapesEvalSuite
+
+    concepts = {c.name: c for c in ShapesEvalSuite.build(n=1).concepts}
+    red, striped = target_swap(concepts["red"]), target_swap(concepts["striped"])
+    assert red("a scarlet striped asterisk") == "a purple striped asterisk"
+    assert red("a blood red star, red again") == "a purple star, red again"
+    assert red("a star the colour of blood") is None and red("a bored square") is None
+    assert striped("a zebra-striped red disc") == "a plain red disc"
+    assert striped("a banded-ish star") is None  # a word of its own, not "banded"

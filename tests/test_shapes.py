@@ -241,6 +241,28 @@ def test_eval_prompts_never_appear_in_training_data():
             assert not [t for t in texts if pattern.search(t)], expression
 
 
+def test_a_sized_suite_keeps_every_prompt_of_a_smaller_one():
+    """``sized(n)`` (``saferedir eval --n``, ``decision_sweep.py --n``): the split's first ``n`` draws,
+    so a larger dev suite holds the 48-prompt one at the same indices, and its new prompts are as new
+    to training as the others."""
+    from saferedir_shapes.eval_suite import ShapesEvalSuite, training_template_pattern
+
+    dev = ShapesEvalSuite.build(seed=1)
+    assert dev.seed == 1
+    larger, smaller = dev.sized(96), dev.sized(12)
+    pattern = training_template_pattern()
+    for c, big, small in zip(dev.concepts, larger.concepts, smaller.concepts):
+        for name, prompts in c.sets.items():
+            assert len(big.sets[name]) == 96 and big.sets[name][:48] == prompts
+            assert small.sets[name] == prompts[:12]
+        texts = {p.text for prompts in big.sets.values() for p in prompts}
+        assert not texts & set(c.training_prompts)
+        assert not [t for t in texts if pattern.match(t)]
+    assert [p.text for p in ShapesEvalSuite.build().sized(4).concepts[0].sets["forget"]] != [
+        p.text for p in smaller.concepts[0].sets["forget"][:4]
+    ]  # the split's seed is kept
+
+
 def test_a_vocabulary_change_moves_only_the_prompts_it_touches(monkeypatch):
     """Each efficacy prompt has its own generator: when the training vocabulary grows (here by the
     suite's own misspellings, which a misspelling must then avoid), the misspelt prompts are drawn

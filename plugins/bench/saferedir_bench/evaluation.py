@@ -93,6 +93,9 @@ class EvalSuite(Protocol):
     def judge(self, images: np.ndarray) -> dict[str, list[str]]:
         """(N, H, W, 3) uint8 -> attribute -> predicted value per image."""
 
+    def sized(self, n: int) -> EvalSuite:
+        """The same suite with ``n`` prompts per set (``saferedir eval --n``)."""
+
 
 RELEASED = 2  # Generation.acted: a trigger that moved the sample, released before the end
 

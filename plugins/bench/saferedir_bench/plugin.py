@@ -38,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "(prompt sets and a judge) for it"
         )
     if args.n:
-        suite = suite.limited(args.n)
+        suite = suite.sized(args.n)
     if args.concepts:
         missing = sorted(set(args.concepts) - {c.name for c in suite.concepts})
         if missing:
@@ -83,7 +83,12 @@ def saferedir_add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--concepts", nargs="+", help="only these concepts of the suite")
-    p.add_argument("--n", type=int, default=0, help="prompts per set (0: the suite's full sets)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=0,
+        help="prompts per set (0: the suite's own number; the first N of its draws)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument(

@@ -233,6 +233,7 @@ class ShapesEvalSuite:
     num_inference_steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     policy: str = "shapes:demo"
+    seed: int = 0  # the prompt generator's seed: the split
 
     @classmethod
     def build(cls, n: int = 48, seed: int = 0) -> ShapesEvalSuite:
@@ -252,11 +253,15 @@ class ShapesEvalSuite:
                     training_prompts=training_prompts(name),
                 )
             )
-        return cls(concepts)
+        return cls(concepts, seed=seed)
 
-    def limited(self, n: int) -> ShapesEvalSuite:
+    def sized(self, n: int) -> ShapesEvalSuite:
+        """``n`` prompts per set of the same split: the first ``n`` of its draws. Every prompt has its
+        own generator, so a larger suite holds every prompt of a smaller one at the same index (and,
+        in the eval's batches, the same seed)."""
         return replace(
-            self, concepts=[replace(c, sets={k: v[:n] for k, v in c.sets.items()}) for c in self.concepts]
+            self,
+            concepts=[replace(c, sets=prompt_sets(c.name, n, self.seed)) for c in self.concepts],
         )
 
     def judge(self, images: np.ndarray) -> dict[str, list[str]]:
