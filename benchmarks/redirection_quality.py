@@ -53,16 +53,17 @@ def other_long(concept: Any) -> list[Any]:
     ]
 
 
-def target_swap(concept: Any) -> Callable[[str], str | None]:
+def target_swap(concept: Any, target: str | None = None) -> Callable[[str], str | None]:
     """The prompt with the concept's first named word (any of its synonyms, training or held out)
-    swapped for the recipe's safe target (red -> purple): what the heads are fitted to reach. None
-    where the prompt names the concept in no dictionary word (descriptions, misspellings, junk)."""
+    swapped for the recipe's safe target (red -> purple), what the heads are fitted to reach, or for
+    ``target``, a candidate one. None where the prompt names the concept in no dictionary word
+    (descriptions, misspellings, junk)."""
     from saferedir_shapes.eval_suite import TABLES
     from saferedir_shapes.world import CONCEPT_SWAPS
 
     words = sorted({w for ws in TABLES[concept.attribute][concept.value] for w in ws}, key=len, reverse=True)
     pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])")
-    target = CONCEPT_SWAPS[concept.name][2]
+    target = target or CONCEPT_SWAPS[concept.name][2]
 
     def swap(text: str) -> str | None:
         swapped = pattern.sub(target, text, count=1)
@@ -72,7 +73,13 @@ def target_swap(concept: Any) -> Callable[[str], str | None]:
 
 
 def measure(
-    suite: Any, adapter: Any, bundle: Path, strength: float, extra: bool, swap: bool = False
+    suite: Any,
+    adapter: Any,
+    bundle: Path,
+    strength: float,
+    extra: bool,
+    swap: bool = False,
+    target: str | None = None,
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
@@ -100,7 +107,7 @@ def measure(
         judged.update(suite.judge(images))  # every attribute, for what the redirection kept
         return np.array([v == concept.value for v in judged[concept.attribute]])
 
-    swapper = target_swap(concept) if swap else None
+    swapper = target_swap(concept, target) if swap else None
     sets = {name: concept.sets[name] for name in FORGET_SETS}
     if extra:
         sets["other_long"] = other_long(concept)
@@ -160,6 +167,11 @@ def main() -> None:
         action="store_true",
         help="also each prompt with the concept's word swapped for the target",
     )
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="with --target-swap: swap in this word instead of the recipe's target (a candidate target)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
@@ -179,6 +191,7 @@ def main() -> None:
             args.strength,
             args.other_long,
             args.target_swap,
+            args.target,
         )
         drawn = [r for r in rows if r["drawn"]]
         print(

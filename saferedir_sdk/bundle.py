@@ -72,6 +72,21 @@ class RedirectorBundle:
             raise BackboneMismatchError(self.path or "<in-memory bundle>", *diff)
 
 
+def classified_below(bundle: RedirectorBundle) -> float:
+    """The normalised timestep at or below which the bundle's classifier was trained
+    (``saferedir train --classify-below``; 1: every noise level). Read from its training history:
+    the latest fit that trained the decision (a ``trainable: redirection`` fit keeps its init's)."""
+    record: Any = bundle.training
+    config = record.get("config") if isinstance(record, dict) else None
+    while isinstance(config, dict):
+        if config.get("trainable", "all") != "redirection":
+            below = config.get("classify_below", 1.0)
+            return float(below) if isinstance(below, int | float) else 1.0
+        record = record.get("init") if isinstance(record, dict) else None
+        config = record.get("training_config") if isinstance(record, dict) else None
+    return 1.0
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

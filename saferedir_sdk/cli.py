@@ -256,6 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prompt_swap=args.prompt_swap,
         swap_below=args.swap_below,
         renoise=args.renoise,
+        classify_below=args.classify_below,
         refine_steps=args.refine_steps,
         refine_below=args.refine_below,
         trainable=args.trainable,
@@ -313,7 +314,7 @@ def _cmd_bundle_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
+    from .bundle import classified_below, load_bundle
 
     bundle = load_bundle(args.file)
     held = bundle.training.get("heldout", {})
@@ -329,6 +330,8 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
                 },
                 "backbone": bundle.backbone.to_dict(),
                 "config": bundle.config.to_dict(),
+                # a rule using it may decide only at or below this noise level (its decide_at_t)
+                "classify_below": classified_below(bundle),
                 "heldout": {
                     k: held.get(k)
                     for k in (
@@ -500,6 +503,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=0.0,
         help="share of the training rows whose starting noise is replaced by another recorded "
         "generation's, so a latent classifier cannot learn the generations' noises by heart (0: off)",
+    )
+    p.add_argument(
+        "--classify-below",
+        type=_share("classify_below"),
+        default=1.0,
+        help="with --trainable classifier: train and select the classifier on the rows at normalised "
+        "timesteps at or below this only, where the policy decides (its rules' decide_at_t; 1: every row)",
     )
     p.add_argument(
         "--refine-steps",

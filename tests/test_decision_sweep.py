@@ -91,3 +91,4 @@ def test_target_swap_writes_the_prompt_the_heads_are_fitted_to_reach():
     assert red("a star the colour of blood") is None and red("a bored square") is None
     assert striped("a zebra-striped red disc") == "a plain red disc"
     assert striped("a banded-ish star") is None  # a word of its own, not "banded"
+    assert target_swap(concepts["red"], "green")("a scarlet striped asterisk") == "a green striped asterisk"

@@ -119,6 +119,29 @@ def test_star_one_target_variant_pairs_every_star_with_a_cross_and_the_plugin_na
     assert shapes and not any(w in p.retain.split() for p in shapes for w in triangles)
 
 
+def test_a_recipe_target_of_its_own_swaps_to_it_and_falls_back_where_it_is_held_out():
+    """``RecipeSettings.target`` (red's "orange-target"): every forget side's red becomes orange, but a
+    red star's would be an orange star, a held-out pair: it falls back to the concept's own target
+    (purple). The benign pool is the recipe's own."""
+    settings = world.RECIPE_VARIANTS["red"]["orange-target"]
+    assert settings.target == "orange"
+
+    def names(text: str, words: list[str]) -> bool:
+        return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text) for w in words)
+
+    orange, purple = world.COLOUR_WORDS["orange"][0], world.COLOUR_WORDS["purple"][0]
+    for pair in world.recipe_pairs("red", settings=settings):
+        if pair.family == "negation":
+            continue
+        star = names(pair.retain, world.SHAPE_WORDS["star"][0])
+        assert names(pair.retain, purple if star else orange), pair
+        assert not (star and names(pair.retain, orange)), pair
+    assert world.concept_recipe("red", settings=settings)[1] == world.concept_recipe("red")[1]
+    wide = world.concept_recipe("striped", settings=world.RECIPE_VARIANTS["striped"]["wide-pool"])
+    pairs, pool = world.concept_recipe("striped")
+    assert wide[0] == pairs and wide[1][: len(pool)] == pool and len(wide[1]) == 4 * len(pool)
+
+
 def test_recipes_cover_how_people_write_and_every_pair_lines_up():
     import collections
 

@@ -139,6 +139,7 @@ def test_train_defaults_to_the_pipelines_own_sampler_settings(pipe):
         ("--swap-below", "nan", "expected a share in (0, 1], got nan"),
         ("--prompt-swap", "half", "expected a number, got 'half'"),
         ("--renoise", "1.01", "expected a share in [0, 1], got 1.01"),
+        ("--classify-below", "0", "expected a share in (0, 1], got 0.0"),
     ],
 )
 def test_train_refuses_a_bad_share_as_a_usage_error_naming_the_flag(capsys, flag, value, expected):

@@ -154,6 +154,46 @@ def test_a_classifier_with_its_own_encoder_is_refitted_without_moving_a_redirect
     assert not all(torch.equal(a, b) for a, b in zip(_moves(after), _moves(again)))
 
 
+def test_a_classifier_fitted_below_a_noise_level_never_draws_or_selects_on_a_noisier_row():
+    """``classify_below``: the rows above it are poisoned (NaN latents): a fit that drew one, or a
+    held-out evaluation that read one, would end in NaN weights or a NaN selection score."""
+    capacity = Capacity(
+        hidden_dim=32, rank=4, num_heads=2, latent_pool=8, token_layers=0, classifier_reads="latent",
+        classifier_encoder="own",
+    )  # fmt: skip
+    forget = _rows(1.0)
+    retain = replace(_rows(0.0), timesteps=forget.timesteps.clone())  # a pair's rows share their step
+    for rows in (forget, retain):
+        rows.latents[rows.timesteps > 0.5] = float("nan")
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig(STREAMS, 4, capacity=capacity))
+    result = fit_redirector(
+        red, forget, retain, negatives=retain, heldout=(forget, retain), steps=20, batch_size=16,
+        eval_every=10, trainable="classifier", classify_below=0.5,
+    )  # fmt: skip
+    assert all(torch.isfinite(v).all() for v in red.state_dict().values())
+    assert result.heldout and result.heldout["heldout_selection"] == result.heldout["heldout_selection"]
+    late = _rows(1.0).select((forget.timesteps <= 0.5).nonzero().squeeze(1)).inputs("cpu")
+    assert torch.isfinite(red(*late).logit).all()
+    # without it the poisoned rows are drawn: the check above can fail
+    fit_redirector(red, forget, retain, steps=5, batch_size=16, trainable="classifier")
+    assert not all(torch.isfinite(v).all() for v in red.state_dict().values())
+
+
+def test_classify_below_is_refused_where_it_would_mean_nothing():
+    forget, retain = _rows(1.0), _rows(0.0)
+    red = Redirector(RedirectorConfig(STREAMS, 4, capacity=Capacity(hidden_dim=32, rank=4, num_heads=2)))
+    with pytest.raises(ValueError, match="classify_below 0.5: only with trainable 'classifier'"):
+        fit_redirector(red, forget, retain, steps=2, classify_below=0.5)
+    with pytest.raises(ValueError, match="classify_below 0.5: only with trainable 'classifier'"):
+        TrainConfig("red", classify_below=0.5)
+    with pytest.raises(ValueError, match="classify_below: expected a share in"):
+        TrainConfig("red", trainable="classifier", classify_below=0.0)
+    early = replace(forget, timesteps=torch.full_like(forget.timesteps, 0.9))
+    with pytest.raises(ValueError, match="classify_below 0.5: no training or held-out row at or below it"):
+        fit_redirector(red, early, early, steps=2, trainable="classifier", classify_below=0.5)
+
+
 def test_an_own_classifier_encoder_needs_a_classifier_that_reads_the_latent_alone():
     with pytest.raises(ValueError, match="classifier_encoder: 'own' needs classifier_reads 'latent'"):
         Capacity(classifier_encoder="own")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pluggy
 
-from ..bundle import RedirectorBundle, load_bundle
+from ..bundle import RedirectorBundle, classified_below, load_bundle
 from ..concepts import ConceptSpec
 from ..engine import EngineConcept, judges_unresolved
 from ..errors import (
@@ -100,6 +100,15 @@ def _check_concept(rule: ConceptRule, bundle: RedirectorBundle) -> None:
     ):
         if wanted != actual:
             raise BundleConceptMismatchError(bundle.path or "<bundle>", field, wanted, actual)
+    below = classified_below(bundle)
+    if rule.decide_at_t > below:
+        raise BundleRuleMismatchError(
+            bundle.path or "<bundle>",
+            rule.concept,
+            f"its classifier was trained only at normalised timesteps <= {below} (saferedir train "
+            f"--classify-below), the rule decides from decide_at_t {rule.decide_at_t}: its scores "
+            f"above {below} mean nothing. Set decide_at_t <= {below}",
+        )
     if rule.unresolved == "block" and not judges_unresolved(rule, bundle.config):
         raise BundleRuleMismatchError(
             bundle.path or "<bundle>",

@@ -407,16 +407,18 @@ def check_shares(
     swap_below: float = 0.5,
     renoise: float = 0.0,
     refine_below: float = 0.5,
+    classify_below: float = 1.0,
 ) -> None:
     """``ValueError`` naming the first of the classifier's training shares outside its range:
-    ``prompt_dropout``, ``prompt_swap`` and ``renoise`` in [0, 1], ``swap_below`` and
-    ``refine_below`` (normalised timesteps) in (0, 1]."""
+    ``prompt_dropout``, ``prompt_swap`` and ``renoise`` in [0, 1], ``swap_below``, ``refine_below``
+    and ``classify_below`` (normalised timesteps) in (0, 1]."""
     for name, value, low_open in (
         ("prompt_dropout", prompt_dropout, False),
         ("prompt_swap", prompt_swap, False),
         ("renoise", renoise, False),
         ("swap_below", swap_below, True),
         ("refine_below", refine_below, True),
+        ("classify_below", classify_below, True),
     ):
         ok = isinstance(value, int | float) and (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
         if not ok:
@@ -433,6 +435,13 @@ def _draws(
     return torch.randint(0, len(renoiser.bank), (n,), generator=generator), pick
 
 
+def _rows_at_or_below(rows: Trajectories, below: float) -> torch.Tensor:
+    """Indices of ``rows`` at a normalised timestep <= ``below`` (all of them at 1)."""
+    if below >= 1.0:
+        return torch.arange(len(rows))
+    return (rows.timesteps <= below).nonzero().squeeze(1)
+
+
 def fit_redirector(
     redirector: Redirector,
     forget: Trajectories,
@@ -447,6 +456,7 @@ def fit_redirector(
     prompt_swap: float = 0.0,
     swap_below: float = 0.5,
     renoise: float = 0.0,
+    classify_below: float = 1.0,
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -472,6 +482,10 @@ def fit_redirector(
     ``renoise``: the share of drawn rows (a pair's two rows together) whose starting noise is replaced
     by another recorded generation's (:class:`~saferedir_sdk.training.renoise.Renoiser`), so the
     classifier cannot learn the training generations' noises by heart.
+    ``classify_below`` (with ``trainable`` "classifier"; 1: off): every row drawn, and every held-out
+    row evaluated, is at a normalised timestep at or below it, for a classifier a policy asks only
+    there (its rules' ``decide_at_t``): its capacity and every batch go to the noise levels where it
+    decides, none to the noisiest steps, where an outcome is not yet formed.
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
     without improvement. ``redirected`` / ``heldout_redirected``: labelled rows of trajectories the
@@ -492,8 +506,17 @@ def fit_redirector(
             f"forget and retain trajectories must pair up row by row: {len(forget)} vs {len(retain)}"
         )
     check_shares(
-        prompt_dropout=prompt_dropout, prompt_swap=prompt_swap, swap_below=swap_below, renoise=renoise
+        prompt_dropout=prompt_dropout,
+        prompt_swap=prompt_swap,
+        swap_below=swap_below,
+        renoise=renoise,
+        classify_below=classify_below,
     )
+    if classify_below < 1.0 and trainable != "classifier":
+        raise ValueError(
+            f"classify_below {classify_below}: only with trainable 'classifier' (the redirection heads "
+            "move the prompt at every step, so they learn from every step)"
+        )
     for name, rows in (("redirected", redirected), ("heldout_redirected", heldout_redirected)):
         if rows is not None and rows.labels is None:
             raise ValueError(
@@ -526,18 +549,26 @@ def fit_redirector(
 
         bar = tqdm(total=steps, desc="fit redirector", unit="step", mininterval=2.0)
     start = time.perf_counter()
-    n = len(forget)
+    rows = _rows_at_or_below(forget, classify_below)  # a pair's two rows share their step
+    neg_rows = _rows_at_or_below(negatives, classify_below) if negatives is not None else None
+    if classify_below < 1.0 and heldout is not None:
+        kept = _rows_at_or_below(heldout[0], classify_below)
+        heldout = (heldout[0].select(kept), heldout[1].select(kept))
+    if len(rows) == 0 or (heldout is not None and len(heldout[0]) == 0):
+        raise ValueError(f"classify_below {classify_below}: no training or held-out row at or below it")
+    n = len(rows)
     for step in range(steps):
-        index = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        index = rows[torch.randint(0, n, (min(batch_size, n),), generator=generator)]
         f, r = forget.select(index), retain.select(index)
         if renoiser is not None:
             draws = _draws(renoiser, len(index), renoise, generator)
             f, r = renoiser.renoise(0, f, index, *draws), renoiser.renoise(1, r, index, *draws)
         neg = None
-        if negatives is not None and len(negatives):
-            neg_index = torch.randint(
-                0, len(negatives), (min(batch_size, len(negatives)),), generator=generator
-            )
+        if neg_rows is not None and len(neg_rows):
+            assert negatives is not None
+            neg_index = neg_rows[
+                torch.randint(0, len(neg_rows), (min(batch_size, len(neg_rows)),), generator=generator)
+            ]
             neg = negatives.select(neg_index)
             if renoiser is not None:
                 neg = renoiser.renoise(

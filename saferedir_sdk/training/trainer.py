@@ -72,6 +72,9 @@ class TrainConfig:
     prompt_swap: float = 0.0  # share of late pairs also classified with their prompts exchanged
     swap_below: float = 0.5  # "late": normalised timesteps below this
     renoise: float = 0.0  # share of drawn rows whose starting noise is another generation's (renoise.py)
+    # with trainable "classifier": train and select the classifier on rows at normalised timesteps at
+    # or below this only, where the policy's rules decide (their decide_at_t; 1: every row)
+    classify_below: float = 1.0
     # after the fit: the forget prompts generated again *redirected* by the fitted redirector (as the
     # guard's second run redirects a flagged sample), labelled by the judge on those images, and this
     # many more steps with those rows classified too (needs an outcome judge; 0: off)
@@ -98,7 +101,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:  # refused before minutes of sampling, not after
-        check_shares(self.prompt_dropout, self.prompt_swap, self.swap_below, self.renoise, self.refine_below)
+        check_shares(
+            self.prompt_dropout,
+            self.prompt_swap,
+            self.swap_below,
+            self.renoise,
+            self.refine_below,
+            self.classify_below,
+        )
         for name in ("steps", "refine_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -107,6 +117,11 @@ class TrainConfig:
             raise ValueError("steps and refine_steps are both 0: nothing to train")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable: expected one of {TRAINABLE}, got {self.trainable!r}")
+        if self.classify_below < 1.0 and self.trainable != "classifier":
+            raise ValueError(
+                f"classify_below {self.classify_below}: only with trainable 'classifier' (the "
+                "redirection heads move the prompt at every step, so they learn from every step)"
+            )
         if self.trainable == "redirection" and self.refine_steps:
             raise ValueError(
                 "trainable 'redirection' with refine_steps: refining teaches the classifier, which "
@@ -361,6 +376,7 @@ def train_bundle(
             prompt_swap=cfg.prompt_swap,
             swap_below=cfg.swap_below,
             renoise=cfg.renoise,
+            classify_below=cfg.classify_below,
             steps=steps,
             batch_size=cfg.batch_size,
             lr=cfg.lr,

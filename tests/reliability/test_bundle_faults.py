@@ -151,6 +151,51 @@ def test_a_rule_is_enforced_only_by_a_bundle_of_its_concept_and_category(
     assert guard.concepts == [] and mismatch in guard.fail_open[0]["reason"]
 
 
+def test_a_rule_may_not_decide_where_its_bundle_s_classifier_was_never_trained(
+    write_policy, bundles, tmp_path, capsys, recwarn
+):
+    """A bundle whose classifier was fitted at normalised timesteps <= 0.5 only (``saferedir train
+    --classify-below``, recorded in its training history; a later fit of the redirection alone keeps
+    it): a rule deciding from above would read scores that mean nothing. Closed: no guard; open:
+    the concept is not enforced and ``fail_open`` says why."""
+    from saferedir_sdk import BundleRuleMismatchError
+    from saferedir_sdk.bundle import classified_below
+    from saferedir_sdk.cli import main
+
+    tiny = load_bundle(bundles["red"])
+    history = {
+        "config": {"trainable": "redirection"},
+        "init": {"concept": "red", "training_config": {"trainable": "classifier", "classify_below": 0.5}},
+    }
+    path = tmp_path / "late.safetensors"
+    save_bundle(path, tiny.redirector, tiny.concept, tiny.backbone, history)
+    assert (classified_below(load_bundle(path)), classified_below(tiny)) == (0.5, 1.0)
+    assert main(["bundle", "inspect", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["classify_below"] == 0.5
+
+    def rule(decide_at_t: float) -> list[dict]:
+        return [
+            {
+                "concept": "red",
+                "category": "custom",
+                "redirector": {"path": str(path)},
+                "rewind": True,
+                "decide_at_t": decide_at_t,
+            }
+        ]
+
+    with pytest.raises(
+        GuardBuildError, match=r"trained only at normalised timesteps <= 0.5 .* decide_at_t 0.6"
+    ):
+        SafeRedirGuard.from_policy(write_policy(rule(0.6)))
+    guard = SafeRedirGuard.from_policy(write_policy(rule(0.6), fail_mode="open"))
+    assert guard.concepts == [] and "decide_at_t 0.6" in guard.fail_open[0]["reason"]
+    assert SafeRedirGuard.from_policy(write_policy(rule(0.5))).concepts == ["red"]
+    with pytest.raises(GuardBuildError) as info:
+        SafeRedirGuard.from_policy(write_policy(rule(1.0)))
+    assert isinstance(info.value.__cause__, BundleRuleMismatchError)
+
+
 # --- fuzzing ---------------------------------------------------------------------------------
 
 JSON_VALUES = st.recursive(
