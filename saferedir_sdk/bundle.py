@@ -75,13 +75,19 @@ class RedirectorBundle:
 def classified_below(bundle: RedirectorBundle) -> float:
     """The normalised timestep at or below which the bundle's classifier was trained
     (``saferedir train --classify-below``; 1: every noise level). Read from its training history:
-    the latest fit that trained the decision (a ``trainable: redirection`` fit keeps its init's)."""
+    the latest fit that trained the decision (a ``trainable: redirection`` fit keeps its init's).
+    :class:`BundleFormatError` where that history names something other than a level in (0, 1]."""
     record: Any = bundle.training
     config = record.get("config") if isinstance(record, dict) else None
     while isinstance(config, dict):
         if config.get("trainable", "all") != "redirection":
             below = config.get("classify_below", 1.0)
-            return float(below) if isinstance(below, int | float) else 1.0
+            if isinstance(below, bool) or not isinstance(below, int | float) or not 0.0 < below <= 1.0:
+                raise BundleFormatError(
+                    bundle.path or "<in-memory bundle>",
+                    f"training history: classify_below expected a number in (0, 1], got {below!r}",
+                )
+            return float(below)
         record = record.get("init") if isinstance(record, dict) else None
         config = record.get("training_config") if isinstance(record, dict) else None
     return 1.0

@@ -427,6 +427,15 @@ def check_shares(
             )
 
 
+def check_classify_below(classify_below: float, trainable: str) -> None:
+    """``ValueError`` unless ``classify_below`` is off (1) or the fit trains the classifier alone."""
+    if classify_below < 1.0 and trainable != "classifier":
+        raise ValueError(
+            f"classify_below {classify_below}: only with trainable 'classifier' (the redirection heads "
+            "move the prompt at every step, so they learn from every step)"
+        )
+
+
 def _draws(
     renoiser: Renoiser, n: int, share: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +494,8 @@ def fit_redirector(
     ``classify_below`` (with ``trainable`` "classifier"; 1: off): every row drawn, and every held-out
     row evaluated, is at a normalised timestep at or below it, for a classifier a policy asks only
     there (its rules' ``decide_at_t``): its capacity and every batch go to the noise levels where it
-    decides, none to the noisiest steps, where an outcome is not yet formed.
+    decides, none to the noisiest steps, where an outcome is not yet formed (on the Shapes striped
+    concept it did not help: benchmarks/README.md, "Striped's classifier refitted where it decides").
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
     without improvement. ``redirected`` / ``heldout_redirected``: labelled rows of trajectories the
@@ -512,11 +522,7 @@ def fit_redirector(
         renoise=renoise,
         classify_below=classify_below,
     )
-    if classify_below < 1.0 and trainable != "classifier":
-        raise ValueError(
-            f"classify_below {classify_below}: only with trainable 'classifier' (the redirection heads "
-            "move the prompt at every step, so they learn from every step)"
-        )
+    check_classify_below(classify_below, trainable)
     for name, rows in (("redirected", redirected), ("heldout_redirected", heldout_redirected)):
         if rows is not None and rows.labels is None:
             raise ValueError(

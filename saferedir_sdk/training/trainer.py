@@ -39,7 +39,14 @@ from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..policy import ConceptRule, RedirectorRef
 from ..redirector import Capacity, Redirector, RedirectorConfig
-from .fit import TRAINABLE, FitResult, check_shares, evaluate_redirector, fit_redirector
+from .fit import (
+    TRAINABLE,
+    FitResult,
+    check_classify_below,
+    check_shares,
+    evaluate_redirector,
+    fit_redirector,
+)
 from .pairs import PromptPairs
 from .trajectories import Trajectories, record_trajectories
 
@@ -117,11 +124,7 @@ class TrainConfig:
             raise ValueError("steps and refine_steps are both 0: nothing to train")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable: expected one of {TRAINABLE}, got {self.trainable!r}")
-        if self.classify_below < 1.0 and self.trainable != "classifier":
-            raise ValueError(
-                f"classify_below {self.classify_below}: only with trainable 'classifier' (the "
-                "redirection heads move the prompt at every step, so they learn from every step)"
-            )
+        check_classify_below(self.classify_below, self.trainable)
         if self.trainable == "redirection" and self.refine_steps:
             raise ValueError(
                 "trainable 'redirection' with refine_steps: refining teaches the classifier, which "

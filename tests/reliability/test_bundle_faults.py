@@ -194,6 +194,14 @@ def test_a_rule_may_not_decide_where_its_bundle_s_classifier_was_never_trained(
     with pytest.raises(GuardBuildError) as info:
         SafeRedirGuard.from_policy(write_policy(rule(1.0)))
     assert isinstance(info.value.__cause__, BundleRuleMismatchError)
+    # a history that names no level in (0, 1] is a bad bundle, not "every level"
+    for bad in ("half", float("nan"), 0.0, 1.5):
+        history["init"]["training_config"]["classify_below"] = bad
+        save_bundle(path, tiny.redirector, tiny.concept, tiny.backbone, history)
+        with pytest.raises(GuardBuildError) as info:
+            SafeRedirGuard.from_policy(write_policy(rule(0.5)))
+        assert isinstance(info.value.__cause__, BundleFormatError), bad
+        assert "classify_below expected a number in (0, 1]" in str(info.value.__cause__)
 
 
 # --- fuzzing ---------------------------------------------------------------------------------
