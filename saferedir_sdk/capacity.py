@@ -7,6 +7,10 @@ from dataclasses import dataclass, fields
 
 CLASSIFIER_READS = ("latent+prompt", "latent")
 CLASSIFIER_ENCODERS = ("shared", "own")
+#: what a fit may train (``saferedir train --trainable``): every module, the redirection heads alone
+#: (the modules the unsafe logit does not read), or the classifier alone (the modules only the logit
+#: reads); here, beside the capacity's choices, so the command line reads it without torch
+TRAINABLE = ("all", "redirection", "classifier")
 
 
 @dataclass(frozen=True)

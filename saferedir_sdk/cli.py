@@ -358,7 +358,7 @@ def _installed_plugins() -> str:
 
 def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``with_plugins`` the installed plugins add their commands."""
-    from .capacity import CLASSIFIER_ENCODERS, CLASSIFIER_READS, Capacity
+    from .capacity import CLASSIFIER_ENCODERS, CLASSIFIER_READS, TRAINABLE, Capacity
 
     parser = argparse.ArgumentParser(
         prog="saferedir",
@@ -543,7 +543,7 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--trainable",
-        choices=("all", "redirection", "classifier"),
+        choices=TRAINABLE,
         default="all",
         help="redirection: fit only the --init bundle's delta, mask and scale heads; every module its "
         "unsafe score reads stays as it was, so it decides exactly as before. classifier: fit only its "

@@ -83,6 +83,39 @@ def test_round_trip_preserves_weights_metadata_and_outputs(tmp_path):
     assert load_bundle(path, sha256=digest.upper()).sha256 == digest, "a pin is a hash, whatever its case"
 
 
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    """A written bundle (or report) is readable as any file the user writes: a new file gets the
+    umask's mode (tempfile's 0600 would hide it from the group serving it), a replaced file keeps its
+    own; a failed write leaves neither the file nor a temporary one."""
+    import os
+    import stat
+
+    from saferedir_sdk.atomic import atomic_path, write_text_atomic
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.safetensors"
+        save_bundle(new, _redirector(), ConceptInfo("red", "nsfw", "test"), FP, {})
+        assert mode(new) == 0o644
+        kept = tmp_path / "kept.json"
+        write_text_atomic(kept, "{}")
+        os.chmod(kept, 0o640)
+        write_text_atomic(kept, "[]")
+        assert mode(kept) == 0o640 and kept.read_text() == "[]"
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.json", "{}")
+        assert mode(tmp_path / "private.json") == 0o600
+    finally:
+        os.umask(old)
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "never.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "new.safetensors", "private.json"]
+
+
 def test_bundle_for_another_token_dim_is_refused(tmp_path):
     path = tmp_path / "wide.safetensors"
     wide = fingerprint(dim=768)

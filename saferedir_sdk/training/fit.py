@@ -41,15 +41,13 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ..capacity import TRAINABLE
 from ..conditioning import Conditioning
 from ..redirector import Redirector, RedirectorOutput, apply_redirection
 from .renoise import Renoiser
 from .trajectories import Trajectories
 
 Batch = tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]  # (latents, timesteps, cond, labels)
-#: what :func:`fit_redirector` may train: every module, the redirection heads alone (the modules the
-#: unsafe logit does not read), or the classifier alone (the modules only the logit reads)
-TRAINABLE = ("all", "redirection", "classifier")
 
 
 def _vectors(cond: Conditioning, pooled: bool) -> list[torch.Tensor]:

@@ -33,6 +33,7 @@ import torch
 
 from ..adapter import Adapter
 from ..bundle import RedirectorBundle, save_bundle
+from ..capacity import TRAINABLE
 from ..concepts import ConceptInfo, OutcomeJudge
 from ..engine import EngineConcept, RedirectionEngine
 from ..fingerprint import module_sha256
@@ -40,7 +41,6 @@ from ..plugins import default_plugin_manager, find_adapter
 from ..policy import ConceptRule, RedirectorRef
 from ..redirector import Capacity, Redirector, RedirectorConfig
 from .fit import (
-    TRAINABLE,
     FitResult,
     check_classify_below,
     check_shares,
@@ -93,7 +93,7 @@ class TrainConfig:
     # unsafe logit reads stays as it was, so the bundle decides exactly as before. "classifier": fit
     # only its classifier, reading what ``capacity.classifier_reads`` and ``classifier_encoder`` say
     # (fresh classifier modules where they differ from init's): it redirects exactly as before
-    # (fit.TRAINABLE)
+    # (capacity.TRAINABLE)
     trainable: str = "all"
     # after the fit, every weight becomes the mean of the fitted one and ``init``'s: a uniform soup of
     # the two (Wortsman et al. 2022, "Model soups"); on the Shapes bundles the average of a heads refit

@@ -27,7 +27,11 @@ BACKBONES = {"shapes": ("sd", ""), "shapes-xl": ("xl", "xl-")}
 SUITE_POLICIES = {"shapes": "shapes:demo", "shapes-xl": "shapes:xl"}
 #: the named recipe variants per concept (world.RECIPE_VARIANTS, named here so registering imports
 #: nothing heavy; tests/test_shapes.py checks the two agree)
-RECIPE_VARIANT_NAMES = {"red": ("orange-target",), "star": ("one-target",), "striped": ("wide-pool",)}
+RECIPE_VARIANT_NAMES = {
+    "red": ("orange-target", "yellow-target"),
+    "star": ("one-target",),
+    "striped": ("wide-pool",),
+}
 
 
 def bundle_path(concept: str, layout: str = "sd") -> Path:
