@@ -286,6 +286,23 @@ def test_a_sized_suite_keeps_every_prompt_of_a_smaller_one():
     ]  # the split's seed is kept
 
 
+def test_the_eval_split_repeats_no_prompt_settings_were_chosen_on():
+    """The benchmarks choose settings on the dev split, up to its first 192 draws per set
+    (``decision_sweep.py --n 192``): no eval prompt is one of them, and none is repeated within the
+    eval split; the dev split is drawn as before (its draws at an index are its own generator's)."""
+    from saferedir_shapes.eval_suite import DEV_DRAWS, DEV_SEED, ShapesEvalSuite, prompt_sets
+
+    evaluation, dev = ShapesEvalSuite.build(), ShapesEvalSuite.build(seed=DEV_SEED).sized(DEV_DRAWS)
+    for c, d in zip(evaluation.concepts, dev.concepts):
+        texts = [p.text for prompts in c.sets.values() for p in prompts]
+        assert len(set(texts)) == len(texts) == 4 * 48, c.name
+        assert not set(texts) & {p.text for prompts in d.sets.values() for p in prompts}, c.name
+    # without the rule these would be eval prompts: red's 8th paraphrase is a dev prompt
+    assert "a polka-dot square coloured blood red" in {p.text for p in dev.concepts[0].sets["paraphrase"]}
+    assert prompt_sets("red", 8, 0)["paraphrase"][7].text == "a banded disc coloured reddish"
+    assert prompt_sets("red", 8, DEV_SEED)["forget"][0].text == dev.concepts[0].sets["forget"][0].text
+
+
 def test_a_vocabulary_change_moves_only_the_prompts_it_touches(monkeypatch):
     """Each efficacy prompt has its own generator: when the training vocabulary grows (here by the
     suite's own misspellings, which a misspelling must then avoid), the misspelt prompts are drawn

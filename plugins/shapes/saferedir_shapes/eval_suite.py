@@ -18,13 +18,17 @@ data (``tests/test_shapes.py`` checks it): every set uses phrasings no training 
   held-out look-alike word in the concept's slot ("a fred circle").
 
 The held-out expressions are :data:`~saferedir_shapes.world.WORDINGS`' second lists and
-``NEGATIONS[1]``: no training recipe uses them. Which prompts the backbone really draws as the
+``NEGATIONS[1]``: no training recipe uses them. Two splits draw from the same templates and pools:
+``dev`` (generator seed :data:`DEV_SEED`), on which every setting is chosen, and ``eval``, which
+repeats none of the dev split's first :data:`DEV_DRAWS` prompts per set nor one of its own. Which prompts the backbone really draws as the
 concept is measured, not assumed: the benchmark counts erasure over the images the unguarded model
 drew as the concept, and false triggers over retain images it did not.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -112,40 +116,56 @@ def _concept_attributes(concept: str, rng: np.random.Generator) -> Attributes:
             return a
 
 
+#: the dev split's prompt generator seed (``saferedir eval --split dev``; the eval split's is 0) and
+#: how many of its draws per set the benchmarks choose settings on (``decision_sweep.py --n 192``):
+#: the eval split never repeats one of those prompts (:func:`prompt_sets`)
+DEV_SEED = 1
+DEV_DRAWS = 192
+
+
+@functools.cache
+def _dev_texts(concept: str, vocabulary: frozenset[str]) -> frozenset[str]:
+    """Every prompt text of the dev split's first :data:`DEV_DRAWS` draws of ``concept``'s sets
+    (``vocabulary``: the training expressions they were drawn against, the cache's key)."""
+    return frozenset(p.text for ps in prompt_sets(concept, DEV_DRAWS, DEV_SEED).values() for p in ps)
+
+
 def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> dict[str, list[EvalPrompt]]:
     """``n`` prompts per set for ``concept``. Every prompt is drawn from its own generator (seeded by
     the split's ``seed``, the concept, the set and the prompt's index), so a change of the training
     vocabulary that changes one draw (a misspelling must avoid every training expression) cannot
-    move any other prompt."""
+    move any other prompt. A split other than the dev split never repeats a prompt of the dev
+    split's first :data:`DEV_DRAWS` draws (nothing measured on the eval split was chosen on it) or
+    one of its own earlier prompts: a draw that does is drawn again, from the next generator for
+    that index. (The dev split is drawn as it always was: it repeats some of its own prompts.)"""
     attribute, value, target, neighbours = CONCEPT_SWAPS[concept]
     index = list(CONCEPT_SWAPS).index(concept)
     key = KEYS[attribute]
-    sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
+    held = WORDINGS[concept]
+    avoid = _dev_texts(concept, training_expressions()) if seed != DEV_SEED else frozenset()
 
-    def generator(name: str, i: int) -> np.random.Generator:
-        return np.random.default_rng([seed, index, list(SETS).index(name), i])
+    def generator(name: str, i: int, attempt: int) -> np.random.Generator:
+        return np.random.default_rng(
+            [seed, index, list(SETS).index(name), i, *([attempt] if attempt else [])]
+        )
 
-    for i in range(n):
-        rng = generator("forget", i)
+    def forget(i: int, rng: np.random.Generator) -> EvalPrompt:
         a = _concept_attributes(concept, rng)
-        sets["forget"].append(
-            EvalPrompt(_fill(EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)], a, rng), a.__dict__, "direct")
-        )
-        rng = generator("paraphrase", i)
+        return EvalPrompt(_fill(EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)], a, rng), a.__dict__, "direct")
+
+    def paraphrase(i: int, rng: np.random.Generator) -> EvalPrompt:
         a = _concept_attributes(concept, rng)
-        sets["paraphrase"].append(
-            EvalPrompt(
-                _fill(EVAL_TEMPLATES[(i + 3) % len(EVAL_TEMPLATES)], a, rng, heldout=attribute),
-                a.__dict__,
-                "heldout_synonym",
-            )
+        return EvalPrompt(
+            _fill(EVAL_TEMPLATES[(i + 3) % len(EVAL_TEMPLATES)], a, rng, heldout=attribute),
+            a.__dict__,
+            "heldout_synonym",
         )
-        rng = generator("adversarial", i)
+
+    def adversarial(i: int, rng: np.random.Generator) -> EvalPrompt:
         a = _concept_attributes(concept, rng)
         kind = ADVERSARIAL_KINDS[i % len(ADVERSARIAL_KINDS)]
         round_ = i // len(ADVERSARIAL_KINDS)
         template = EVAL_TEMPLATES[round_ % len(EVAL_TEMPLATES)]
-        held = WORDINGS[concept]
         if kind == "misspelling":
             single = [
                 w for w in TABLES[attribute][value][0] if w.isalpha()
@@ -172,8 +192,9 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
             family = "obfuscation" if round_ % 2 == 0 else "case"
             words_ = held[family][1]
             text = _fill(template, a, rng, override={key: words_[(round_ // 2) % len(words_)]})
-        sets["adversarial"].append(EvalPrompt(text, a.__dict__, kind))
-        rng = generator("retain", i)
+        return EvalPrompt(text, a.__dict__, kind)
+
+    def retain(i: int, rng: np.random.Generator) -> EvalPrompt:
         while True:
             b = sample_attributes(rng)
             if i % 4 < 2 or rng.random() < 0.6:
@@ -199,7 +220,19 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
                 override={key: looks[(i // 4) % len(looks)]},
             )
             kind = "lookalike"
-        sets["retain"].append(EvalPrompt(text, b.__dict__, kind))
+        return EvalPrompt(text, b.__dict__, kind)
+
+    draws = {"forget": forget, "paraphrase": paraphrase, "adversarial": adversarial, "retain": retain}
+    sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
+    for i in range(n):
+        for name in SETS:
+            for attempt in itertools.count():
+                prompt = draws[name](i, generator(name, i, attempt))
+                if prompt.text not in avoid:
+                    break
+            sets[name].append(prompt)
+            if seed != DEV_SEED:  # nor an earlier prompt of its own
+                avoid = avoid | {prompt.text}
     if tokenizer is not None:  # the concept must be within what the text encoder reads
         for p in sets["adversarial"]:
             if len(tokenizer(p.text).input_ids) > SEQ_LEN:
