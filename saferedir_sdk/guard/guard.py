@@ -17,7 +17,9 @@ With a ``rewind`` rule a call may run twice (:meth:`SafeRedirGuard._run`): first
 only deciding, on the trajectory the unguarded model takes; if they flag samples, again from the
 same starting noise (every ``torch.Generator`` among the call's arguments and the global RNG
 states restored) with the flagged samples redirected from the first check on. The first run stops
-early once every sample is flagged. The caller's step callbacks see both runs.
+early once every sample is flagged. The caller's step callbacks see both runs, but not the first
+run's latents of a sample once it is flagged (zeros in their place, as for ``block``): the
+unredirected image goes on forming there for its batch mates' sake, and a preview must not show it.
 
 This module orchestrates; :mod:`.resolve` turns the policy into enforced concepts and
 :mod:`.report` builds the report.
@@ -364,23 +366,29 @@ class SafeRedirGuard:
         )
         return None
 
-    def _blocked_rows(self, ctx: _CallContext, latents: Any) -> torch.Tensor | None:
+    def _hidden_rows(self, ctx: _CallContext, latents: Any) -> torch.Tensor | None:
         """A bool mask broadcastable over ``latents`` (B, ...): the samples a ``block`` rule flags
-        now; None when nothing blocks or ``latents`` is not shaped like the call's batch."""
+        now and, in the first run of a call with ``rewind`` rules, the samples those have flagged
+        (their unredirected trajectory goes on only until the second run replaces it); None when
+        there are none or ``latents`` is not shaped like the call's batch."""
         if (
             ctx.state is None
             or not isinstance(latents, torch.Tensor)
             or latents.shape[0] != ctx.state.batch_size
         ):
             return None
-        flagged = ctx.wrapping.engine.blocked_now(ctx.state)
+        engine = ctx.wrapping.engine
+        flagged = engine.blocked_now(ctx.state)
+        if ctx.rehearsal:
+            rehearsed = engine.flagged(ctx.state).any(dim=1)
+            flagged = rehearsed if flagged is None else flagged | rehearsed
         if flagged is None:
             return None
         return flagged.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
 
     def _withheld(self, ctx: _CallContext, latents: Any) -> Any:
-        """``latents`` with the rows of the samples a ``block`` rule flags now replaced by zeros."""
-        rows = self._blocked_rows(ctx, latents)
+        """``latents`` with the rows :meth:`_hidden_rows` names replaced by zeros."""
+        rows = self._hidden_rows(ctx, latents)
         return latents if rows is None else torch.where(rows, torch.zeros_like(latents), latents)
 
     def _withholding_callbacks(self, ctx: _CallContext, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -388,8 +396,10 @@ class SafeRedirGuard:
         (``callback_on_step_end``, a diffusers ``PipelineCallback`` included, and the legacy
         ``callback``) see zeros in place of the latents of samples a block rule flags at that
         step, and what they return for those rows is ignored (the real latents go on, so a trigger
-        that is released later continues undisturbed)."""
-        if not any(c.rule.action == "block" for c in ctx.wrapping.engine.concepts):
+        that is released later continues undisturbed). The same for the samples a ``rewind`` rule
+        has flagged in the first run of a call: what they become there is never the image."""
+        engine = ctx.wrapping.engine
+        if not engine.rewinds and not any(c.rule.action == "block" for c in engine.concepts):
             return kwargs
         kwargs = dict(kwargs)
         on_step_end = kwargs.get("callback_on_step_end")
@@ -397,7 +407,7 @@ class SafeRedirGuard:
 
             def guarded_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> Any:
                 real = tensors.get("latents")
-                rows = self._blocked_rows(ctx, real)
+                rows = self._hidden_rows(ctx, real)
                 if rows is None:
                     return on_step_end(pipe, step, t, tensors)
                 returned = on_step_end(pipe, step, t, {**tensors, "latents": torch.where(rows, 0.0, real)})

@@ -152,6 +152,38 @@ def test_block_withholds_the_flagged_latents_from_step_callbacks(pipe, write_pol
     assert not out[0].any() and torch.equal(out[1], reference[-1][1])
 
 
+def test_a_preview_never_sees_a_rewound_sample_s_unredirected_latents(pipe, write_policy, bundles):
+    """With ``rewind`` the first run goes on unredirected for a flagged sample while its batch mate
+    finishes: a step callback (a preview) sees its latents only until the rule flags it, zeros after,
+    then the redirected second run; what it returns for the hidden rows is ignored."""
+    rule = {"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"])}}
+    reference = []
+    generate(pipe, callback_on_step_end=lambda p, i, t, k: reference.append(k["latents"].clone()) or k)
+    guard = SafeRedirGuard.from_policy(write_policy([rule]))
+    plain = generate(guard.wrap(pipe)).images  # redirected from its first check, step 0
+    guard.unwrap(pipe)
+    # decide_at_t 0.3: of the tiny pipeline's 4 steps the check at step 2 is the first that decides
+    guard = SafeRedirGuard.from_policy(write_policy([{**rule, "decide_at_t": 0.3, "rewind": True}]))
+    guard.wrap(pipe)
+    seen = []
+
+    def preview(_pipe, _step, _t, tensors):
+        seen.append(tensors["latents"].clone())
+        return {"latents": tensors["latents"] * 1.0}  # hands back what it saw
+
+    images = generate(pipe, callback_on_step_end=preview).images
+    assert guard.last_report.samples[0].concepts[0].rewound and len(seen) == 2 * STEPS
+    first, second = seen[:STEPS], seen[STEPS:]
+    for step, (got, ref) in enumerate(zip(first, reference)):
+        assert torch.equal(got[1], ref[1]), "the benign sample's first run is the unguarded one"
+        if step < 2:  # before the check at step 2 flags it: what an unguarded call shows too
+            assert torch.equal(got[0], ref[0])
+        else:
+            assert not got[0].any(), f"step {step}: the flagged sample's unredirected latents are hidden"
+    assert all(s[0].abs().sum() > 0 for s in second), "the second run, redirected, is shown"
+    assert np.array_equal(images, plain), "the callback's zeros never reach the generation"
+
+
 def test_calls_on_four_threads_with_mixed_guidance_do_not_interfere(write_policy, audit_records):
     """One guard, four pipelines (one per thread: a diffusers pipeline object itself is not
     thread-safe, its scheduler keeps per-call state), guidance 1.0 and 7.5 mixed."""
