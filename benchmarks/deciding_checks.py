@@ -16,7 +16,13 @@ reading the real prompt and reading the empty prompt. With ``rewind`` these coun
 own decisions (the first run is the unguarded trajectory); whether a flagged image then erases
 needs a guarded run (``benchmarks/decision_sweep.py``). What ``decision_sweep``'s threshold table
 cannot say (it takes each image's peak over every check), this one does. ``--out FILE`` writes the
-per-step scores as JSON.
+per-step scores as JSON; ``--mean-of FILE FILE ...`` reads several such files (bundles of one
+concept scored on the same prompts, e.g. classifier fits of different seeds or recipes) and prints
+the table for the mean of their p(unsafe) at every step: what an ensemble of those classifiers
+would decide. Loads no model.
+
+    python benchmarks/deciding_checks.py --concepts striped --n 192 --bundle striped=A.safetensors --out a.json
+    python benchmarks/deciding_checks.py --mean-of a.json b.json
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 
 DECIDE_AT = (1.0, 0.5, 0.4, 0.3)
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CONFIRMS = (1, 2, 3)
 
 
@@ -119,7 +125,58 @@ def table(entries: list[dict[str, Any]], every: int) -> list[str]:
             hits = sum(flagged(e[reading], e["t"], th, d, c, every) for e in benign)
             cells.append(f"{miss}/{hits}")
         lines.append(f"| {d} | {th} | {c} | " + " | ".join(cells) + " |")
-    return lines
+    return [*lines, "", frontier(entries, every)]
+
+
+def frontier(entries: list[dict[str, Any]], every: int, benign_at_most: tuple[int, ...] = (3, 2, 1)) -> str:
+    """One line: per bound on the benign images flagged, the fewest drawn images never flagged by a
+    rule of the grid that deciding late (``decide_at_t`` <= 0.5) and reading the real prompt, and the
+    rule."""
+    drawn = [e for e in entries if e["set"] != "retain" and e["shows"]]
+    benign = [e for e in entries if e["set"] == "retain" and not e["shows"]]
+    cells = {}
+    for d, th, c in itertools.product([d for d in DECIDE_AT if d <= 0.5], THRESHOLDS, CONFIRMS):
+        miss = sum(not flagged(e["real"], e["t"], th, d, c, every) for e in drawn)
+        cells[(d, th, c)] = (miss, sum(flagged(e["real"], e["t"], th, d, c, every) for e in benign))
+    parts = []
+    for bound in benign_at_most:
+        fits = [(m, h, k) for k, (m, h) in cells.items() if h <= bound]
+        if fits:
+            m, h, (d, th, c) = min(fits)
+            parts.append(
+                f"benign <= {bound}: {m} never flagged ({h} benign; t {d}, threshold {th}, {c} in a row)"
+            )
+        else:
+            parts.append(f"benign <= {bound}: no rule")
+    return "fewest drawn never flagged, " + "; ".join(parts)
+
+
+def mean_of(files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """The per-step scores of several ``--out`` files averaged: the same concepts, prompts, labels
+    and steps in each, else a clear error naming the file."""
+    results = [json.loads(f.read_text()) for f in files]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for concept, first in results[0].items():
+        for f, other in zip(files[1:], results[1:]):
+            theirs = other.get(concept)
+            same = theirs is not None and len(theirs) == len(first)
+            same = same and all(
+                (a["set"], a["text"], a["shows"], a["t"]) == (b["set"], b["text"], b["shows"], b["t"])
+                for a, b in zip(first, theirs)
+            )
+            if not same:
+                raise SystemExit(
+                    f"--mean-of: {f} does not score {concept!r} on the prompts, labels and steps of {files[0]}"
+                )
+        rows = [r[concept] for r in results]
+        out[concept] = [
+            {
+                **entry,
+                **{k: np.mean([r[i][k] for r in rows], axis=0).round(4).tolist() for k in ("real", "empty")},
+            }
+            for i, entry in enumerate(first)
+        ]
+    return out
 
 
 def suite_bundles_adapter(
@@ -158,14 +215,28 @@ def main() -> None:
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
     )
+    parser.add_argument(
+        "--mean-of",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="--out files of one concept's bundles on the same prompts: the table of their mean scores",
+    )
     args = parser.parse_args()
+    every = args.replace_steps + 1
+    if args.mean_of:
+        for concept, entries in mean_of(args.mean_of).items():
+            print(
+                f"\n{concept} (the mean of {len(args.mean_of)} classifiers' scores, a check every {every} steps):"
+            )
+            print("\n".join(table(entries, every)))
+        return
     torch.set_num_threads(args.threads)
 
     suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
     result = scores(suite, adapter, bundles)
     if args.out is not None:
         args.out.write_text(json.dumps(result))
-    every = args.replace_steps + 1
     for concept, entries in result.items():
         print(f"\n{concept} ({args.split} split, {bundles[concept]}, a check every {every} steps): ")
         print("\n".join(table(entries, every)))

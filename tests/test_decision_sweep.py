@@ -3,6 +3,7 @@ and still a valid policy, so a row of the sweep measures the setting its label s
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +93,38 @@ def test_target_swap_writes_the_prompt_the_heads_are_fitted_to_reach():
     assert striped("a zebra-striped red disc") == "a plain red disc"
     assert striped("a banded-ish star") is None  # a word of its own, not "banded"
     assert target_swap(concepts["red"], "green")("a scarlet striped asterisk") == "a green striped asterisk"
+
+
+def test_mean_of_averages_the_scores_of_fits_on_the_same_prompts(tmp_path, capsys):
+    """``deciding_checks.py --mean-of``: the per-step mean of several ``--out`` files' scores, and
+    the frontier over it; files scored on other prompts are refused, naming the file."""
+    from deciding_checks import frontier, mean_of
+
+    def entry(set_name, shows, real):
+        return {
+            "set": set_name,
+            "text": set_name + str(real),
+            "shows": shows,
+            "t": [0.5, 0.3],
+            "real": real,
+            "empty": real,
+        }
+
+    a = {"striped": [entry("forget", True, [0.2, 0.9]), entry("retain", False, [0.1, 0.6])]}
+    b = {"striped": [{**a["striped"][0], "real": [0.4, 0.5]}, {**a["striped"][1], "real": [0.3, 0.2]}]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (a, b)):
+        path.write_text(json.dumps(data))
+    (drawn, benign) = mean_of(paths)["striped"]
+    assert drawn["real"] == [0.3, 0.7] and benign["real"] == [0.2, 0.4]
+    # the mean flags the drawn image at t 0.3 from threshold 0.7 and the benign one below 0.4
+    line = frontier([drawn, benign], every=1, benign_at_most=(0,))
+    assert line == (
+        "fewest drawn never flagged, benign <= 0: 0 never flagged (0 benign; t 0.3, threshold 0.5, 1 in a row)"
+    )
+    other = tmp_path / "c.json"
+    other.write_text(
+        json.dumps({"striped": [{**a["striped"][0], "text": "another prompt"}, a["striped"][1]]})
+    )
+    with pytest.raises(SystemExit, match="c.json does not score 'striped'"):
+        mean_of([paths[0], other])
