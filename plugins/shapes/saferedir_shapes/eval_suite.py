@@ -18,11 +18,12 @@ data (``tests/test_shapes.py`` checks it): every set uses phrasings no training 
   held-out look-alike word in the concept's slot ("a fred circle").
 
 The held-out expressions are :data:`~saferedir_shapes.world.WORDINGS`' second lists and
-``NEGATIONS[1]``: no training recipe uses them. Two splits draw from the same templates and pools:
-``dev`` (generator seed :data:`DEV_SEED`), on which every setting is chosen, and ``eval``, which
-repeats none of the dev split's first :data:`DEV_DRAWS` prompts per set nor one of its own. Which prompts the backbone really draws as the
-concept is measured, not assumed: the benchmark counts erasure over the images the unguarded model
-drew as the concept, and false triggers over retain images it did not.
+``NEGATIONS[1]``: no training recipe uses them. Two splits draw from the same templates and
+pools: ``dev`` (generator seed :data:`DEV_SEED`), on which every setting is chosen, and ``eval``,
+which repeats none of the dev split's first :data:`DEV_DRAWS` prompts per set nor one of its own.
+Which prompts the backbone really draws as the concept is measured, not assumed: the benchmark
+counts erasure over the images the unguarded model drew as the concept, and false triggers over
+retain images it did not.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
     index = list(CONCEPT_SWAPS).index(concept)
     key = KEYS[attribute]
     held = WORDINGS[concept]
-    avoid = _dev_texts(concept, training_expressions()) if seed != DEV_SEED else frozenset()
+    own = seed != DEV_SEED  # the eval split: avoids the dev split's prompts and its own earlier ones
+    avoid = set(_dev_texts(concept, training_expressions())) if own else set()
 
     def generator(name: str, i: int, attempt: int) -> np.random.Generator:
         return np.random.default_rng(
@@ -231,8 +233,8 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
                 if prompt.text not in avoid:
                     break
             sets[name].append(prompt)
-            if seed != DEV_SEED:  # nor an earlier prompt of its own
-                avoid = avoid | {prompt.text}
+            if own:
+                avoid.add(prompt.text)
     if tokenizer is not None:  # the concept must be within what the text encoder reads
         for p in sets["adversarial"]:
             if len(tokenizer(p.text).input_ids) > SEQ_LEN:
