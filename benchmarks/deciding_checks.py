@@ -109,35 +109,42 @@ def flagged(
     return False
 
 
-def table(entries: list[dict[str, Any]], every: int) -> list[str]:
+def counts(
+    entries: list[dict[str, Any]], every: int, reading: str, decide_at: tuple[float, ...] = DECIDE_AT
+) -> dict[tuple[float, float, int], tuple[int, int]]:
+    """Per rule of the grid (``decide_at_t``, threshold, ``confirm_checks``): the drawn images it
+    never flags and the benign images it flags, reading ``reading`` ("real" or "empty")."""
     drawn = [e for e in entries if e["set"] != "retain" and e["shows"]]
     benign = [e for e in entries if e["set"] == "retain" and not e["shows"]]
+    return {
+        (d, th, c): (
+            sum(not flagged(e[reading], e["t"], th, d, c, every) for e in drawn),
+            sum(flagged(e[reading], e["t"], th, d, c, every) for e in benign),
+        )
+        for d, th, c in itertools.product(decide_at, THRESHOLDS, CONFIRMS)
+    }
+
+
+def table(entries: list[dict[str, Any]], every: int) -> list[str]:
+    drawn = sum(e["set"] != "retain" and e["shows"] for e in entries)
+    benign = sum(e["set"] == "retain" and not e["shows"] for e in entries)
     lines = [
-        f"drawn {len(drawn)}, benign {len(benign)}; cells: drawn never flagged / benign flagged",
+        f"drawn {drawn}, benign {benign}; cells: drawn never flagged / benign flagged",
         "",
         "| decide_at_t | threshold | confirm_checks | real prompt | empty prompt (latent alone) |",
         "|---|---|---|---|---|",
     ]
-    for d, th, c in itertools.product(DECIDE_AT, THRESHOLDS, CONFIRMS):
-        cells = []
-        for reading in ("real", "empty"):
-            miss = sum(not flagged(e[reading], e["t"], th, d, c, every) for e in drawn)
-            hits = sum(flagged(e[reading], e["t"], th, d, c, every) for e in benign)
-            cells.append(f"{miss}/{hits}")
-        lines.append(f"| {d} | {th} | {c} | " + " | ".join(cells) + " |")
+    real, empty = counts(entries, every, "real"), counts(entries, every, "empty")
+    for (d, th, c), (miss, hits) in real.items():
+        lines.append(f"| {d} | {th} | {c} | {miss}/{hits} | {empty[(d, th, c)][0]}/{empty[(d, th, c)][1]} |")
     return [*lines, "", frontier(entries, every)]
 
 
 def frontier(entries: list[dict[str, Any]], every: int, benign_at_most: tuple[int, ...] = (3, 2, 1)) -> str:
     """One line: per bound on the benign images flagged, the fewest drawn images never flagged by a
-    rule of the grid that deciding late (``decide_at_t`` <= 0.5) and reading the real prompt, and the
+    rule of the grid that decides late (``decide_at_t`` <= 0.5) reading the real prompt, and the
     rule."""
-    drawn = [e for e in entries if e["set"] != "retain" and e["shows"]]
-    benign = [e for e in entries if e["set"] == "retain" and not e["shows"]]
-    cells = {}
-    for d, th, c in itertools.product([d for d in DECIDE_AT if d <= 0.5], THRESHOLDS, CONFIRMS):
-        miss = sum(not flagged(e["real"], e["t"], th, d, c, every) for e in drawn)
-        cells[(d, th, c)] = (miss, sum(flagged(e["real"], e["t"], th, d, c, every) for e in benign))
+    cells = counts(entries, every, "real", tuple(d for d in DECIDE_AT if d <= 0.5))
     parts = []
     for bound in benign_at_most:
         fits = [(m, h, k) for k, (m, h) in cells.items() if h <= bound]
