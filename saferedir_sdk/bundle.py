@@ -9,7 +9,9 @@ holds:
 ``saferedir.config``           JSON of :class:`RedirectorConfig` (the architecture)
 ``saferedir.concept``          JSON ``{"name", "category", "description"}``
 ``saferedir.backbone``         JSON of the :class:`BackboneFingerprint` it was trained for
-``saferedir.training``         JSON training summary (data sizes, accuracies, time, versions)
+``saferedir.training``         JSON training summary (data sizes, accuracies, time, versions);
+                               an ensemble's (:func:`ensemble_bundle`) is its base's plus
+                               ``ensemble``: each joined classifier's sha256 and training summary
 ``saferedir.upgraded_from``    only on files written by :func:`upgrade_bundle`: the old file's
                                format version and sha256
 =============================  ====================================================================
@@ -29,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +78,39 @@ class RedirectorBundle:
 def classified_below(bundle: RedirectorBundle) -> float:
     """The normalised timestep at or below which the bundle's classifier was trained
     (``saferedir train --classify-below``; 1: every noise level). Read from its training history:
-    the latest fit that trained the decision (a ``trainable: redirection`` fit keeps its init's).
-    :class:`BundleFormatError` where that history names something other than a level in (0, 1]."""
-    record: Any = bundle.training
+    the latest fit that trained the decision (a ``trainable: redirection`` fit keeps its init's); for
+    an ensemble (:func:`ensemble_bundle`) the lowest of its members'.
+    :class:`BundleFormatError` where that history names something other than a level in (0, 1], or
+    an ensemble's history does not record each of its members."""
+    path = bundle.path or "<in-memory bundle>"
+    below = _classified_below(bundle.training, path)
+    extra = bundle.config.capacity.classifier_members - 1
+    if extra:
+        ensemble = bundle.training.get("ensemble")
+        members = ensemble.get("members") if isinstance(ensemble, dict) else None
+        if (
+            not isinstance(members, list)
+            or len(members) != extra
+            or not all(isinstance(m, dict) for m in members)
+        ):
+            raise BundleFormatError(
+                path,
+                f"training history: 'ensemble.members' must record the {extra} classifier(s) joined to "
+                f"the first (saferedir bundle ensemble), got {members!r:.200}",
+            )
+        below = min([below, *(_classified_below(m.get("training"), path) for m in members)])
+    return below
+
+
+def _classified_below(record: Any, path: str | Path) -> float:
+    """:func:`classified_below` of one fit's training record (and the inits it records)."""
     config = record.get("config") if isinstance(record, dict) else None
     while isinstance(config, dict):
         if config.get("trainable", "all") != "redirection":
             below = config.get("classify_below", 1.0)
             if isinstance(below, bool) or not isinstance(below, int | float) or not 0.0 < below <= 1.0:
                 raise BundleFormatError(
-                    bundle.path or "<in-memory bundle>",
-                    f"training history: classify_below expected a number in (0, 1], got {below!r}",
+                    path, f"training history: classify_below expected a number in (0, 1], got {below!r}"
                 )
             return float(below)
         record = record.get("init") if isinstance(record, dict) else None
@@ -285,6 +310,81 @@ def load_bundle(
     if expected_backbone is not None:
         bundle.check_backbone(expected_backbone)
     return bundle
+
+
+# --- ensembles of classifiers -----------------------------------------------------------------
+
+
+def ensemble_bundle(base: str | Path, members: Sequence[str | Path], out: str | Path) -> str:
+    """Join the classifiers of ``members`` to ``base``'s and write the result to ``out``; returns
+    its sha256.
+
+    The bundle written redirects exactly as ``base`` (its every other weight is base's) and decides
+    by the mean of its K = 1 + len(members) classifiers' p(unsafe) (``classifier_members`` K): fits
+    of one classifier on other seeds or recipes (``saferedir train --trainable classifier``) whose
+    errors differ. Every file must be a bundle of one concept and backbone with the same
+    architecture and a classifier with an encoder of its own (``classifier_encoder`` "own", one
+    member each), and no two may hold the same classifier. The training history is base's, and
+    ``ensemble.members`` keeps each member's sha256 and training record (:func:`classified_below`
+    reads the lowest level any of them was trained at)."""
+    if not members:
+        raise ValueError("ensemble_bundle: expected at least one member bundle besides the base")
+    first = load_bundle(base)
+    cap = first.config.capacity
+    if cap.classifier_encoder != "own" or cap.classifier_members != 1:
+        raise BundleFormatError(
+            first.path or base,
+            "an ensemble's base needs one classifier with a latent encoder of its own (classifier_encoder "
+            f"'own', classifier_members 1), got {cap.classifier_encoder!r} with {cap.classifier_members}",
+        )
+    names = first.redirector.classifier_modules()
+
+    def classifier_of(bundle: RedirectorBundle) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in bundle.redirector.state_dict().items() if k.split(".")[0] in names}
+
+    seen = [classifier_of(first)]
+    state = first.redirector.state_dict()
+    records = []
+    for j, path in enumerate(members, 1):
+        other = load_bundle(path)
+        where = other.path or path
+        if other.config != first.config:
+            raise BundleFormatError(
+                where,
+                f"its architecture differs from the base's ({first.path}): {other.config} vs {first.config}",
+            )
+        mine, theirs = (
+            (first.concept.name, first.concept.category),
+            (other.concept.name, other.concept.category),
+        )
+        if mine != theirs:
+            raise BundleFormatError(
+                where,
+                f"trained for concept {theirs[0]!r} ({theirs[1]}), the base ({first.path}) for {mine[0]!r} ({mine[1]})",
+            )
+        other.check_backbone(first.backbone)
+        classifier = classifier_of(other)
+        if any(all(torch.equal(classifier[k], s[k]) for k in classifier) for s in seen):
+            raise BundleFormatError(
+                where,
+                "its classifier is one the ensemble already holds (the same fit twice weighs it double)",
+            )
+        seen.append(classifier)
+        state.update({f"member{j}_{k}": v for k, v in classifier.items()})
+        records.append({"sha256": other.sha256, "training": other.training})
+    config = replace(first.config, capacity=replace(cap, classifier_members=1 + len(records)))
+    with torch.random.fork_rng(devices=[]):
+        redirector = Redirector(config)
+    redirector.load_state_dict(state, strict=True)
+    training = {
+        **first.training,
+        "ensemble": {
+            "combine": "mean of the members' p(unsafe)",
+            "base": {"sha256": first.sha256},
+            "members": records,
+        },
+    }
+    return save_bundle(out, redirector, first.concept, first.backbone, training)
 
 
 # --- format 1 -> 2 --------------------------------------------------------------------------

@@ -35,6 +35,10 @@ class Capacity:
     # heads, or its "own" (with classifier_reads "latent" only): then the classifier can be fitted
     # without moving a redirection, and the heads without moving a decision
     classifier_encoder: str = "shared"
+    # how many classifiers (with classifier_encoder "own" only) decide together: p(unsafe) is the mean
+    # of their probabilities. Members are fitted one at a time and joined by ``saferedir bundle
+    # ensemble`` (a fit never trains more than one)
+    classifier_members: int = 1
 
     def __post_init__(self) -> None:
         if self.latent_readout not in ("mean", "mean+max"):
@@ -62,6 +66,11 @@ class Capacity:
             least = {"token_layers": 0, "latent_layers": 2}.get(f.name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"Capacity.{f.name}: expected an int >= {least}, got {value!r}")
+        if self.classifier_members != 1 and self.classifier_encoder != "own":
+            raise ValueError(
+                "Capacity.classifier_members: several members need classifier_encoder 'own' (each member "
+                f"is a latent encoder and classifier of its own), got {self.classifier_encoder!r}"
+            )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"Capacity.hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"

@@ -238,7 +238,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pairs = igmu_pairs(args.pairs, args.retain_file, args.igmu)
     else:
         pairs = load_pairs(args.pairs)
-    capacity = Capacity(**{f.name: getattr(args, f.name) for f in fields(Capacity)})
+    # every capacity choice has its option but the ensemble's size: a fit trains one classifier
+    capacity = Capacity(
+        **{f.name: getattr(args, f.name) for f in fields(Capacity) if f.name != "classifier_members"}
+    )
     cfg = TrainConfig(
         concept=args.concept,
         category=args.category,
@@ -313,11 +316,33 @@ def _cmd_bundle_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bundle_ensemble(args: argparse.Namespace) -> int:
+    from .bundle import ensemble_bundle
+
+    sha = ensemble_bundle(args.base, args.members, args.out)
+    print(
+        f"wrote {args.out} (sha256 {sha}): {args.base}'s redirection, deciding by the mean p(unsafe) of "
+        f"{1 + len(args.members)} classifiers (its own and those of {', '.join(map(str, args.members))})"
+    )
+    return 0
+
+
 def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
     from .bundle import classified_below, load_bundle
 
     bundle = load_bundle(args.file)
-    held = bundle.training.get("heldout", {})
+    below = classified_below(bundle)  # also checks an ensemble's record of its members
+
+    def heldout(record: Any) -> dict[str, Any]:
+        held = record.get("heldout") if isinstance(record, dict) else None
+        return held if isinstance(held, dict) else {}
+
+    held = heldout(bundle.training)
+    members = (
+        bundle.training.get("ensemble", {}).get("members", [])
+        if bundle.config.capacity.classifier_members > 1
+        else []
+    )
     print(
         json.dumps(
             {
@@ -331,7 +356,8 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
                 "backbone": bundle.backbone.to_dict(),
                 "config": bundle.config.to_dict(),
                 # a rule using it may decide only at or below this noise level (its decide_at_t)
-                "classify_below": classified_below(bundle),
+                "classify_below": below,
+                # an ensemble's: the fit of its redirection and first classifier (each member's below)
                 "heldout": {
                     k: held.get(k)
                     for k in (
@@ -341,6 +367,19 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
                         "heldout_masked_cosine",
                     )
                 },
+                **(
+                    {
+                        "ensemble_members": [
+                            {
+                                "sha256": m.get("sha256"),
+                                "heldout_accuracy": heldout(m.get("training")).get("heldout_accuracy"),
+                            }
+                            for m in members
+                        ]
+                    }
+                    if members
+                    else {}
+                ),
             },
             indent=2,
         )
@@ -573,13 +612,29 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("bundle", help="redirector bundle files: inspect, upgrade from format 1")
+    p = sub.add_parser(
+        "bundle", help="redirector bundle files: inspect, join classifiers, upgrade from format 1"
+    )
     bsub = p.add_subparsers(dest="bundle_command", required=True)
     b = bsub.add_parser(
         "inspect", help="print a bundle's concept, backbone, architecture and held-out figures"
     )
     b.add_argument("file", type=Path)
     b.set_defaults(func=_cmd_bundle_inspect)
+    b = bsub.add_parser(
+        "ensemble",
+        help="join other fits' classifiers to a bundle's: it redirects as BASE and decides by the mean "
+        "p(unsafe) of all of them",
+    )
+    b.add_argument("base", type=Path, help="the bundle whose redirection (and first classifier) is kept")
+    b.add_argument(
+        "members",
+        type=Path,
+        nargs="+",
+        help="bundles of the same concept and architecture whose classifiers join",
+    )
+    b.add_argument("--out", type=Path, required=True)
+    b.set_defaults(func=_cmd_bundle_ensemble)
     b = bsub.add_parser("upgrade", help="convert a format-1 bundle (saferedir-sdk 0.1) to format 2, exactly")
     b.add_argument("old", type=Path)
     b.add_argument("new", type=Path)

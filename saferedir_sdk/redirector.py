@@ -9,7 +9,9 @@ and predicts, in four parts:
   encoder read out by its mean, or mean and maximum: what the image is becoming), the timestep and the
   prompt (its tokens pooled, and cross-attended by the latent/time query; the pooled embedding
   when the backbone has one and the config reads it); or, with ``capacity.classifier_reads``
-  "latent", from the latent features and the timestep alone, so no wording moves the decision;
+  "latent", from the latent features and the timestep alone, so no wording moves the decision (with
+  ``classifier_encoder`` "own", through a latent encoder of its own; with ``classifier_members`` K,
+  K such classifiers whose probabilities are averaged);
 * a token-level **delta generator**: a per-token direction ``D`` per stream: a low-rank head, plus
   (with ``token_layers`` > 0) a copy head that points a token at an attention-weighted mix of its
   stream's other token embeddings. Both read token features mixed by self-attention over all the
@@ -194,6 +196,21 @@ def redirection(cond: Conditioning, out: RedirectorOutput, strength: float | tor
     return Conditioning(tokens, pooled)
 
 
+def member_prefixes(capacity: Capacity) -> tuple[str, ...]:
+    """The name prefix of each classifier member's modules (``classifier_encoder`` "own"): "" for
+    the first (the names a one-classifier bundle has), ``member{j}_`` for the j-th after it."""
+    return ("",) + tuple(f"member{j}_" for j in range(1, capacity.classifier_members))
+
+
+def mean_probability_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The logit of the mean of ``sigmoid(logits)`` over the first dimension (the members): an
+    ensemble's p(unsafe), as a logit, in log space (no overflow at large logits). A NaN member makes
+    the result NaN (never a confident "safe"); one member: its logit, unchanged."""
+    if logits.shape[0] == 1:
+        return logits[0]
+    return torch.logsumexp(F.logsigmoid(logits), dim=0) - torch.logsumexp(F.logsigmoid(-logits), dim=0)
+
+
 class Redirector(nn.Module):
     """SafeRedir redirector for one concept. See the module docstring for the four parts."""
 
@@ -241,13 +258,17 @@ class Redirector(nn.Module):
         # classifier over [latent, time, pooled tokens, attended tokens(, pooled embedding)], or over
         # [latent, time] alone (capacity.classifier_reads "latent": the first two parts of ``fused``)
         self.classifier_parts = parts if cap.classifier_reads == "latent+prompt" else 2
-        self.classifier = nn.Sequential(
-            nn.Linear(self.classifier_parts * h, h),
-            nn.SiLU(),
-            nn.Linear(h, h // 2),
-            nn.SiLU(),
-            nn.Linear(h // 2, 1),
-        )
+
+        def classifier_head() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(self.classifier_parts * h, h),
+                nn.SiLU(),
+                nn.Linear(h, h // 2),
+                nn.SiLU(),
+                nn.Linear(h // 2, 1),
+            )
+
+        self.classifier = classifier_head()
         self.context = nn.Linear(parts * h, h)
         # token-level heads, conditioned on the fused context and mixed across tokens
         self.token_layers = nn.ModuleList(
@@ -269,6 +290,16 @@ class Redirector(nn.Module):
         if config.pooled_dim:
             self.pooled_delta = nn.Sequential(nn.Linear(h, cap.rank), nn.Linear(cap.rank, config.pooled_dim))
             self.pooled_gate = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
+        # the other classifier members (made last: a one-member redirector is built as before)
+        for prefix in member_prefixes(cap)[1:]:
+            setattr(self, f"{prefix}classifier_latent_encoder", latent_encoder())
+            setattr(self, f"{prefix}classifier_latent_proj", nn.Linear(readout, h))
+            setattr(
+                self,
+                f"{prefix}classifier_time_mlp",
+                nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h)),
+            )
+            setattr(self, f"{prefix}classifier", classifier_head())
 
     def decision_modules(self) -> tuple[str, ...]:
         """The submodules whose weights the unsafe logit reads: the latent encoder, the timestep
@@ -288,13 +319,18 @@ class Redirector(nn.Module):
     def classifier_modules(self) -> tuple[str, ...]:
         """The submodules only the unsafe logit reads (``fit_redirector(trainable="classifier")``
         fits these and nothing else, so every direction, mask and scale stays as it was): the
-        classifier head, and with ``classifier_encoder`` "own" its latent encoder and timestep MLP."""
+        classifier head, and with ``classifier_encoder`` "own" its latent encoder and timestep MLP
+        (those of every member)."""
         if self.config.capacity.classifier_encoder == "own":
-            return (
-                "classifier_latent_encoder",
-                "classifier_latent_proj",
-                "classifier_time_mlp",
-                "classifier",
+            return tuple(
+                f"{prefix}{name}"
+                for prefix in member_prefixes(self.config.capacity)
+                for name in (
+                    "classifier_latent_encoder",
+                    "classifier_latent_proj",
+                    "classifier_time_mlp",
+                    "classifier",
+                )
             )
         return ("classifier",)
 
@@ -305,6 +341,14 @@ class Redirector(nn.Module):
         if self.config.capacity.latent_readout == "mean+max":
             z = torch.cat([z, latent_map.amax(dim=(2, 3))], dim=-1)  # (B, 2h)
         return getattr(self, f"{prefix}latent_proj")(z)
+
+    def _member_logit(self, prefix: str, pooled: torch.Tensor, t_features: torch.Tensor) -> torch.Tensor:
+        """(B,) unsafe logit of the classifier member ``prefix`` (encoder "own": latent and timestep)."""
+        own = [
+            self._latent_features(f"{prefix}classifier_", pooled),
+            getattr(self, f"{prefix}classifier_time_mlp")(t_features),
+        ]
+        return getattr(self, f"{prefix}classifier")(torch.cat(own, dim=-1)).squeeze(-1)
 
     def check_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> None:
         """Raise :class:`TensorShapeError` naming the tensor whose shape does not fit the config."""
@@ -355,9 +399,12 @@ class Redirector(nn.Module):
             features.append(self.pooled_proj(self.pooled_norm(cond.pooled.to(dtype))))  # type: ignore[union-attr]
         fused = torch.cat(features, dim=-1)  # (B, parts * h)
 
-        if cfg.capacity.classifier_encoder == "own":
-            own = [self._latent_features("classifier_", pooled_latent), self.classifier_time_mlp(t_features)]
-            logit = self.classifier(torch.cat(own, dim=-1)).squeeze(-1)
+        if cfg.capacity.classifier_encoder == "own":  # each member on the latent and timestep alone
+            logit = mean_probability_logit(
+                torch.stack(
+                    [self._member_logit(p, pooled_latent, t_features) for p in member_prefixes(cfg.capacity)]
+                )
+            )
         else:
             logit = self.classifier(fused[:, : self.classifier_parts * h]).squeeze(-1)
         context = self.context(fused)

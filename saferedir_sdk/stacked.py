@@ -32,7 +32,14 @@ from torch.autograd.profiler import record_function
 from torch.nn import functional as F
 
 from .conditioning import Conditioning
-from .redirector import Redirector, RedirectorConfig, RedirectorOutput, timestep_embedding
+from .redirector import (
+    Redirector,
+    RedirectorConfig,
+    RedirectorOutput,
+    mean_probability_logit,
+    member_prefixes,
+    timestep_embedding,
+)
 
 
 class StackedRedirectors:
@@ -204,9 +211,13 @@ class StackedRedirectors:
                 features.append(linear("pooled_proj", layer_norm("pooled_norm", pooled, shared=True)))
             fused = torch.cat(features, dim=-1)  # (K, B, parts * h)
 
-            if cap.classifier_encoder == "own":
-                own = torch.cat([latent_features("classifier_"), time_features("classifier_")], dim=-1)
-                logit = mlp("classifier", own, (0, 2, 4)).squeeze(-1)
+            if cap.classifier_encoder == "own":  # every member, then the mean of their probabilities
+
+                def member_logit(prefix: str) -> torch.Tensor:
+                    own = [latent_features(f"{prefix}classifier_"), time_features(f"{prefix}classifier_")]
+                    return mlp(f"{prefix}classifier", torch.cat(own, dim=-1), (0, 2, 4)).squeeze(-1)
+
+                logit = mean_probability_logit(torch.stack([member_logit(p) for p in member_prefixes(cap)]))
             else:
                 logit = mlp("classifier", fused[..., : self._classifier_width], (0, 2, 4)).squeeze(-1)
         with record_function("saferedir.token_heads"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -275,7 +275,8 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     bundle records its three fits, with the script's training seed, steps and sampler seeds: the
     redirection (star's on its one-target recipe) with a classifier reading latent, timestep and
     prompt; a latent-only classifier with an encoder of its own, renoised, nothing else trainable;
-    the redirection heads refitted and averaged with the second fit."""
+    the redirection heads refitted and averaged with the second fit; striped's joined by two more
+    classifier fits (wide-pool recipe, below t 0.5, seeds 0 1 and 0 1 2 3)."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
@@ -303,7 +304,26 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
         assert recorded == (int(seed), 1200, [0, 1], 0.5, "classifier"), concept
         capacity = bundle.config.capacity
         assert (capacity.classifier_reads, capacity.classifier_encoder) == ("latent", "own"), concept
-        assert asdict(capacity) == third["capacity"] == second["capacity"], concept
+        one = asdict(replace(capacity, classifier_members=1))
+        assert {**one, "classifier_members": 1} == {"classifier_members": 1, **third["capacity"]}, concept
+        assert third["capacity"] == second["capacity"], concept
+        members = bundle.training.get("ensemble", {}).get("members", [])
+        assert capacity.classifier_members == 1 + len(members), concept
+        if concept == "striped":  # and two more classifiers: wide-pool recipe, t <= 0.5, two seed sets
+            fits = [m["training"] for m in members]
+            assert [f["config"]["seeds"] for f in fits] == [[0, 1], [0, 1, 2, 3]]
+            for fit in fits:
+                c = fit["config"]
+                recorded = (c["seed"], c["steps"], c["renoise"], c["trainable"], c["classify_below"])
+                assert recorded == (int(seed), 1200, 0.5, "classifier", 0.5)
+                assert c["capacity"] == second["capacity"], concept
+                # from the same first fit (recorded by a later SDK, which also records defaults)
+                theirs = fit["init"]["training_config"]
+                assert {k: v for k, v in first.items() if k != "capacity"}.items() <= theirs.items()
+                assert first["capacity"].items() <= theirs["capacity"].items(), concept
+                assert fit["data"]["retain_pool"] == 4 * bundle.training["data"]["retain_pool"]
+        else:
+            assert not members, concept
         assert (first["seed"], first["steps"], first["seeds"]) == (int(seed), 1200, [0, 1]), concept
         assert first["capacity"].get("classifier_reads", "latent+prompt") == "latent+prompt", concept
         assert first.get("renoise", 0.0) == 0.0, concept

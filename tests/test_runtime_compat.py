@@ -15,10 +15,11 @@ from torch._dynamo.utils import counters
 from saferedir_sdk import SafeRedirGuard
 
 PROMPTS = ["a red circle", "a blue square"]
+STEPS = 15  # few enough to be quick, enough for every rule of shapes:demo to decide (its policy says)
 
 
 def run(pipe, guard):
-    out = pipe(PROMPTS, num_inference_steps=12, generator=torch.Generator().manual_seed(1), output_type="np")
+    out = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="np")
     return np.asarray(out.images, dtype=np.float32), [s.action for s in guard.last_report.samples]
 
 
@@ -86,7 +87,7 @@ def test_pipe_to_dtype_after_wrap(reference, dtype, atol):
     np.testing.assert_allclose(images, reference[0], atol=atol)
     unguarded = load_shapes_pipeline().to(dtype)
     plain = unguarded(
-        PROMPTS, num_inference_steps=12, generator=torch.Generator().manual_seed(1), output_type="np"
+        PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="np"
     )
     assert np.abs(np.asarray(plain.images, dtype=np.float32)[0] - images[0]).max() > 10 * atol, (
         "the redirection still changes the red circle in this dtype"

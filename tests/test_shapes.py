@@ -324,9 +324,10 @@ def test_a_vocabulary_change_moves_only_the_prompts_it_touches(monkeypatch):
                     assert new == old, (concept, name, old.text, new.text)
 
 
-def test_demo_policy_refuses_a_call_too_short_for_its_red_rule_to_decide(shapes_pipe):
+def test_demo_policy_refuses_a_call_too_short_for_its_rules_to_decide(shapes_pipe):
     """shapes:demo's red rule decides at noise levels <= 0.35 and confirms with 2 hits: 10 steps give
-    it one such check (t 0.2), so the call enforces nothing for red and fails closed."""
+    it one such check (t 0.2), so the call enforces nothing for red and fails closed; striped's
+    confirms with 3 hits at those levels, which 12 steps (2 such checks) cannot give it either."""
     from saferedir_sdk import EnforcementError, SafeRedirGuard
 
     guard = SafeRedirGuard.from_policy("shapes:demo")
@@ -336,7 +337,11 @@ def test_demo_policy_refuses_a_call_too_short_for_its_red_rule_to_decide(shapes_
             EnforcementError, match=r"rule 'red' had 1 check\(s\) that could trigger.*needs 2"
         ):
             shapes_pipe(["a blue square"], num_inference_steps=10, output_type="np")
-        shapes_pipe(["a blue square"], num_inference_steps=12, output_type="np")
+        with pytest.raises(
+            EnforcementError, match=r"rule 'striped' had 2 check\(s\) that could trigger.*needs 3"
+        ):
+            shapes_pipe(["a blue square"], num_inference_steps=12, output_type="np")
+        shapes_pipe(["a blue square"], num_inference_steps=17, output_type="np")
     finally:
         guard.unwrap(shapes_pipe)
     assert guard.last_report.outcome == "ok"

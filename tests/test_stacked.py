@@ -37,6 +37,15 @@ VARIANTS = [
         classifier_reads="latent",
         classifier_encoder="own",
     ),  # fmt: skip
+    Capacity(
+        hidden_dim=64,
+        rank=8,
+        num_heads=4,
+        latent_pool=8,
+        classifier_reads="latent",
+        classifier_encoder="own",
+        classifier_members=3,
+    ),  # fmt: skip  (an ensemble of three classifiers: saferedir bundle ensemble)
 ]
 LAYOUTS = {"sd": ([(77, 32)], 0), "sdxl": ([(77, 32), (77, 48)], 40)}
 
@@ -76,6 +85,7 @@ def inputs(cfg: RedirectorConfig, b: int = 3, seed: int = 1):
     VARIANTS,
     ids=lambda c: (
         f"h{c.hidden_dim}-tl{c.token_layers}-{c.latent_readout}-{c.classifier_reads}-{c.classifier_encoder}"
+        f"-m{c.classifier_members}"
     ),
 )
 def test_stacked_matches_each_redirector_alone(layout, capacity):

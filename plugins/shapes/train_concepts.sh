@@ -13,7 +13,7 @@ train() {
   "$BIN/saferedir" train --backbone shapes --seeds 0 1 --steps 1200 --patience 0 \
     --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}" "$@"
 }
-# Each bundle is made in three fits, the second and third each moving nothing the other reads
+# Each bundle is made in three fits (striped's then joined by two more classifiers, below), the second and third each moving nothing the other reads
 # (benchmarks/README.md, "Deciding and redirecting apart", "Latent-only classifiers for red and
 # striped" and "Averaging a refit of the heads with its init"):
 #   1. the redirection: a bundle on the concept's recipe (star: its one-target recipe, every star
@@ -38,8 +38,24 @@ for spec in red:nsfw:0: striped:artist_style:1: star:object:1:one-target; do
     --out "$stage/$concept-2.safetensors" --seed "$seed" --init "$stage/$concept-1.safetensors" \
     --trainable classifier --classifier-reads latent --classifier-encoder own --renoise 0.5
   train --concept "$concept" --category "$category" --pairs "$recipe" \
-    --out "$OUT/$concept.safetensors" --seed "$seed" --init "$stage/$concept-2.safetensors" \
+    --out "$stage/$concept-3.safetensors" --seed "$seed" --init "$stage/$concept-2.safetensors" \
     --trainable redirection --steps 500 --average-init
+  if [[ $concept != striped ]]; then
+    cp "$stage/$concept-3.safetensors" "$OUT/$concept.safetensors"
+    continue
+  fi
+  # striped decides by three classifiers (benchmarks/README.md, "An ensemble of classifiers for
+  # striped"): the second fit's and two more fits of it from the first fit, on the wide-pool recipe
+  # (four times the benign pool), trained at normalised timesteps <= 0.5 only, on sampler seeds 0 1
+  # and 0 1 2 3 (the later --seeds replaces train's); the mean of their p(unsafe) decides
+  for seeds in "0 1" "0 1 2 3"; do
+    train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept:wide-pool" \
+      --out "$stage/$concept-2-${seeds// /}.safetensors" --seed "$seed" --init "$stage/$concept-1.safetensors" \
+      --trainable classifier --classifier-reads latent --classifier-encoder own --renoise 0.5 \
+      --classify-below 0.5 --seeds $seeds
+  done
+  "$BIN/saferedir" bundle ensemble "$stage/$concept-3.safetensors" "$stage/$concept-2-01.safetensors" \
+    "$stage/$concept-2-0123.safetensors" --out "$OUT/$concept.safetensors"
 done
 echo "sha256 pins for saferedir_shapes/policies/demo.yaml:"
 sha256sum "$OUT"/red.safetensors "$OUT"/striped.safetensors "$OUT"/star.safetensors

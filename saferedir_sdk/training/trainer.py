@@ -331,6 +331,13 @@ def train_bundle(
                 f"({cfg.capacity.classifier_reads}/{cfg.capacity.classifier_encoder} against "
                 f"{capacity.classifier_reads}/{capacity.classifier_encoder}): there is no weight to average it with"
             )
+    if cfg.capacity.classifier_members > 1 and cfg.trainable != "redirection":
+        raise ValueError(
+            f"trainable {cfg.trainable!r}: a fit trains one classifier, this architecture has "
+            f"{cfg.capacity.classifier_members} (an ensemble): fit each member alone (trainable "
+            "'classifier') and join them with `saferedir bundle ensemble`; from an ensemble only "
+            "trainable 'redirection' fits"
+        )
     cfg = with_sampler_defaults(cfg, adapter)
     train_pairs, held_pairs = pairs.split(cfg.heldout_fraction, cfg.seed)
     sets = {
