@@ -19,7 +19,9 @@ STEPS = 15  # few enough to be quick, enough for every rule of shapes:demo to de
 
 
 def run(pipe, guard):
-    out = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="np")
+    out = pipe(
+        PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="np"
+    )
     return np.asarray(out.images, dtype=np.float32), [s.action for s in guard.last_report.samples]
 
 
