@@ -338,11 +338,7 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
         return held if isinstance(held, dict) else {}
 
     held = heldout(bundle.training)
-    members = (
-        bundle.training.get("ensemble", {}).get("members", [])
-        if bundle.config.capacity.classifier_members > 1
-        else []
-    )
+    members = bundle.training["ensemble"]["members"] if bundle.config.capacity.classifier_members > 1 else []
     print(
         json.dumps(
             {

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import RED_PAIRS
+from helpers import RED_PAIRS, STEPS
 from saferedir_adapters.tiny import tiny_sd_pipeline
 from test_bundle import FP, _inputs
 
@@ -161,3 +161,32 @@ def test_saferedir_bundle_ensemble_writes_and_inspect_shows_every_member(tmp_pat
     shown = json.loads(capsys.readouterr().out)
     assert shown["classify_below"] == 0.5 and shown["config"]["capacity"]["classifier_members"] == 2
     assert shown["ensemble_members"] == [{"sha256": load_bundle(b).sha256, "heldout_accuracy": 0.9}]
+
+
+def test_a_redirection_refit_of_an_ensemble_keeps_every_member_and_its_record(tmp_path):
+    """``trainable redirection`` from an ensemble: every classifier weight as it was, and the record
+    of the members carried over (without it the bundle written could not say where it may decide)."""
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    pipe = tiny_sd_pipeline(0)
+    fp = StableDiffusionAdapter(pipe).fingerprint()
+    red = ("red", "custom")
+    base = _bundle(tmp_path / "base.safetensors", 0, concept=red, fp=fp)
+    member = _bundle(tmp_path / "m.safetensors", 1, concept=red, fp=fp, classify_below=0.5)
+    ensemble_bundle(base, [member], tmp_path / "ens.safetensors")
+    init = load_bundle(tmp_path / "ens.safetensors")
+    cfg = TrainConfig(
+        concept="red", category="custom", seeds=(0,), num_inference_steps=STEPS, guidance_scale=7.5,
+        steps=5, eval_every=5, batch_size=16, trainable="redirection",
+    )  # fmt: skip
+    out = tmp_path / "refit.safetensors"
+    train_bundle(
+        pipe, PromptPairs(list(RED_PAIRS) * 2, []), cfg, out, cache_dir=None, init=init, progress=False
+    )
+    refit = load_bundle(out)
+    assert refit.training["ensemble"] == init.training["ensemble"] and classified_below(refit) == 0.5
+    before, after = init.redirector.state_dict(), refit.redirector.state_dict()
+    decision = init.redirector.decision_modules()
+    assert {k.split(".")[0] for k in before if k.startswith("member1_")} <= set(decision)
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if k.split(".")[0] in decision)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.split(".")[0] not in decision)

@@ -13,9 +13,10 @@ train() {
   "$BIN/saferedir" train --backbone shapes --seeds 0 1 --steps 1200 --patience 0 \
     --cache "${CACHE:-$HOME/.cache/saferedir/trajectories}" "$@"
 }
-# Each bundle is made in three fits (striped's then joined by two more classifiers, below), the second and third each moving nothing the other reads
-# (benchmarks/README.md, "Deciding and redirecting apart", "Latent-only classifiers for red and
-# striped" and "Averaging a refit of the heads with its init"):
+# Each bundle is made in three fits (striped's then joined by two more classifiers, below), the
+# second and third each moving nothing the other reads (benchmarks/README.md, "Deciding and
+# redirecting apart", "Latent-only classifiers for red and striped" and "Averaging a refit of the
+# heads with its init"):
 #   1. the redirection: a bundle on the concept's recipe (star: its one-target recipe, every star
 #      paired with a cross), whose classifier reads the latent, timestep and prompt;
 #   2. the classifier: on the recipe, from the first fit (--init, --trainable classifier), with a

@@ -467,6 +467,8 @@ def train_bundle(
             if init
             else {}
         ),
+        # an ensemble's other classifiers, unchanged by the (redirection-only) fit from it
+        **({"ensemble": init.training["ensemble"]} if init and "ensemble" in init.training else {}),
         "seconds": {
             "collect": round(t_collect, 1),
             "fit": round(result.seconds, 1),
