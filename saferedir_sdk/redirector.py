@@ -240,10 +240,19 @@ class Redirector(nn.Module):
         self.latent_encoder = latent_encoder()
         self.latent_proj = nn.Linear(readout, h)
         self.time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
-        if cap.classifier_encoder == "own":  # the classifier's own copy of the three (same shapes)
-            self.classifier_latent_encoder = latent_encoder()
-            self.classifier_latent_proj = nn.Linear(readout, h)
-            self.classifier_time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+
+        def own_encoder(prefix: str) -> None:
+            """A classifier member's own copy of the three (same shapes), named ``{prefix}classifier_*``."""
+            setattr(self, f"{prefix}classifier_latent_encoder", latent_encoder())
+            setattr(self, f"{prefix}classifier_latent_proj", nn.Linear(readout, h))
+            setattr(
+                self,
+                f"{prefix}classifier_time_mlp",
+                nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h)),
+            )
+
+        if cap.classifier_encoder == "own":  # the first member's (the names a one-classifier bundle has)
+            own_encoder("")
         # one input projection and position table per token stream; the streams' tokens are then
         # one sequence
         self.token_norms = nn.ModuleList(nn.LayerNorm(s.dim) for s in config.streams)
@@ -292,13 +301,7 @@ class Redirector(nn.Module):
             self.pooled_gate = nn.Sequential(nn.Linear(h, h // 2), nn.SiLU(), nn.Linear(h // 2, 1))
         # the other classifier members (made last: a one-member redirector is built as before)
         for prefix in member_prefixes(cap)[1:]:
-            setattr(self, f"{prefix}classifier_latent_encoder", latent_encoder())
-            setattr(self, f"{prefix}classifier_latent_proj", nn.Linear(readout, h))
-            setattr(
-                self,
-                f"{prefix}classifier_time_mlp",
-                nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h)),
-            )
+            own_encoder(prefix)
             setattr(self, f"{prefix}classifier", classifier_head())
 
     def decision_modules(self) -> tuple[str, ...]:
