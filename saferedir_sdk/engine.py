@@ -26,7 +26,8 @@ at any number of steps). ``deciding_checks`` counts the checks that could trigge
 refuses a call in which a rule had too few to decide (fail closed). A ``rewind`` rule does not move
 anything while the state is a *rehearsal* (the guard's first run of a call): the samples it confirms there are
 :meth:`RedirectionEngine.flagged`, and a state made with them (``init_state(cond, flagged)``, the
-guard's second run from the same noise) has them stuck from the first check on. In either run a
+guard's second run from the same noise) has them stuck from the first check on (moved from the
+first step at or below the rule's ``redirect_at_t``, 1 by default: from the first). In either run a
 ``rewind`` rule acts only on samples it confirmed (``confirm_checks`` hits in a row): the second run
 replays the first run's trajectory for the samples it did not flag, so an unconfirmed hit there must
 not move them (their images would depend on whether a batch mate was flagged).
@@ -97,6 +98,8 @@ class EngineState:
             checks that could trigger).
         persist: (B, K) int64, consecutive deciding checks that saw the concept while the rule was
             already moving the sample (0 after a deciding check that did not).
+        timestep: the normalised timestep of the step last run (() or (B,) on the device; None
+            before the first): a rule moves a sample only at or below its ``redirect_at_t``.
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -118,6 +121,7 @@ class EngineState:
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
     rehearsal: bool = False
+    timestep: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -163,6 +167,7 @@ class _Settings:
 
     threshold: torch.Tensor
     decide_at_t: torch.Tensor
+    redirect_at_t: torch.Tensor
     strength: torch.Tensor
     confirm_checks: torch.Tensor
     escalate: torch.Tensor
@@ -201,6 +206,7 @@ class _Group:
         self.acting_uncond = any(r.action == "redirect" and r.apply_to_uncond for r in rules)
         self.blocks = any(r.action == "block" for r in rules)
         self.rewinds = any(r.rewind for r in rules)
+        self.moves_late = any(r.redirect_at_t < 1.0 for r in rules)
         self._settings: dict[torch.device, _Settings] = {}
         self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
@@ -218,6 +224,11 @@ class _Group:
             self._settings[device] = _Settings(
                 threshold=column([r.threshold for r in rules], torch.float32),
                 decide_at_t=column([r.decide_at_t for r in rules], torch.float32),
+                # 1 = every step, whatever a backbone's first normalised timestep rounds to
+                redirect_at_t=column(
+                    [r.redirect_at_t if r.redirect_at_t < 1.0 else float("inf") for r in rules],
+                    torch.float32,
+                ),
                 strength=column([r.strength for r in rules], torch.float32),
                 confirm_checks=column([r.confirm_checks for r in rules], torch.int64),
                 escalate=column([r.escalate for r in rules], torch.float32),
@@ -368,6 +379,7 @@ class RedirectionEngine:
                 continue
             self._check_group(group, state, latents, timestep, cond, step, g)
         state.step = step + 1
+        state.timestep = timestep
         new_cond = self._apply(cond, state, step, uncond_side=False)
         new_uncond = None if uncond is None else self._apply(uncond, state, step, uncond_side=True)
         return new_cond, new_uncond, state
@@ -452,6 +464,9 @@ class RedirectionEngine:
             on = state.triggered[:, group.columns] & (p.apply_to_uncond if uncond_side else p.redirect)
             if state.rehearsal:  # a rewind rule only decides in the first run
                 on = on & ~p.rewind
+            if group.moves_late and state.timestep is not None:  # from its redirect_at_t on
+                # "not above": a NaN timestep moves the sample (it never reads as "not yet")
+                on = on & ~(state.timestep.float().reshape(-1, 1) > p.redirect_at_t)
             if not uncond_side:
                 state.applied[:, group.columns] = state.applied[:, group.columns] | on
             contribution = _masked_sum(state.deltas[g], on.T)

@@ -104,8 +104,17 @@ class RuleSettings(_Strict):
         description="Decide on the unredirected trajectory, then redirect from the start: the call first runs "
         "with this rule only watching; if it flags samples (sticky, confirmed), the call runs again from the "
         "same starting noise (the generators' and global RNG states restored) with those samples redirected "
-        "from the rule's first check. Costs the first run's steps again, on calls that flag; a call that "
+        "from the rule's first check (or its redirect_at_t). Costs the first run's steps again, on calls that flag; a call that "
         "flags nothing runs once. Needs sticky and action redirect.",
+    )
+    redirect_at_t: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="With rewind: the regenerated samples are moved only at steps whose normalised timestep is at "
+        "or below this (a noise level, like decide_at_t): the start of the trajectory, where the layout forms, is "
+        "the unredirected one, and the push starts where the concept forms. Must be at or above decide_at_t (a "
+        "rule escalates at checks that decide, which must find the sample moving). 1: from the first step.",
     )
     escalate: float = Field(
         1.0,
@@ -266,6 +275,21 @@ class Policy(_Strict):
                     f"concept '{rule.concept}': rewind needs action redirect and sticky true (got action "
                     f"{rule.action}, sticky {str(rule.sticky).lower()}): it regenerates the samples a "
                     "confirmed trigger flags, redirected from the start"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _redirect_at_t_needs_a_rewind(self) -> Policy:
+        for rule in self.effective_rules():
+            if rule.redirect_at_t < 1.0 and not rule.rewind:
+                raise ValueError(
+                    f"concept '{rule.concept}': redirect_at_t {rule.redirect_at_t} needs rewind true: only a "
+                    "regenerated trajectory, decided on beforehand, can start its redirection late"
+                )
+            if rule.redirect_at_t < rule.decide_at_t:
+                raise ValueError(
+                    f"concept '{rule.concept}': redirect_at_t ({rule.redirect_at_t}) must be at or above "
+                    f"decide_at_t ({rule.decide_at_t}): a check that decides must find the sample moving"
                 )
         return self
 

@@ -385,3 +385,21 @@ def test_a_redirection_the_latent_still_contradicts_is_unresolved(recorded, late
         _, _, state = reading.step(f.latents, t, f.cond, state)
     ((d,),) = reading.decisions(state)
     assert d.triggered and d.unresolved is None
+
+
+def test_a_flagged_sample_moves_only_at_or_below_redirect_at_t_per_sample(recorded):
+    forget, _, red, _, _ = recorded
+    two = forget.select(torch.tensor([0, 1]))
+    engine = RedirectionEngine(
+        [EngineConcept(rule(replace_steps=0, rewind=True, redirect_at_t=0.6), red.redirector)]
+    )
+    flagged = torch.ones(2, 1, dtype=torch.bool)
+    state = engine.init_state(two.cond, flagged)
+    moved, _, state = engine.step(two.latents, torch.tensor(0.9), two.cond, state)
+    assert torch.equal(moved.tokens[0], two.cond.tokens[0]) and not state.applied.any()
+    # per-sample timesteps: the first above the level, the second at it
+    state = engine.init_state(two.cond, flagged)
+    moved, _, state = engine.step(two.latents, torch.tensor([0.9, 0.6]), two.cond, state)
+    assert torch.equal(moved.tokens[0][0], two.cond.tokens[0][0])
+    assert not torch.equal(moved.tokens[0][1], two.cond.tokens[0][1])
+    assert state.applied.tolist() == [[False], [True]]

@@ -96,3 +96,41 @@ def test_the_second_run_replays_the_global_rng_when_no_generator_is_passed(pipe,
 def test_rewind_needs_a_sticky_redirect_rule(write_policy, bundles, extra):
     with pytest.raises(PolicyError, match="concept 'red': rewind needs action redirect and sticky true"):
         SafeRedirGuard.from_policy(write_policy(red_rule(bundles, rewind=True, **extra)))
+
+
+def test_redirect_at_t_leaves_the_regenerated_sample_unmoved_until_that_noise_level(
+    pipe, write_policy, bundles
+):
+    reference = UNetRecorder(pipe.unet)
+    base = generate(pipe).images
+    reference.remove()
+    _, _, from_start = run(pipe, write_policy(red_rule(bundles, decide_at_t=0.3, rewind=True)))
+    # t 0.751 (step 0) is above 0.6: the second run moves the flagged sample from step 1 on
+    policy = write_policy(red_rule(bundles, decide_at_t=0.3, rewind=True, redirect_at_t=0.6))
+    images, report, calls = run(pipe, policy)
+    assert len(calls) == 2 * STEPS
+    second, b = calls[STEPS:], 2  # rows [uncond; cond] of a batch of 2: "a red circle" is row 2
+    assert torch.equal(second[0]["ehs"], reference.calls[0]["ehs"]), "step 0 unmoved"
+    for got, ref in zip(second[1:], reference.calls[1:]):
+        assert not torch.equal(got["ehs"][b], ref["ehs"][b]), "moved from step 1"
+        assert torch.equal(got["ehs"][b + 1], ref["ehs"][b + 1]), "the unflagged sample never"
+        assert torch.equal(got["ehs"][:b], ref["ehs"][:b]), "nor the unconditional half"
+    assert not torch.equal(second[1]["sample"], from_start[STEPS + 1]["sample"]), "a later start differs"
+    assert np.array_equal(images[1], base[1]) and not np.array_equal(images[0], base[0])
+    red = report.samples[0].concepts[0]
+    assert red.rewound and red.applied and report.samples[0].action == "redirected"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"redirect_at_t": 0.6}, "redirect_at_t 0.6 needs rewind true"),
+        (
+            {"redirect_at_t": 0.2, "decide_at_t": 0.3, "rewind": True},
+            r"redirect_at_t \(0.2\) must be at or above decide_at_t \(0.3\)",
+        ),
+    ],
+)
+def test_redirect_at_t_needs_a_rewind_rule_deciding_at_or_below_it(write_policy, bundles, extra, message):
+    with pytest.raises(PolicyError, match=f"concept 'red': {message}"):
+        SafeRedirGuard.from_policy(write_policy(red_rule(bundles, **extra)))
