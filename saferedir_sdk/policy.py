@@ -104,8 +104,8 @@ class RuleSettings(_Strict):
         description="Decide on the unredirected trajectory, then redirect from the start: the call first runs "
         "with this rule only watching; if it flags samples (sticky, confirmed), the call runs again from the "
         "same starting noise (the generators' and global RNG states restored) with those samples redirected "
-        "from the rule's first check (or its redirect_at_t). Costs the first run's steps again, on calls that flag; a call that "
-        "flags nothing runs once. Needs sticky and action redirect.",
+        "from the rule's first check (or its redirect_at_t). Costs the first run's steps again, on calls that "
+        "flag; a call that flags nothing runs once. Needs sticky and action redirect.",
     )
     redirect_at_t: float = Field(
         1.0,
