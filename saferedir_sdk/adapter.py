@@ -103,6 +103,17 @@ class Adapter(ABC):
         enforcement failure, not a silent bypass)."""
         return {"denoiser": self.denoiser}
 
+    def conditioned_modules(self) -> dict[str, nn.Module]:
+        """Modules besides the denoiser that read the prompt's conditioning in a denoising step,
+        called before the denoiser with the arguments :meth:`split` and :meth:`merge` read
+        (``sample``, ``timestep``, ``encoder_hidden_states``, as the denoiser gets them). The guard
+        hooks them too: the step decides and redirects at the first of its calls, and every one of
+        them and the denoiser receive that step's redirected conditioning, so nothing the denoiser
+        reads comes from the original prompt. By default ``pipe.controlnet`` (a ControlNet or a
+        ``MultiControlNetModel``) when the pipeline has one."""
+        controlnet = getattr(self.pipe, "controlnet", None)
+        return {"controlnet": controlnet} if isinstance(controlnet, nn.Module) else {}
+
     @abstractmethod
     def fingerprint(self) -> BackboneFingerprint:
         """The backbone fingerprint: token streams (names and (T, D)), pooled width, latent-view

@@ -16,15 +16,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    ControlNetModel,
-    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
 )
 from helpers import FORGET, RED_PAIRS, RETAIN, STEPS
-from saferedir_adapters.tiny import fit_tiny_redirector, tiny_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
+from saferedir_adapters.tiny import (
+    fit_tiny_redirector,
+    tiny_adapter,
+    tiny_controlnet_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 from saferedir_sdk import ConceptInfo, SafeRedirGuard, save_bundle
 
@@ -46,20 +50,6 @@ def _mask() -> torch.Tensor:
     return mask
 
 
-def _controlnet_pipe():
-    base = tiny_sd_pipeline(0)
-    torch.manual_seed(0)
-    controlnet = ControlNetModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        in_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=32,
-        conditioning_embedding_out_channels=(16, 32),
-    ).eval()
-    return StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
-
-
 # pipeline -> (family, builder, extra call arguments)
 CASES = {
     "sd1 txt2img": ("sd1", lambda: tiny_sd_pipeline(0), {}),
@@ -73,7 +63,7 @@ CASES = {
         lambda: tiny_sd_pipeline(0, in_channels=9, pipeline_class=StableDiffusionInpaintPipeline),
         {"image": _image(), "mask_image": _mask()},
     ),
-    "sd1 controlnet": ("sd1", _controlnet_pipe, {"image": _image()}),
+    "sd1 controlnet": ("sd1", tiny_controlnet_pipeline, {"image": _image()}),
     "sd2 v-prediction txt2img": ("sd2-v", FAMILIES["sd2-v"], {}),
     "sdxl txt2img": ("sdxl", FAMILIES["sdxl"], {}),
     "sdxl img2img": (

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -101,6 +104,25 @@ def tiny_sd_pipeline(
         image_encoder=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet_pipeline(seed: int = 0, *, xl: bool = False) -> Any:
+    """:func:`tiny_sd_pipeline` (or :func:`tiny_sdxl_pipeline` with ``xl``) of ``seed`` with a
+    ControlNet made from its UNet (``ControlNetModel.from_unet``: the same prompt layout, SDXL's
+    added conditioning included), whose zero convolutions get small random weights (seeded) so that
+    its residuals reach the UNet as a trained ControlNet's do: a ``StableDiffusionControlNetPipeline``
+    or ``StableDiffusionXLControlNetPipeline`` taking a 64x64 ``image``."""
+    base = tiny_sdxl_pipeline(seed) if xl else tiny_sd_pipeline(seed)
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    with torch.no_grad():
+        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            for weight in block.parameters():
+                weight.normal_(0.0, 0.05)
+    cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+    pipe = cls(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

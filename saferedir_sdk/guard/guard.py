@@ -8,10 +8,13 @@
 >>> guard.unwrap(pipe)               # bit-identical to never having wrapped
 
 How it reaches the model: a forward pre-hook on the pipeline's denoiser (found by the adapter)
-sees every denoising call, so a decision acts in the step it is made. The pipeline's class is
-swapped for a same-named subclass whose ``__call__`` opens a per-call context (request id, the
-call's facts, engine state), so that every call gets exactly one audit record and ``block`` can
-act on the finished images. ``unwrap`` removes the hook and restores the class.
+sees every denoising call, so a decision acts in the step it is made. Modules that read the prompt
+before the denoiser in a step (a ControlNet: :meth:`Adapter.conditioned_modules`) are hooked the
+same way: the step decides at the first of its calls, and they and the denoiser all receive that
+step's redirected conditioning (a ControlNet's residuals never carry the original prompt). The
+pipeline's class is swapped for a same-named subclass whose ``__call__`` opens a per-call context
+(request id, the call's facts, engine state), so that every call gets exactly one audit record and
+``block`` can act on the finished images. ``unwrap`` removes the hooks and restores the class.
 
 With a ``rewind`` rule a call may run twice (:meth:`SafeRedirGuard._run`): first with those rules
 only deciding, on the trajectory the unguarded model takes; if they flag samples, again from the
@@ -65,7 +68,7 @@ class _Wrapping:
     component_hashes: dict[str, str]  # module_sha256 of the denoiser and text encoders at wrap time
     original_class: type
     components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
-    handle: Any = None
+    handles: list[Any] = field(default_factory=list)  # the forward pre-hooks wrap registered
     in_flight: int = 0  # guarded calls running now (guarded by the guard's lock)
     active: bool = True
 
@@ -83,6 +86,9 @@ class _CallContext:
     flagged: torch.Tensor | None = None  # (B, K) what the first run flagged: stuck from step 0 in the second
     rehearsed: list[list[Any]] | None = None  # the first run's decisions, when a second ran
     rehearsed_steps: int = 0
+    # the step a conditioned module (ControlNet) already ran: (its original cond, its original
+    # uncond, the redirected cond, the redirected uncond), for the denoiser call of the same step
+    pending: tuple[Any, Any, Any, Any] | None = None
 
 
 class _Settled(BaseException):
@@ -162,11 +168,33 @@ def _guarded_class(cls: type) -> type:
     return guarded
 
 
-def _shares_enforcement(active: _Wrapping, mine: _Wrapping, denoiser: Any) -> bool:
+def _hooked(adapter: Adapter) -> dict[str, Any]:
+    """The modules a wrap hooks, hashes and checks per call, by name: the adapter's components (the
+    denoiser, the text encoders) and its conditioned modules (a ControlNet)."""
+    return {**adapter.components(), **adapter.conditioned_modules()}
+
+
+def _shares_enforcement(active: _Wrapping, mine: _Wrapping, module: Any) -> bool:
     """The running call belongs to another pipeline that the same guard wrapped and that shares this
-    denoiser (``Img2ImgPipeline(**pipe.components)`` then ``guard.wrap`` on it too): that wrapping's
-    hook on this module enforces the same policy, so this one stands aside."""
-    return active.guard is mine.guard and active.active and active.adapter.denoiser is denoiser
+    denoiser or ControlNet (``Img2ImgPipeline(**pipe.components)`` then ``guard.wrap`` on it too):
+    that wrapping's hook on this module enforces the same policy, so this one stands aside."""
+    hooked = (active.adapter.denoiser, *active.adapter.conditioned_modules().values())
+    return active.guard is mine.guard and active.active and any(m is module for m in hooked)
+
+
+def _same(seen: Any, now: Any) -> bool:
+    """Two conditionings (or two Nones) are the same tensors: the same storage and layout, or equal."""
+    if seen is None or now is None:
+        return seen is None and now is None
+    mine, theirs = seen.parts(), now.parts()
+    return len(mine) == len(theirs) and all(
+        a.shape == b.shape
+        and (
+            (a.data_ptr(), a.stride(), a.dtype) == (b.data_ptr(), b.stride(), b.dtype)
+            or bool(torch.equal(a, b))  # a host read only where the pipeline copied the embeddings
+        )
+        for a, b in zip(mine, theirs)
+    )
 
 
 class SafeRedirGuard:
@@ -248,11 +276,14 @@ class SafeRedirGuard:
             fail_open=matched.fail_open,
             bundles=matched.bundles,
             mismatches=matched.mismatches,
-            component_hashes={name: module_sha256(m) for name, m in adapter.components().items()},
+            component_hashes={name: module_sha256(m) for name, m in _hooked(adapter).items()},
             original_class=type(pipe),
-            components=dict(adapter.components()),
+            components=_hooked(adapter),
         )
-        wrapping.handle = denoiser.register_forward_pre_hook(self._make_hook(wrapping), with_kwargs=True)
+        wrapping.handles = [
+            module.register_forward_pre_hook(self._make_hook(wrapping, conditioned=name), with_kwargs=True)
+            for name, module in [("", denoiser), *adapter.conditioned_modules().items()]
+        ]
         pipe.__dict__[_WRAPPING_ATTR] = wrapping
         pipe.__class__ = _guarded_class(type(pipe))
         return pipe
@@ -274,14 +305,17 @@ class SafeRedirGuard:
                     "running; unwrap after they return"
                 )
             wrapping.active = False
-        wrapping.handle.remove()
+        for handle in wrapping.handles:
+            handle.remove()
         pipe.__class__ = wrapping.original_class
         del pipe.__dict__[_WRAPPING_ATTR]
         return pipe
 
     # -- enforcement -----------------------------------------------------------------------------
 
-    def _make_hook(self, wrapping: _Wrapping) -> Callable[..., Any]:
+    def _make_hook(self, wrapping: _Wrapping, *, conditioned: str = "") -> Callable[..., Any]:
+        """The forward pre-hook of the denoiser (``conditioned`` empty) or of the conditioned module
+        of that name (a ControlNet, called before the denoiser in a step)."""
         adapter, engine = wrapping.adapter, wrapping.engine
 
         def pre_hook(
@@ -291,7 +325,10 @@ class SafeRedirGuard:
             if ctx is None or ctx.wrapping is not wrapping:
                 if ctx is not None and _shares_enforcement(ctx.wrapping, wrapping, _module):
                     return None  # that pipeline's own hook (same guard, same denoiser) enforces this call
-                return self._unattributed(wrapping, ctx)
+                return self._unattributed(wrapping, ctx, conditioned or "denoiser")
+            pending = ctx.pending
+            if not conditioned:  # the denoiser's call ends the step, whatever happens below
+                ctx.pending = None
             try:
                 inputs = adapter.split(args, kwargs, ctx.info.batch_size)
                 if inputs.cond is None:  # the unconditional call of a backbone that runs CFG halves apart
@@ -300,17 +337,14 @@ class SafeRedirGuard:
                     return adapter.merge(
                         args, kwargs, replace(inputs, uncond=engine.uncond_only(inputs.uncond, ctx.state))
                     )
-                ctx.steps += 1
-                ctx.cfg = inputs.uncond is not None
-                if ctx.state is None:
-                    ctx.state = engine.init_state(inputs.cond, ctx.flagged, rehearsal=ctx.rehearsal)
-                step = ctx.state.step
-                cond, uncond, ctx.state = engine.step(
-                    inputs.latents, inputs.timestep, inputs.cond, ctx.state, inputs.uncond
-                )
-                if ctx.rehearsal and engine.is_rewind_check_step(step):
-                    if bool(engine.rehearsal_settled(ctx.state)):  # a host read at these checks only
-                        raise _Settled
+                if pending is not None:  # a conditioned module ran this step: the same conditioning
+                    cond, uncond = self._as_pending(ctx, pending, inputs, conditioned or "the denoiser")
+                else:
+                    cond, uncond = self._advance(ctx, inputs)
+                    if conditioned:
+                        ctx.pending = (inputs.cond, inputs.uncond, cond, uncond)
+                if not conditioned:
+                    ctx.cfg = inputs.uncond is not None
                 return adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
             except _Settled:
                 raise
@@ -320,6 +354,47 @@ class SafeRedirGuard:
         # torch.compile: dynamo does not trace the hook (a compiled denoiser's graph stays whole;
         # with ``unet.compile()`` in place, the one frame the hook runs in is skipped, not split)
         return torch.compiler.disable(pre_hook, recursive=True)
+
+    def _advance(self, ctx: _CallContext, inputs: Any) -> tuple[Any, Any]:
+        """One denoising step of the engine on a hooked call's inputs: (cond, uncond) redirected."""
+        engine = ctx.wrapping.engine
+        ctx.steps += 1
+        if ctx.state is None:
+            ctx.state = engine.init_state(inputs.cond, ctx.flagged, rehearsal=ctx.rehearsal)
+        step = ctx.state.step
+        cond, uncond, ctx.state = engine.step(
+            inputs.latents, inputs.timestep, inputs.cond, ctx.state, inputs.uncond
+        )
+        if ctx.rehearsal and engine.is_rewind_check_step(step):
+            if bool(engine.rehearsal_settled(ctx.state)):  # a host read at these checks only
+                raise _Settled
+        return cond, uncond
+
+    def _as_pending(
+        self, ctx: _CallContext, pending: tuple[Any, Any, Any, Any], inputs: Any, caller: str
+    ) -> tuple[Any, Any]:
+        """The redirected conditioning of the step a conditioned module (ControlNet) already ran,
+        for a later call of the same step (the denoiser, or the module again). Its conditional
+        half must be the one that call had; an unconditional half it did not have (a ControlNet in
+        guess mode reads only the conditional rows) is moved as :meth:`RedirectionEngine.step`
+        would have moved it."""
+        assert ctx.state is not None
+        seen_cond, seen_uncond, cond, uncond = pending
+        if not _same(seen_cond, inputs.cond):
+            raise EnforcementError(
+                f"{caller} received other prompt conditioning than the ControlNet of the same denoising "
+                f"step ({ctx.steps}); the guard redirects one conditioning per step"
+            )
+        if inputs.uncond is None:
+            return cond, None
+        if seen_uncond is None:
+            return cond, ctx.wrapping.engine.uncond_only(inputs.uncond, ctx.state)
+        if not _same(seen_uncond, inputs.uncond):
+            raise EnforcementError(
+                f"{caller} received another unconditional (negative prompt) conditioning than the "
+                f"ControlNet of the same denoising step ({ctx.steps})"
+            )
+        return cond, uncond
 
     def _enforcement_failed(self, ctx: _CallContext, exc: Exception) -> None:
         """Closed: raise :class:`EnforcementError` (the call fails, its record says error). Open: the
@@ -339,17 +414,17 @@ class SafeRedirGuard:
             )
         return None
 
-    def _unattributed(self, wrapping: _Wrapping, ctx: _CallContext | None) -> None:
-        """The guarded denoiser was called outside a guarded call of its pipeline: the base class's
-        ``__call__``, a pipeline built from the wrapped one's components (``from_pipe``, img2img
-        from the same UNet), the denoiser called directly, or from inside another wrapped
-        pipeline's call. Nothing can attribute it to a request (no prompt, no batch layout), so:
+    def _unattributed(self, wrapping: _Wrapping, ctx: _CallContext | None, module: str = "denoiser") -> None:
+        """The guarded denoiser (or ``module``: a hooked ControlNet) was called outside a guarded
+        call of its pipeline: the base class's ``__call__``, a pipeline built from the wrapped
+        one's components (``from_pipe``, img2img from the same UNet), the module called directly,
+        or from inside another wrapped pipeline's call. Nothing can attribute it to a request (no prompt, no batch layout), so:
         closed raises :class:`EnforcementError` (no output); open lets it run unguarded, warns and
         writes a ``saferedir.unattributed`` audit record for the denoiser call."""
         pipeline = type(wrapping.pipe).__name__
         inside = f" (inside request {ctx.request_id} of another pipeline)" if ctx is not None else ""
         message = (
-            f"the denoiser of a {pipeline} wrapped by policy '{self.policy.name}' was called outside a "
+            f"the {module} of a {pipeline} wrapped by policy '{self.policy.name}' was called outside a "
             f"guarded call{inside}: call the wrapped pipeline itself, or wrap the pipeline you call"
         )
         if self.policy.fail_mode == "closed":
@@ -447,7 +522,7 @@ class SafeRedirGuard:
 
     def _check_components(self, wrapping: _Wrapping) -> str | None:
         """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None."""
-        now = wrapping.adapter.components()
+        now = _hooked(wrapping.adapter)
         for name, module in wrapping.components.items():
             if (
                 now.get(name) is not module and unwrap_compiled(now.get(name)) is not module
@@ -612,7 +687,7 @@ class SafeRedirGuard:
             return output
         ctx.rehearsed = engine.decisions(ctx.state)
         ctx.rehearsed_steps, ctx.flagged = ctx.steps, flagged
-        ctx.state, ctx.steps = None, 0
+        ctx.state, ctx.steps, ctx.pending = None, 0, None
         snapshot.restore()
         return call(*args, **kwargs)
 

@@ -1,0 +1,219 @@
+"""A ControlNet reads the prompt too: its residuals enter the UNet at every step. The guard hooks it
+(``Adapter.conditioned_modules``): the step decides at the ControlNet's call and the ControlNet
+and the UNet both receive that step's redirected conditioning, so no part of a flagged sample's
+denoiser input comes from the original prompt (a real tiny diffusers
+StableDiffusionControlNetPipeline, and the SDXL one, whose ControlNet also reads the pooled
+embedding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder
+from saferedir_adapters.tiny import (
+    fit_tiny_redirector,
+    tiny_adapter,
+    tiny_controlnet_pipeline,
+    tiny_sdxl_pipeline,
+)
+
+from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bundle
+
+
+class ControlNetRecorder:
+    """What the ControlNet receives (a pre-hook registered after the guard's)."""
+
+    def __init__(self, controlnet):
+        self.calls: list[torch.Tensor] = []
+        self.pooled: list[torch.Tensor] = []
+        self.handle = controlnet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, _args, kwargs):
+        self.calls.append(kwargs["encoder_hidden_states"].detach().clone())
+        pooled = (kwargs.get("added_cond_kwargs") or {}).get("text_embeds")
+        if pooled is not None:
+            self.pooled.append(pooled.detach().clone())
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _image() -> torch.Tensor:
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+
+def call(pipe, prompts=(FORGET, RETAIN), **kwargs):
+    return pipe(
+        list(prompts),
+        image=_image(),
+        num_inference_steps=STEPS,
+        output_type="np",
+        generator=torch.Generator().manual_seed(7),
+        **kwargs,
+    )
+
+
+def recorded(pipe, policy=None, *, recorders: list | None = None, **kwargs):
+    """(ControlNet calls, UNet calls, report) of one call, guarded by ``policy`` unless None
+    (``recorders``: a list the two recorders are appended to)."""
+    guard = SafeRedirGuard.from_policy(policy) if policy is not None else None
+    if guard is not None:
+        guard.wrap(pipe)
+    controlnet, unet = ControlNetRecorder(pipe.controlnet), UNetRecorder(pipe.unet)
+    try:
+        call(pipe, **kwargs)
+        if recorders is not None:
+            recorders.extend([controlnet, unet])
+    finally:
+        controlnet.remove()
+        unet.remove()
+        if guard is not None:
+            guard.unwrap(pipe)
+    return controlnet.calls, [c["ehs"] for c in unet.calls], guard.last_report if guard else None
+
+
+@pytest.fixture
+def cn_pipe():
+    return tiny_controlnet_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def xl_bundle(tmp_path_factory) -> str:
+    """A red bundle fitted on the tiny SDXL pipeline (seed 0), which its ControlNet pipeline shares."""
+    pipe = tiny_sdxl_pipeline(0)
+    path = str(tmp_path_factory.mktemp("xl") / "red-xl.safetensors")
+    redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
+    save_bundle(path, redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
+    return path
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(family, write_policy, request):
+    pipe = tiny_controlnet_pipeline(0, xl=family == "sdxl")
+    policy = write_policy()
+    if family == "sdxl":
+        rule = {
+            "concept": "red",
+            "category": "custom",
+            "redirector": {"path": request.getfixturevalue("xl_bundle")},
+        }
+        policy = write_policy([rule])
+    plain: list = []
+    original, _, _ = recorded(pipe, recorders=plain)
+    seen: list = []
+    controlnet, unet, report = recorded(pipe, policy, recorders=seen)
+    assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
+    assert report.steps == STEPS, "one engine step per denoising step, not one per hooked module"
+    assert len(controlnet) == len(unet) == STEPS
+    first = report.samples[0].concepts[0].first_step
+    for step, (cn, un, orig) in enumerate(zip(controlnet, unet, original)):
+        assert torch.equal(cn, un), f"step {step}: the ControlNet and the UNet read one conditioning"
+        # rows: [uncond red, uncond tan, cond red, cond tan]
+        assert torch.equal(cn[[0, 1, 3]], orig[[0, 1, 3]]), "only the flagged sample's cond row moves"
+        assert torch.equal(cn[2], orig[2]) == (step < first), step
+    (cn_seen, unet_seen), plain_pooled = seen, plain[0].pooled
+    assert len(cn_seen.pooled) == len(plain_pooled) == (STEPS if family == "sdxl" else 0)
+    for step, (cn, un, orig) in enumerate(zip(cn_seen.pooled, unet_seen.calls, plain_pooled)):
+        assert torch.equal(cn, un["pooled"]), f"step {step}: one pooled embedding too"
+        assert torch.equal(cn[2], orig[2]) == (step < first), step
+
+
+def test_guess_mode_gives_the_controlnet_the_redirected_conditional_rows(cn_pipe, write_policy, bundles):
+    # guess mode: the ControlNet reads only the conditional rows; the UNet's unconditional half,
+    # which that call did not have, is moved as one engine step moves it (apply_to_uncond: the same
+    # delta as the conditional row)
+    rule = {"concept": "red", "category": "custom", "apply_to_uncond": True}
+    policy = write_policy([{**rule, "redirector": {"path": str(bundles["red"])}}])
+    _, original, _ = recorded(cn_pipe, guess_mode=True)
+    controlnet, unet, report = recorded(cn_pipe, policy, guess_mode=True)
+    assert [s.action for s in report.samples] == ["redirected", "none"]
+    assert len(controlnet) == len(unet) == STEPS
+    first = report.samples[0].concepts[0].first_step
+    for step, (cn, un, orig) in enumerate(zip(controlnet, unet, original)):
+        assert cn.shape[0] == 2 and torch.equal(cn, un[2:]), step
+        assert torch.equal(un[[1, 3]], orig[[1, 3]]), step
+        moved = un - orig
+        assert torch.allclose(moved[0], moved[2], atol=1e-6), step
+        assert bool(moved[0].abs().sum() > 0) == (step >= first), step
+
+
+def test_a_rewind_rule_redirects_the_controlnet_in_the_second_run(cn_pipe, write_policy, bundles):
+    rule = {"concept": "red", "category": "custom", "decide_at_t": 0.3, "rewind": True}
+    policy = write_policy([{**rule, "redirector": {"path": str(bundles["red"])}}])
+    original, _, _ = recorded(cn_pipe)
+    controlnet, unet, report = recorded(cn_pipe, policy)
+    assert report.rehearsed_steps == STEPS and report.steps == STEPS
+    assert len(controlnet) == len(unet) == 2 * STEPS
+    for step, (cn, un) in enumerate(zip(controlnet, unet)):
+        assert torch.equal(cn, un), step
+    assert all(torch.equal(cn, orig) for cn, orig in zip(controlnet[:STEPS], original)), (
+        "the first run decides"
+    )
+    assert all(not torch.equal(cn[2], orig[2]) for cn, orig in zip(controlnet[STEPS:], original))
+    assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
+
+
+def test_a_controlnet_given_another_prompt_than_the_unet_fails_closed(cn_pipe, write_policy):
+    # a pre-hook registered before wrap changes what the ControlNet reads: the UNet's conditioning is
+    # then not the one the step was redirected on, and the guard refuses rather than guess
+    handle = cn_pipe.controlnet.register_forward_pre_hook(
+        lambda _m, args, kwargs: (
+            args,
+            {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 1.0},
+        ),
+        with_kwargs=True,
+    )
+    guard = SafeRedirGuard.from_policy(write_policy())
+    guard.wrap(cn_pipe)
+    try:
+        with pytest.raises(EnforcementError, match="other prompt conditioning than the ControlNet"):
+            call(cn_pipe)
+    finally:
+        guard.unwrap(cn_pipe)
+        handle.remove()
+    assert guard.last_report.outcome == "error"
+
+
+def test_the_controlnet_is_part_of_the_wrapped_pipeline(cn_pipe, write_policy, audit_records):
+    guard = SafeRedirGuard.from_policy(write_policy())
+    guard.wrap(cn_pipe)
+    call(cn_pipe)
+    assert "controlnet" in audit_records()[-1]["components"]
+    with pytest.raises(
+        EnforcementError, match="the controlnet of a StableDiffusionControlNetPipeline .* outside"
+    ):
+        cn_pipe.controlnet(
+            torch.zeros(1, 4, 32, 32),
+            torch.tensor(1),
+            encoder_hidden_states=torch.zeros(1, 77, 32),
+            controlnet_cond=torch.zeros(1, 3, 64, 64),
+        )
+    cn_pipe.controlnet = tiny_controlnet_pipeline(1).controlnet
+    with pytest.raises(EnforcementError, match="pipe.controlnet was replaced"):
+        call(cn_pipe)
+    guard.unwrap(cn_pipe)
+    assert not cn_pipe.controlnet._forward_pre_hooks and not cn_pipe.unet._forward_pre_hooks
+
+
+def test_under_fail_mode_open_the_mismatch_is_recorded_and_every_step_still_decides(
+    cn_pipe, write_policy, audit_records
+):
+    handle = cn_pipe.controlnet.register_forward_pre_hook(
+        lambda _m, args, kwargs: (
+            args,
+            {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 1.0},
+        ),
+        with_kwargs=True,
+    )
+    guard = SafeRedirGuard.from_policy(write_policy(fail_mode="open"))
+    guard.wrap(cn_pipe)
+    try:
+        with pytest.warns(UserWarning, match="NOT enforced"):
+            call(cn_pipe)
+    finally:
+        guard.unwrap(cn_pipe)
+        handle.remove()
+    report = guard.last_report
+    assert report.steps == STEPS, "the ControlNet's call of each step still ran the engine"
+    (failure,) = audit_records()[-1]["fail_open"]
+    assert "other prompt conditioning than the ControlNet" in failure["reason"]
