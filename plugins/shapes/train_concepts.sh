@@ -5,7 +5,9 @@
 # what its image shows (the pack's outcome judge), and writes them next to the backbone weights.
 # Run from the repository root after `make demo` has set up .venv.
 # The recipes' misspellings come from weights/misspellings.json (python -m saferedir_shapes.misspellings).
-#   bash plugins/shapes/train_concepts.sh
+#   bash plugins/shapes/train_concepts.sh            # all three
+#   bash plugins/shapes/train_concepts.sh star       # only the concepts named
+# STAGE=DIR keeps every fit in DIR (a temporary folder, removed at exit, otherwise).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=plugins/shapes/saferedir_shapes/weights
@@ -28,10 +30,21 @@ train() {
 # concept:category:seed:variant -- the training seed (held-out split and initialisation) of each
 # shipped bundle (red and striped: two seeds were trained and the better on the efficacy suite's
 # dev split kept: benchmarks/README.md, "Retrain variance") and the first fit's recipe variant
-stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
+only=" $* "
+for name in "$@"; do
+  [[ $name == red || $name == striped || $name == star ]] ||
+    { echo "train_concepts.sh: no concept '$name' (red, striped, star)" >&2; exit 2; }
+done
+if [[ -n ${STAGE:-} ]]; then
+  stage=$STAGE
+  mkdir -p "$stage"
+else
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' EXIT
+fi
 for spec in red:nsfw:0: striped:artist_style:1: star:object:1:one-target; do
   IFS=: read -r concept category seed variant <<<"$spec"
+  [[ $# -eq 0 || $only == *" $concept "* ]] || continue
   recipe="plugin:shapes-$concept${variant:+:$variant}"
   train --concept "$concept" --category "$category" --pairs "$recipe" \
     --out "$stage/$concept-1.safetensors" --seed "$seed" --latent-readout mean+max
