@@ -153,24 +153,32 @@ def test_a_rewind_rule_redirects_the_controlnet_in_the_second_run(cn_pipe, write
     assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
 
 
-def test_a_controlnet_given_another_prompt_than_the_unet_fails_closed(cn_pipe, write_policy):
-    # a pre-hook registered before wrap changes what the ControlNet reads: the UNet's conditioning is
-    # then not the one the step was redirected on, and the guard refuses rather than guess
-    handle = cn_pipe.controlnet.register_forward_pre_hook(
+def with_other_conditioning(pipe, policy, expect) -> SafeRedirGuard:
+    """One guarded call whose ControlNet reads other conditioning than the UNet (a pre-hook
+    registered before wrap adds 1 to what the ControlNet reads; the UNet's conditioning is then not
+    the one the step was redirected on), run inside ``expect``; returns the guard."""
+    handle = pipe.controlnet.register_forward_pre_hook(
         lambda _m, args, kwargs: (
             args,
             {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 1.0},
         ),
         with_kwargs=True,
     )
-    guard = SafeRedirGuard.from_policy(write_policy())
-    guard.wrap(cn_pipe)
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
     try:
-        with pytest.raises(EnforcementError, match="other prompt conditioning than the ControlNet"):
-            call(cn_pipe)
+        with expect:
+            call(pipe)
     finally:
-        guard.unwrap(cn_pipe)
+        guard.unwrap(pipe)
         handle.remove()
+    return guard
+
+
+def test_a_controlnet_given_another_prompt_than_the_unet_fails_closed(cn_pipe, write_policy):
+    # the guard refuses rather than guess which conditioning the step meant
+    expect = pytest.raises(EnforcementError, match="other prompt conditioning than the ControlNet")
+    guard = with_other_conditioning(cn_pipe, write_policy(), expect)
     assert guard.last_report.outcome == "error"
 
 
@@ -198,22 +206,8 @@ def test_the_controlnet_is_part_of_the_wrapped_pipeline(cn_pipe, write_policy, a
 def test_under_fail_mode_open_the_mismatch_is_recorded_and_every_step_still_decides(
     cn_pipe, write_policy, audit_records
 ):
-    handle = cn_pipe.controlnet.register_forward_pre_hook(
-        lambda _m, args, kwargs: (
-            args,
-            {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 1.0},
-        ),
-        with_kwargs=True,
-    )
-    guard = SafeRedirGuard.from_policy(write_policy(fail_mode="open"))
-    guard.wrap(cn_pipe)
-    try:
-        with pytest.warns(UserWarning, match="NOT enforced"):
-            call(cn_pipe)
-    finally:
-        guard.unwrap(cn_pipe)
-        handle.remove()
-    report = guard.last_report
-    assert report.steps == STEPS, "the ControlNet's call of each step still ran the engine"
+    expect = pytest.warns(UserWarning, match="NOT enforced")
+    guard = with_other_conditioning(cn_pipe, write_policy(fail_mode="open"), expect)
+    assert guard.last_report.steps == STEPS, "the ControlNet's call of each step still ran the engine"
     (failure,) = audit_records()[-1]["fail_open"]
     assert "other prompt conditioning than the ControlNet" in failure["reason"]
