@@ -1,12 +1,12 @@
 """A ControlNet reads the prompt too: its residuals enter the UNet at every step. The guard hooks it
 (``Adapter.conditioned_modules``): the step decides at the ControlNet's call and the ControlNet
 and the UNet both receive that step's redirected conditioning, so no part of a flagged sample's
-denoiser input comes from the original prompt (a real tiny diffusers
-StableDiffusionControlNetPipeline, and the SDXL one, whose ControlNet also reads the pooled
-embedding)."""
+denoiser input comes from the original prompt (real tiny diffusers ControlNet pipelines: SD's and
+SDXL's, whose ControlNet also reads the pooled embedding, txt2img, img2img and inpaint)."""
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder
@@ -22,6 +22,45 @@ from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bu
 
 def _image() -> torch.Tensor:
     return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    return mask
+
+
+#: the ControlNet pipelines of each family besides txt2img, and what their calls take beside the
+#: control image (strength 1.0: every step of the schedule runs)
+TASKS = {
+    "img2img": (
+        {
+            "sd1": "StableDiffusionControlNetImg2ImgPipeline",
+            "sdxl": "StableDiffusionXLControlNetImg2ImgPipeline",
+        },
+        {},
+    ),
+    "inpaint": (
+        {
+            "sd1": "StableDiffusionControlNetInpaintPipeline",
+            "sdxl": "StableDiffusionXLControlNetInpaintPipeline",
+        },
+        {"mask_image": _mask()},
+    ),
+}
+
+
+def task_pipeline(family: str, task: str):
+    """The tiny ControlNet pipeline of ``family`` for ``task`` and the extra call arguments:
+    txt2img takes the control image as ``image``; img2img and inpaint take the initial image as
+    ``image`` and the control image as ``control_image``."""
+    pipe = tiny_controlnet_pipeline(0, xl=family == "sdxl")
+    if task == "txt2img":
+        return pipe, {}
+    classes, extra = TASKS[task]
+    pipe = getattr(diffusers, classes[family])(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {"control_image": _image(), "strength": 1.0, **extra}
 
 
 def call(pipe, prompts=(FORGET, RETAIN), **kwargs):
@@ -73,9 +112,12 @@ def xl_bundle(tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.parametrize("task", ["txt2img", "img2img", "inpaint"])
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(family, write_policy, request):
-    pipe = tiny_controlnet_pipeline(0, xl=family == "sdxl")
+def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(
+    family, task, write_policy, request
+):
+    pipe, kwargs = task_pipeline(family, task)
     policy = write_policy()
     if family == "sdxl":
         rule = {
@@ -85,9 +127,9 @@ def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(famil
         }
         policy = write_policy([rule])
     plain: list = []
-    original, _, _ = recorded(pipe, recorders=plain)
+    original, _, _ = recorded(pipe, recorders=plain, **kwargs)
     seen: list = []
-    controlnet, unet, report = recorded(pipe, policy, recorders=seen)
+    controlnet, unet, report = recorded(pipe, policy, recorders=seen, **kwargs)
     assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
     assert report.steps == STEPS, "one engine step per denoising step, not one per hooked module"
     assert len(controlnet) == len(unet) == STEPS

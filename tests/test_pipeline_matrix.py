@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    HeunDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionPAGPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPAGPipeline,
 )
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS
+from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder
 from saferedir_adapters.tiny import (
     fit_tiny_redirector,
     tiny_adapter,
@@ -30,7 +34,7 @@ from saferedir_adapters.tiny import (
     tiny_sdxl_pipeline,
 )
 
-from saferedir_sdk import ConceptInfo, SafeRedirGuard, save_bundle
+from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bundle
 
 FAMILIES = {  # family -> builder of its text-to-image pipeline (seed 0)
     "sd1": lambda **kw: tiny_sd_pipeline(0, **kw),
@@ -86,6 +90,40 @@ CASES = {
 }
 
 
+# pipelines the adapters claim (a UNet and the family's text encoders) whose denoiser batch is not
+# [uncond; cond] of the call's batch: perturbed-attention guidance adds a third, perturbed copy of the
+# conditional rows; InstructPix2Pix batches [cond; image-only; uncond]. The guard cannot tell which
+# rows are the prompt's, so the call fails under `closed` (no image comes back unguarded).
+UNREADABLE = {
+    "sd1 PAG": (
+        "sd1",
+        lambda: StableDiffusionPAGPipeline(**tiny_sd_pipeline(0).components, pag_applied_layers=["mid"]),
+        {},
+    ),
+    "sdxl PAG": (
+        "sdxl",
+        lambda: StableDiffusionXLPAGPipeline(**tiny_sdxl_pipeline(0).components, pag_applied_layers=["mid"]),
+        {},
+    ),
+    "sd1 InstructPix2Pix (8-channel UNet)": (
+        "sd1",
+        lambda: tiny_sd_pipeline(0, in_channels=8, pipeline_class=StableDiffusionInstructPix2PixPipeline),
+        {"image": _image()},
+    ),
+}
+
+
+def _policy(path, bundle: str):
+    doc = {
+        "version": 1,
+        "name": "matrix",
+        "audit": {"sinks": ["file"], "file": str(path.parent / "audit.jsonl")},
+        "concepts": [{"concept": "red", "category": "custom", "redirector": {"path": bundle}}],
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
 @pytest.fixture(scope="module")
 def family_bundles(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("family-bundles")
@@ -113,19 +151,7 @@ def _run(pipe, extra):
 def test_one_wrap_guards_every_supported_pipeline(case, family_bundles, tmp_path):
     family, build, extra = CASES[case]
     audit = tmp_path / "audit.jsonl"
-    policy = tmp_path / "policy.json"
-    policy.write_text(
-        json.dumps(
-            {
-                "version": 1,
-                "name": "matrix",
-                "audit": {"sinks": ["file"], "file": str(audit)},
-                "concepts": [
-                    {"concept": "red", "category": "custom", "redirector": {"path": family_bundles[family]}}
-                ],
-            }
-        )
-    )
+    policy = _policy(tmp_path / "policy.json", family_bundles[family])
     pipe = build()
     unguarded = _run(pipe, extra)
     guard = SafeRedirGuard.from_policy(policy)
@@ -141,6 +167,45 @@ def test_one_wrap_guards_every_supported_pipeline(case, family_bundles, tmp_path
     assert len(generation) == 1 and generation[0]["backbone"]["family"] == tiny_adapter(pipe).name
     guard.unwrap(pipe)
     assert np.array_equal(_run(pipe, extra), unguarded), f"{case}: unwrap did not restore the pipeline"
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_claimed_pipeline_whose_denoiser_batch_is_not_uncond_cond_fails_closed(
+    case, family_bundles, tmp_path
+):
+    family, build, extra = UNREADABLE[case]
+    pipe = build()
+    guard = SafeRedirGuard.from_policy(_policy(tmp_path / "policy.json", family_bundles[family]))
+    guard.wrap(pipe)
+    with pytest.raises(EnforcementError, match=r"sample: expected shape a batch of 2 \(no CFG\) or 4"):
+        _run(pipe, extra)
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()][-1:]
+    assert record["event"] == "saferedir.generation" and record["outcome"] == "error", case
+    assert "TensorShapeError: sample" in record["error"]["message"], case
+
+
+def test_a_second_order_scheduler_is_guarded_call_by_call(family_bundles, tmp_path):
+    # Heun calls the UNet twice per step but the last (2 * STEPS - 1 calls): each call is a check,
+    # the flagged sample's conditional row is redirected in every call from its first trigger on,
+    # and the record's steps count the calls
+    pipe = tiny_sd_pipeline(0)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    plain = UNetRecorder(pipe.unet)
+    _run(pipe, {})
+    plain.remove()
+    guard = SafeRedirGuard.from_policy(_policy(tmp_path / "policy.json", family_bundles["sd1"]))
+    guard.wrap(pipe)
+    seen = UNetRecorder(pipe.unet)
+    _run(pipe, {})
+    seen.remove()
+    report = guard.last_report
+    assert [s.action for s in report.samples] == ["redirected", "none"]
+    assert report.steps == len(seen.calls) == len(plain.calls) == 2 * STEPS - 1
+    first = report.samples[0].concepts[0].first_step
+    for call, (guarded, unguarded) in enumerate(zip(seen.calls, plain.calls)):
+        # rows: [uncond red, uncond tan, cond red, cond tan]; the samples drift apart once redirected
+        assert torch.equal(guarded["ehs"][2], unguarded["ehs"][2]) == (call < first), call
+        assert torch.equal(guarded["ehs"][[0, 1, 3]], unguarded["ehs"][[0, 1, 3]]), call
 
 
 def test_sdxl_records_prompt_2_with_the_prompt():
