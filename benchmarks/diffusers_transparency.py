@@ -43,6 +43,11 @@ SUITES = [  # diffusers' fast tests of the pipelines the first-party adapters cl
     "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py",
     "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_img2img.py",
     "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_inpaint.py",
+    "tests/pipelines/controlnet/test_controlnet_img2img.py",
+    "tests/pipelines/controlnet/test_controlnet_inpaint.py",
+    "tests/pipelines/controlnet/test_controlnet_sdxl.py",
+    "tests/pipelines/controlnet/test_controlnet_sdxl_img2img.py",
+    "tests/pipelines/controlnet/test_controlnet_inpaint_sdxl.py",
 ]
 #: instrumented in every suite: a test that builds one from another's components (SDXL base +
 #: refiner, img2img from a txt2img pipeline) gets both wrapped, as a user guarding both would
@@ -51,6 +56,11 @@ CLASSES = [
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",

@@ -23,6 +23,19 @@ concepts:
 """
 
 
+def input_image() -> torch.Tensor:
+    """A seeded random 64x64 RGB image in [0, 1] (the tiny pipelines' image size): an img2img or
+    inpaint input, a control image."""
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+
+def inpaint_mask() -> torch.Tensor:
+    """A 64x64 inpainting mask: the centre square (32x32) repainted."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    return mask
+
+
 class UNetRecorder:
     """Records what the UNet actually receives (a pre-hook registered after the guard's)."""
 

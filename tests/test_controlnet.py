@@ -9,7 +9,7 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder
+from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
 from saferedir_adapters.tiny import (
     fit_tiny_redirector,
     tiny_adapter,
@@ -18,17 +18,6 @@ from saferedir_adapters.tiny import (
 )
 
 from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bundle
-
-
-def _image() -> torch.Tensor:
-    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
-
-
-def _mask() -> torch.Tensor:
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 16:48, 16:48] = 1.0
-    return mask
-
 
 #: the ControlNet pipelines of each family besides txt2img, and what their calls take beside the
 #: control image (strength 1.0: every step of the schedule runs)
@@ -45,7 +34,7 @@ TASKS = {
             "sd1": "StableDiffusionControlNetInpaintPipeline",
             "sdxl": "StableDiffusionXLControlNetInpaintPipeline",
         },
-        {"mask_image": _mask()},
+        {"mask_image": inpaint_mask()},
     ),
 }
 
@@ -60,13 +49,13 @@ def task_pipeline(family: str, task: str):
     classes, extra = TASKS[task]
     pipe = getattr(diffusers, classes[family])(**pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, {"control_image": _image(), "strength": 1.0, **extra}
+    return pipe, {"control_image": input_image(), "strength": 1.0, **extra}
 
 
 def call(pipe, prompts=(FORGET, RETAIN), **kwargs):
     return pipe(
         list(prompts),
-        image=_image(),
+        image=input_image(),
         num_inference_steps=STEPS,
         output_type="np",
         generator=torch.Generator().manual_seed(7),

@@ -25,7 +25,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPAGPipeline,
 )
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder
+from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
 from saferedir_adapters.tiny import (
     fit_tiny_redirector,
     tiny_adapter,
@@ -44,48 +44,38 @@ FAMILIES = {  # family -> builder of its text-to-image pipeline (seed 0)
 }
 
 
-def _image() -> torch.Tensor:
-    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
-
-
-def _mask() -> torch.Tensor:
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 16:48, 16:48] = 1.0
-    return mask
-
-
 # pipeline -> (family, builder, extra call arguments)
 CASES = {
     "sd1 txt2img": ("sd1", lambda: tiny_sd_pipeline(0), {}),
     "sd1 img2img": (
         "sd1",
         lambda: StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline(0).components),
-        {"image": _image(), "strength": 0.75},
+        {"image": input_image(), "strength": 0.75},
     ),
     "sd1 inpaint (9-channel UNet)": (
         "sd1",
         lambda: tiny_sd_pipeline(0, in_channels=9, pipeline_class=StableDiffusionInpaintPipeline),
-        {"image": _image(), "mask_image": _mask()},
+        {"image": input_image(), "mask_image": inpaint_mask()},
     ),
-    "sd1 controlnet": ("sd1", tiny_controlnet_pipeline, {"image": _image()}),
+    "sd1 controlnet": ("sd1", tiny_controlnet_pipeline, {"image": input_image()}),
     "sd2 v-prediction txt2img": ("sd2-v", FAMILIES["sd2-v"], {}),
     "sdxl txt2img": ("sdxl", FAMILIES["sdxl"], {}),
     "sdxl img2img": (
         "sdxl",
         lambda: tiny_sdxl_pipeline(0, pipeline_class=StableDiffusionXLImg2ImgPipeline),
-        {"image": _image(), "strength": 0.75},
+        {"image": input_image(), "strength": 0.75},
     ),
     "sdxl inpaint": (
         "sdxl",
         lambda: tiny_sdxl_pipeline(0, pipeline_class=StableDiffusionXLInpaintPipeline),
-        {"image": _image(), "mask_image": _mask(), "strength": 0.9},
+        {"image": input_image(), "mask_image": inpaint_mask(), "strength": 0.9},
     ),
     "sdxl refiner-style img2img (text_encoder_2 only)": (
         "sdxl-refiner",
         lambda: tiny_sdxl_pipeline(
             0, second_encoder_only=True, pipeline_class=StableDiffusionXLImg2ImgPipeline
         ),
-        {"image": _image(), "strength": 0.75},
+        {"image": input_image(), "strength": 0.75},
     ),
 }
 
@@ -108,7 +98,7 @@ UNREADABLE = {
     "sd1 InstructPix2Pix (8-channel UNet)": (
         "sd1",
         lambda: tiny_sd_pipeline(0, in_channels=8, pipeline_class=StableDiffusionInstructPix2PixPipeline),
-        {"image": _image()},
+        {"image": input_image()},
     ),
 }
 
