@@ -174,6 +174,34 @@ def test_a_claimed_pipeline_whose_denoiser_batch_is_not_uncond_cond_fails_closed
     assert "TensorShapeError: sample" in record["error"]["message"], case
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_perturbed_attention_guidance_without_cfg_redirects_both_copies_of_the_prompt(
+    family, family_bundles, tmp_path
+):
+    # PAG without CFG batches the conditional rows twice, [cond; cond (perturbed attention)], which
+    # is shaped like [uncond; cond]; the image is drawn from the first copy, so both must move
+    cls = StableDiffusionXLPAGPipeline if family == "sdxl" else StableDiffusionPAGPipeline
+    pipe = cls(**FAMILIES[family]().components, pag_applied_layers=["mid"])
+    extra = {"guidance_scale": 1.0, "pag_scale": 3.0}
+    plain = UNetRecorder(pipe.unet)
+    unguarded = _run(pipe, extra)
+    plain.remove()
+    guard = SafeRedirGuard.from_policy(_policy(tmp_path / "policy.json", family_bundles[family]))
+    guard.wrap(pipe)
+    seen = UNetRecorder(pipe.unet)
+    guarded = _run(pipe, extra)
+    seen.remove()
+    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+    assert len(seen.calls) == STEPS
+    for call, (moved, original) in enumerate(zip(seen.calls, plain.calls)):
+        # rows: [red, tan, red perturbed, tan perturbed]
+        for key in ("ehs", "pooled") if family == "sdxl" else ("ehs",):
+            assert torch.equal(moved[key][0], moved[key][2]), (call, key, "both copies of the prompt")
+            assert not torch.equal(moved[key][0], original[key][0]), (call, key)
+            assert torch.equal(moved[key][[1, 3]], original[key][[1, 3]]), (call, key)
+    assert np.array_equal(guarded[1], unguarded[1]) and not np.array_equal(guarded[0], unguarded[0])
+
+
 def test_a_second_order_scheduler_is_guarded_call_by_call(family_bundles, tmp_path):
     # Heun calls the UNet twice per step but the last (2 * STEPS - 1 calls): each call is a check,
     # the flagged sample's conditional row is redirected in every call from its first trigger on,

@@ -197,6 +197,28 @@ def _same(seen: Any, now: Any) -> bool:
     )
 
 
+def _prompt_rows_moved(seen_cond: Any, seen_uncond: Any, cond: Any, uncond: Any) -> Any:
+    """``uncond`` (the step's unconditional half, as redirected) with each sample whose unconditional
+    row was bit for bit its conditional row (``seen_*``: what the call carried) given the redirected
+    conditional row instead: that row is the prompt too. Perturbed-attention guidance without CFG
+    batches the conditional rows twice, ``[cond; cond]``, which reads as ``[uncond; cond]``; without
+    this the first copy, which the image is drawn from, would keep the original prompt. (A CFG call
+    whose negative prompt is its prompt, or an empty prompt with an empty negative one, gets both
+    halves moved: the redirected prediction without guidance amplifying the move.) No host read."""
+    if seen_uncond is None or uncond is None:
+        return uncond
+    mine, theirs = seen_cond.parts(), seen_uncond.parts()
+    if len(mine) != len(theirs) or len(cond.parts()) != len(uncond.parts()):
+        return uncond
+    same: torch.Tensor | None = None
+    for a, b in zip(mine, theirs):
+        if a.shape != b.shape:
+            return uncond
+        equal = (a == b).flatten(1).all(dim=1)
+        same = equal if same is None else same & equal
+    return uncond if same is None else cond.where(same, uncond)
+
+
 class SafeRedirGuard:
     """Enforces one policy on any number of wrapped pipelines."""
 
@@ -368,7 +390,7 @@ class SafeRedirGuard:
         if ctx.rehearsal and engine.is_rewind_check_step(step):
             if bool(engine.rehearsal_settled(ctx.state)):  # a host read at these checks only
                 raise _Settled
-        return cond, uncond
+        return cond, _prompt_rows_moved(inputs.cond, inputs.uncond, cond, uncond)
 
     def _as_pending(
         self, ctx: _CallContext, pending: tuple[Any, Any, Any, Any], inputs: Any, caller: str
@@ -388,7 +410,8 @@ class SafeRedirGuard:
         if inputs.uncond is None:
             return cond, None
         if seen_uncond is None:
-            return cond, ctx.wrapping.engine.uncond_only(inputs.uncond, ctx.state)
+            moved = ctx.wrapping.engine.uncond_only(inputs.uncond, ctx.state)
+            return cond, _prompt_rows_moved(inputs.cond, inputs.uncond, cond, moved)
         if not _same(seen_uncond, inputs.uncond):
             raise EnforcementError(
                 f"{caller} received another unconditional (negative prompt) conditioning than the "
