@@ -174,6 +174,20 @@ def test_a_claimed_pipeline_whose_denoiser_batch_is_not_uncond_cond_fails_closed
     assert "TensorShapeError: sample" in record["error"]["message"], case
 
 
+def _runs_recorded(pipe, extra, policy):
+    """``pipe`` run unguarded, then wrapped in a guard of ``policy``, each run's UNet calls recorded:
+    (unguarded calls, guarded calls, unguarded images, guarded images, the guarded call's report)."""
+    plain = UNetRecorder(pipe.unet)
+    unguarded = _run(pipe, extra)
+    plain.remove()
+    guard = SafeRedirGuard.from_policy(policy)
+    guard.wrap(pipe)
+    seen = UNetRecorder(pipe.unet)
+    guarded = _run(pipe, extra)
+    seen.remove()
+    return plain, seen, unguarded, guarded, guard.last_report
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_perturbed_attention_guidance_without_cfg_redirects_both_copies_of_the_prompt(
     family, family_bundles, tmp_path
@@ -183,15 +197,10 @@ def test_perturbed_attention_guidance_without_cfg_redirects_both_copies_of_the_p
     cls = StableDiffusionXLPAGPipeline if family == "sdxl" else StableDiffusionPAGPipeline
     pipe = cls(**FAMILIES[family]().components, pag_applied_layers=["mid"])
     extra = {"guidance_scale": 1.0, "pag_scale": 3.0}
-    plain = UNetRecorder(pipe.unet)
-    unguarded = _run(pipe, extra)
-    plain.remove()
-    guard = SafeRedirGuard.from_policy(_policy(tmp_path / "policy.json", family_bundles[family]))
-    guard.wrap(pipe)
-    seen = UNetRecorder(pipe.unet)
-    guarded = _run(pipe, extra)
-    seen.remove()
-    assert [s.action for s in guard.last_report.samples] == ["redirected", "none"]
+    plain, seen, unguarded, guarded, report = _runs_recorded(
+        pipe, extra, _policy(tmp_path / "policy.json", family_bundles[family])
+    )
+    assert [s.action for s in report.samples] == ["redirected", "none"]
     assert len(seen.calls) == STEPS
     for call, (moved, original) in enumerate(zip(seen.calls, plain.calls)):
         # rows: [red, tan, red perturbed, tan perturbed]
@@ -208,20 +217,14 @@ def test_a_second_order_scheduler_is_guarded_call_by_call(family_bundles, tmp_pa
     # and the record's steps count the calls
     pipe = tiny_sd_pipeline(0)
     pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    plain = UNetRecorder(pipe.unet)
-    _run(pipe, {})
-    plain.remove()
-    guard = SafeRedirGuard.from_policy(_policy(tmp_path / "policy.json", family_bundles["sd1"]))
-    guard.wrap(pipe)
-    seen = UNetRecorder(pipe.unet)
-    _run(pipe, {})
-    seen.remove()
-    report = guard.last_report
+    plain, seen, _, _, report = _runs_recorded(
+        pipe, {}, _policy(tmp_path / "policy.json", family_bundles["sd1"])
+    )
     assert [s.action for s in report.samples] == ["redirected", "none"]
     assert report.steps == len(seen.calls) == len(plain.calls) == 2 * STEPS - 1
     first = report.samples[0].concepts[0].first_step
     for call, (guarded, unguarded) in enumerate(zip(seen.calls, plain.calls)):
-        # rows: [uncond red, uncond tan, cond red, cond tan]; the samples drift apart once redirected
+        # rows: [uncond red, uncond tan, cond red, cond tan]
         assert torch.equal(guarded["ehs"][2], unguarded["ehs"][2]) == (call < first), call
         assert torch.equal(guarded["ehs"][[0, 1, 3]], unguarded["ehs"][[0, 1, 3]]), call
 
