@@ -16,7 +16,10 @@ Three kinds of facts pass through it:
 * **One denoiser call** -- :meth:`Adapter.split` cuts its arguments into a :class:`DenoiserInputs`
   (the latent view, the normalised timestep, the conditional and unconditional
   :class:`~saferedir_sdk.conditioning.Conditioning`), :meth:`Adapter.merge` puts a (redirected)
-  one back, :meth:`Adapter.split_output`/:meth:`Adapter.merge_output` take its prediction apart and
+  one back, :meth:`Adapter.side_conditioning` names what else the call is conditioned on that can
+  carry a concept (an image prompt, grounding phrases) and
+  :meth:`Adapter.withhold_side_conditioning` withholds it from the samples whose prompt moved,
+  :meth:`Adapter.split_output`/:meth:`Adapter.merge_output` take its prediction apart and
   together, and :meth:`Adapter.run_denoiser` calls it on the conditional rows with other
   conditioning (what Safe Latent Diffusion's extra pass needs).
 
@@ -191,6 +194,30 @@ class Adapter(ABC):
     ) -> tuple[tuple, dict[str, Any]]:
         """The denoiser call's (args, kwargs) with ``inputs``' (possibly redirected) conditioning put
         back; every other argument untouched."""
+
+    def side_conditioning(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+        """Names of what a denoiser call is conditioned on besides the prompt's conditioning that
+        can carry a concept the redirector cannot move: an image prompt (IP-Adapter image
+        embeddings), grounding phrases (GLIGEN), an image embedding drawn from the prompt
+        (unCLIP's ``class_labels``). The guard withholds these from every sample whose prompt it
+        moves in that call (:meth:`withhold_side_conditioning`) and records the names. Default:
+        none."""
+        return []
+
+    def withhold_side_conditioning(
+        self,
+        args: tuple,
+        kwargs: dict[str, Any],
+        moved_cond: torch.Tensor,
+        moved_uncond: torch.Tensor | None,
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The denoiser call's (args, kwargs) with the rows of :meth:`side_conditioning` of the samples
+        whose conditioning the guard moved set to zeros (what diffusers feeds as "no image prompt",
+        "no grounding", "no image embedding"). ``moved_cond`` / ``moved_uncond``: (B,) bool over the
+        conditional / unconditional rows of the call (None: no unconditional half). A side
+        conditioning whose rows cannot be told apart must raise (the guard then fails closed).
+        Default: the call unchanged (an adapter without side conditioning)."""
+        return args, kwargs
 
     @abstractmethod
     def split_output(

@@ -7,7 +7,8 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 7; 6 had no ``unresolved`` and ``withheld``, 5 had no ``rehearsed_steps``
+Events (``schema_version`` 8; 7 had no ``side_conditioning``, 6 had no ``unresolved`` and
+``withheld``, 5 had no ``rehearsed_steps``
 and ``rewound``, 4 did not say whether a later released trigger had moved a sample,
 3 did not name the bundles, 2 had no start records and no chain, 1 a
 flat fingerprint)::
@@ -39,6 +40,11 @@ flat fingerprint)::
     rehearsed_steps  with a ``rewind`` rule that flagged samples: the denoising steps of the call's
                      first run, where it decided (redone in the second); 0 otherwise
     cfg              whether classifier-free guidance batched an unconditional half
+    side_conditioning  what the denoiser was conditioned on besides the prompt, which the
+                     redirector cannot move ("added_cond_kwargs['image_embeds']": an IP-Adapter
+                     image prompt; "cross_attention_kwargs['gligen']": GLIGEN grounding;
+                     "class_labels": unCLIP's image embedding): withheld (zeros) from every
+                     redirected sample at the steps its prompt was moved; [] when none
     samples          [{"index", "prompt_index", "prompt", "action",
                        "concepts": [{"concept", "category", "rule_action", "checks",
                                      "max_score", "triggered", "first_step", "escalation",
@@ -87,7 +93,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 7
+AUDIT_SCHEMA_VERSION = 8
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

@@ -10,8 +10,16 @@ How a UNet call maps onto the contract (``unet(sample, timestep, encoder_hidden_
 ``timestep`` () or (2B,)        normalised: ``t / scheduler.config.num_train_timesteps``
 ``encoder_hidden_states``       one token stream ``"text_encoder"``: rows ``[:B]`` uncond,
                                 ``[B:]`` cond when the batch is twice the call's batch size
-``**rest``                      untouched (ControlNet residuals, cross-attention kwargs, ...)
+``**rest``                      untouched (ControlNet residuals, cross-attention kwargs, ...),
+                                but for the conditioning beside the prompt below
 ==========================  ==================================================================
+
+Conditioning beside the prompt (:meth:`StableDiffusionAdapter.side_conditioning`), withheld (zeros,
+what the pipelines themselves feed as its absence) from the rows of every sample whose prompt the
+guard moves: ``added_cond_kwargs["image_embeds"]`` (IP-Adapter image prompts, SD and SDXL),
+``cross_attention_kwargs["gligen"]`` (GLIGEN's grounding phrases, boxes and images; zero masks turn
+grounding off) and ``class_labels`` where the UNet embeds them by projection (unCLIP's image
+embedding of the prompt; the x4 upscaler's noise level is left alone).
 """
 
 from __future__ import annotations
@@ -66,6 +74,26 @@ def real_tokens(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).attention_mask.bool()
+
+
+#: (UNet keyword, key inside it or None) of the conditioning beside the prompt
+_SIDE = (("added_cond_kwargs", "image_embeds"), ("cross_attention_kwargs", "gligen"), ("class_labels", None))
+
+
+def _zero_rows(value: Any, rows: torch.Tensor, name: str) -> Any:
+    """``value`` (a tensor, or lists, tuples and dicts of them) with the batch rows ``rows`` ((N,)
+    bool) set to zero; a tensor not batched like the call cannot be cut by sample and raises."""
+    if isinstance(value, torch.Tensor):
+        if not value.ndim or value.shape[0] != rows.shape[0]:
+            raise TensorShapeError(
+                name, f"({rows.shape[0]}, ...) batched like the denoiser call", tuple(value.shape)
+            )
+        return value.masked_fill(rows.view(-1, *[1] * (value.ndim - 1)), 0)
+    if isinstance(value, list | tuple):
+        return type(value)(_zero_rows(v, rows, f"{name}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict):
+        return {k: _zero_rows(v, rows, f"{name}[{k!r}]") for k, v in value.items()}
+    return value
 
 
 def _rows(value: Any, index: slice, full: int) -> Any:
@@ -237,6 +265,48 @@ class StableDiffusionAdapter(Adapter):
                 "the SD adapter batches both CFG halves in one call; an unconditional-only call cannot occur"
             )
         return self._put(args, kwargs, [c for c in (inputs.uncond, inputs.cond) if c is not None])
+
+    def _side(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, str | None]]:
+        """(keyword, key) of the conditioning beside the prompt that this UNet call carries."""
+        found: list[tuple[str, str | None]] = []
+        for arg, key in _SIDE:
+            value = kwargs.get(arg)
+            if key is not None:
+                if isinstance(value, dict) and value.get(key) is not None:
+                    found.append((arg, key))
+            elif (value is not None or len(args) > 3) and self._projects_class_labels():
+                if len(args) > 3:
+                    raise TypeError(
+                        "the UNet got positional arguments after encoder_hidden_states, and it embeds "
+                        "class_labels by projection (an image embedding, unCLIP): the guard reads and "
+                        "withholds class_labels by keyword only"
+                    )
+                found.append((arg, key))
+        return found
+
+    def _projects_class_labels(self) -> bool:
+        """Whether the UNet embeds ``class_labels`` by projection (unCLIP's image embedding)."""
+        config = getattr(unwrap_compiled(self.pipe.unet), "config", None)
+        return getattr(config, "class_embed_type", None) in ("projection", "simple_projection")
+
+    def side_conditioning(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+        return [arg if key is None else f"{arg}[{key!r}]" for arg, key in self._side(args, kwargs)]
+
+    def withhold_side_conditioning(
+        self,
+        args: tuple,
+        kwargs: dict[str, Any],
+        moved_cond: torch.Tensor,
+        moved_uncond: torch.Tensor | None,
+    ) -> tuple[tuple, dict[str, Any]]:
+        rows = moved_cond if moved_uncond is None else torch.cat([moved_uncond, moved_cond])
+        kwargs = dict(kwargs)
+        for arg, key in self._side(args, kwargs):
+            if key is None:
+                kwargs[arg] = _zero_rows(kwargs[arg], rows, arg)
+            else:
+                kwargs[arg] = {**kwargs[arg], key: _zero_rows(kwargs[arg][key], rows, f"{arg}[{key!r}]")}
+        return args, kwargs
 
     def split_output(
         self, output: Any, inputs: DenoiserInputs

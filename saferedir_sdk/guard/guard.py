@@ -89,6 +89,9 @@ class _CallContext:
     # the step a conditioned module (ControlNet) already ran: (its original cond, its original
     # uncond, the redirected cond, the redirected uncond), for the denoiser call of the same step
     pending: tuple[Any, Any, Any, Any] | None = None
+    # conditioning beside the prompt the call's denoiser received (Adapter.side_conditioning),
+    # withheld from the rows whose prompt moved
+    side_conditioning: list[str] = field(default_factory=list)
 
 
 class _Settled(BaseException):
@@ -217,6 +220,13 @@ def _prompt_rows_moved(seen_cond: Any, seen_uncond: Any, cond: Any, uncond: Any)
         equal = (a == b).flatten(1).all(dim=1)
         same = equal if same is None else same & equal
     return uncond if same is None else cond.where(same, uncond)
+
+
+def _rows_changed(seen: Any, now: Any) -> torch.Tensor:
+    """(B,) bool: the samples whose conditioning ``now`` differs from ``seen`` (what the call
+    carried) in any element of any part; a NaN counts as changed. No host read."""
+    changed = [(a != b).flatten(1).any(dim=1) for a, b in zip(seen.parts(), now.parts())]
+    return torch.stack(changed).any(dim=0)
 
 
 class SafeRedirGuard:
@@ -367,7 +377,7 @@ class SafeRedirGuard:
                         ctx.pending = (inputs.cond, inputs.uncond, cond, uncond)
                 if not conditioned:
                     ctx.cfg = inputs.uncond is not None
-                return adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
+                return self._put_back(ctx, args, kwargs, inputs, cond, uncond)
             except _Settled:
                 raise
             except Exception as exc:
@@ -391,6 +401,23 @@ class SafeRedirGuard:
             if bool(engine.rehearsal_settled(ctx.state)):  # a host read at these checks only
                 raise _Settled
         return cond, _prompt_rows_moved(inputs.cond, inputs.uncond, cond, uncond)
+
+    def _put_back(
+        self, ctx: _CallContext, args: tuple, kwargs: dict[str, Any], inputs: Any, cond: Any, uncond: Any
+    ) -> tuple[tuple, dict[str, Any]]:
+        """The hooked call's arguments with the step's (redirected) conditioning put back and, where
+        the call carries conditioning beside the prompt (:meth:`Adapter.side_conditioning`: an
+        image prompt, grounding phrases), that withheld from every row whose conditioning moved:
+        the redirector moves the prompt only, and a concept the image prompt carries would
+        otherwise reach a sample the record calls redirected. No host read."""
+        adapter = ctx.wrapping.adapter
+        merged = adapter.merge(args, kwargs, replace(inputs, cond=cond, uncond=uncond))
+        names = adapter.side_conditioning(args, kwargs)
+        if not names:
+            return merged
+        ctx.side_conditioning.extend(n for n in names if n not in ctx.side_conditioning)
+        moved_uncond = None if inputs.uncond is None else _rows_changed(inputs.uncond, uncond)
+        return adapter.withhold_side_conditioning(*merged, _rows_changed(inputs.cond, cond), moved_uncond)
 
     def _as_pending(
         self, ctx: _CallContext, pending: tuple[Any, Any, Any, Any], inputs: Any, caller: str
@@ -672,6 +699,7 @@ class SafeRedirGuard:
             latency_ms=0.0,
             render_prompt=self.audit.prompt,
             rehearsed_steps=ctx.rehearsed_steps,
+            side_conditioning=ctx.side_conditioning,
             redact=(lambda m: m)
             if self.policy.audit.prompt_logging == "full"
             else (lambda m: scrub(m, info.prompts)),

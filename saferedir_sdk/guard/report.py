@@ -7,7 +7,7 @@ holds; building it reads no global state and touches no tensor beyond the engine
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..engine import ConceptDecision
@@ -68,6 +68,9 @@ class CallReport:
     fail_open: list[dict[str, str]]
     error: dict[str, str] | None = None
     rehearsed_steps: int = 0  # rewind: denoising steps of the first run, redone in the second
+    # conditioning beside the prompt the denoiser received (an IP-Adapter image prompt, GLIGEN
+    # grounding, an unCLIP image embedding): withheld from each redirected sample where it moved
+    side_conditioning: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +122,7 @@ def build_report(
     render_prompt: Callable[[str | None], str | None],
     redact: Callable[[str], str] = lambda message: message,
     rehearsed_steps: int = 0,
+    side_conditioning: Sequence[str] = (),
 ) -> CallReport:
     """The report of one call.
 
@@ -165,6 +169,7 @@ def build_report(
         latency_ms=round(latency_ms, 3),
         fail_open=list(fail_open),
         rehearsed_steps=rehearsed_steps,
+        side_conditioning=list(side_conditioning),
         error={"type": type(error).__name__, "message": redact(str(error))[:2000]}
         if error is not None
         else None,
