@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import RED_PAIRS, STAR_PAIRS, STEPS
+from helpers import FAMILIES, RED_PAIRS, STAR_PAIRS, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
-from saferedir_adapters.tiny import TINY_CAPACITY, fit_tiny_redirector, tiny_sd_pipeline
+from saferedir_adapters.tiny import TINY_CAPACITY, fit_tiny_redirector, tiny_adapter, tiny_sd_pipeline
 
 from saferedir_sdk import ConceptInfo, save_bundle
 
@@ -41,6 +41,28 @@ def _fitted(folder: Path, name: str, pairs, capacity=TINY_CAPACITY) -> Path:
         {"test": True},
     )
     return path
+
+
+class _FamilyBundles(dict):
+    """family -> path of a red bundle fitted on that family's tiny pipeline (:data:`helpers.FAMILIES`),
+    fitted the first time a test asks for it."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, family: str) -> str:
+        pipe = FAMILIES[family]()
+        redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
+        path = str(self.folder / f"red-{family}.safetensors")
+        save_bundle(path, redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
+        self[family] = path
+        return path
+
+
+@pytest.fixture(scope="session")
+def family_bundles(tmp_path_factory) -> dict[str, str]:
+    return _FamilyBundles(tmp_path_factory.mktemp("family-bundles"))
 
 
 @pytest.fixture(scope="session")

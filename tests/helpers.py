@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from saferedir_adapters.tiny import PAIRS
+from saferedir_adapters.tiny import PAIRS, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 STEPS = 4
 RED_PAIRS = PAIRS["red"]
@@ -21,6 +21,14 @@ concepts:
     category: nsfw
     redirector: {plugin: nudity}
 """
+
+
+FAMILIES = {  # backbone family -> builder of its tiny text-to-image pipeline (seed 0)
+    "sd1": lambda **kw: tiny_sd_pipeline(0, **kw),
+    "sd2-v": lambda **kw: tiny_sd_pipeline(0, token_dim=48, prediction_type="v_prediction", **kw),
+    "sdxl": lambda **kw: tiny_sdxl_pipeline(0, **kw),
+    "sdxl-refiner": lambda **kw: tiny_sdxl_pipeline(0, second_encoder_only=True, **kw),
+}
 
 
 def input_image() -> torch.Tensor:

@@ -25,24 +25,15 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPAGPipeline,
 )
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
+from helpers import FAMILIES, FORGET, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
 from saferedir_adapters.tiny import (
-    fit_tiny_redirector,
     tiny_adapter,
     tiny_controlnet_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
 
-from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bundle
-
-FAMILIES = {  # family -> builder of its text-to-image pipeline (seed 0)
-    "sd1": lambda **kw: tiny_sd_pipeline(0, **kw),
-    "sd2-v": lambda **kw: tiny_sd_pipeline(0, token_dim=48, prediction_type="v_prediction", **kw),
-    "sdxl": lambda **kw: tiny_sdxl_pipeline(0, **kw),
-    "sdxl-refiner": lambda **kw: tiny_sdxl_pipeline(0, second_encoder_only=True, **kw),
-}
-
+from saferedir_sdk import EnforcementError, SafeRedirGuard
 
 # pipeline -> (family, builder, extra call arguments)
 CASES = {
@@ -112,18 +103,6 @@ def _policy(path, bundle: str):
     }
     path.write_text(json.dumps(doc))
     return path
-
-
-@pytest.fixture(scope="module")
-def family_bundles(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("family-bundles")
-    paths = {}
-    for family, build in FAMILIES.items():
-        pipe = build()
-        redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
-        paths[family] = str(folder / f"red-{family}.safetensors")
-        save_bundle(paths[family], redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
-    return paths
 
 
 def _run(pipe, extra):

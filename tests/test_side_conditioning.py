@@ -26,13 +26,13 @@ from diffusers import (
 from diffusers.models.attention_processor import IPAdapterAttnProcessor
 from diffusers.models.embeddings import ImageProjection
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS
+from helpers import FORGET, RETAIN, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
-from saferedir_adapters.tiny import char_clip_tokenizer, fit_tiny_redirector, tiny_adapter, tiny_sd_pipeline
+from saferedir_adapters.tiny import char_clip_tokenizer, tiny_sd_pipeline
 from saferedir_adapters.tiny import tiny_sdxl_pipeline as tiny_sdxl
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from saferedir_sdk import ConceptInfo, SafeRedirGuard, save_bundle
+from saferedir_sdk import SafeRedirGuard
 from saferedir_sdk.errors import TensorShapeError
 
 
@@ -198,18 +198,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("side-bundles")
-    paths = {}
-    for family, build in (("sd1", tiny_sd_pipeline), ("sdxl", tiny_sdxl)):
-        pipe = build(0)
-        redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
-        paths[family] = str(folder / f"red-{family}.safetensors")
-        save_bundle(paths[family], redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
-    return paths
-
-
 def _policy(tmp_path, bundle: str, **rule):
     doc = {
         "version": 1,
@@ -237,11 +225,11 @@ def _run(pipe, extra, prompts=(FORGET, RETAIN)):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_side_conditioning_is_withheld_from_the_redirected_sample_only(case, bundles, tmp_path):
+def test_side_conditioning_is_withheld_from_the_redirected_sample_only(case, family_bundles, tmp_path):
     family, build, rows_of, name = CASES[case]
     pipe, extra = build(family)
     unguarded, plain = _run(pipe, extra)
-    guard = SafeRedirGuard.from_policy(_policy(tmp_path, bundles[family]))
+    guard = SafeRedirGuard.from_policy(_policy(tmp_path, family_bundles[family]))
     guard.wrap(pipe)
     guarded, seen = _run(pipe, extra)
     report = guard.last_report
@@ -275,11 +263,11 @@ def test_side_conditioning_is_withheld_from_the_redirected_sample_only(case, bun
 
 
 def test_with_rewind_the_side_conditioning_is_withheld_from_the_first_step_of_the_second_run(
-    bundles, tmp_path
+    family_bundles, tmp_path
 ):
     pipe, extra = _ip_adapter_pipeline("sd1")
     _, plain = _run(pipe, extra)
-    policy = _policy(tmp_path, bundles["sd1"], rewind=True, sticky=True, confirm_checks=1)
+    policy = _policy(tmp_path, family_bundles["sd1"], rewind=True, sticky=True, confirm_checks=1)
     guard = SafeRedirGuard.from_policy(policy)
     guard.wrap(pipe)
     _, seen = _run(pipe, extra)
