@@ -48,6 +48,10 @@ SUITES = [  # diffusers' fast tests of the pipelines the first-party adapters cl
     "tests/pipelines/controlnet/test_controlnet_sdxl.py",
     "tests/pipelines/controlnet/test_controlnet_sdxl_img2img.py",
     "tests/pipelines/controlnet/test_controlnet_inpaint_sdxl.py",
+    "tests/pipelines/pag/test_pag_sd.py",
+    "tests/pipelines/pag/test_pag_sdxl.py",
+    "tests/pipelines/pag/test_pag_sd_img2img.py",
+    "tests/pipelines/pag/test_pag_controlnet_sd.py",
 ]
 #: instrumented in every suite: a test that builds one from another's components (SDXL base +
 #: refiner, img2img from a txt2img pipeline) gets both wrapped, as a user guarding both would
@@ -64,6 +68,10 @@ CLASSES = [
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionPAGPipeline",
+    "StableDiffusionXLPAGPipeline",
+    "StableDiffusionPAGImg2ImgPipeline",
+    "StableDiffusionControlNetPAGPipeline",
 ]
 TINY_CLIP = "hf-internal-testing/tiny-random-clip"
 

@@ -68,14 +68,7 @@ CASES = {
         ),
         {"image": input_image(), "strength": 0.75},
     ),
-}
-
-
-# pipelines the adapters claim (a UNet and the family's text encoders) whose denoiser batch is not
-# [uncond; cond] of the call's batch: perturbed-attention guidance adds a third, perturbed copy of the
-# conditional rows; InstructPix2Pix batches [cond; image-only; uncond]. The guard cannot tell which
-# rows are the prompt's, so the call fails under `closed` (no image comes back unguarded).
-UNREADABLE = {
+    # perturbed-attention guidance with CFG: [uncond; cond; cond (perturbed attention)]
     "sd1 PAG": (
         "sd1",
         lambda: StableDiffusionPAGPipeline(**tiny_sd_pipeline(0).components, pag_applied_layers=["mid"]),
@@ -86,6 +79,14 @@ UNREADABLE = {
         lambda: StableDiffusionXLPAGPipeline(**tiny_sdxl_pipeline(0).components, pag_applied_layers=["mid"]),
         {},
     ),
+}
+
+
+# a pipeline the adapters claim (a UNet and the family's text encoders) whose denoiser batch is not
+# [uncond; cond] of the call's batch: InstructPix2Pix batches [cond; image-only; uncond]. The guard
+# cannot tell which rows are the prompt's, so the call fails under `closed` (no image comes back
+# unguarded).
+UNREADABLE = {
     "sd1 InstructPix2Pix (8-channel UNet)": (
         "sd1",
         lambda: tiny_sd_pipeline(0, in_channels=8, pipeline_class=StableDiffusionInstructPix2PixPipeline),
@@ -167,26 +168,35 @@ def _runs_recorded(pipe, extra, policy):
     return plain, seen, unguarded, guarded, guard.last_report
 
 
+@pytest.mark.parametrize("cfg", [False, True], ids=["without CFG", "with CFG"])
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_perturbed_attention_guidance_without_cfg_redirects_both_copies_of_the_prompt(
-    family, family_bundles, tmp_path
+def test_perturbed_attention_guidance_redirects_every_copy_of_the_prompt(
+    cfg, family, family_bundles, tmp_path
 ):
-    # PAG without CFG batches the conditional rows twice, [cond; cond (perturbed attention)], which
-    # is shaped like [uncond; cond]; the image is drawn from the first copy, so both must move
+    # PAG batches the conditional rows twice, the second copy run with its self-attention perturbed:
+    # [cond; cond] without CFG, shaped like [uncond; cond], where the image is drawn from the first
+    # copy; [uncond; cond; cond] with CFG. Every copy of the flagged prompt must move, the same way
     cls = StableDiffusionXLPAGPipeline if family == "sdxl" else StableDiffusionPAGPipeline
     pipe = cls(**FAMILIES[family]().components, pag_applied_layers=["mid"])
-    extra = {"guidance_scale": 1.0, "pag_scale": 3.0}
+    extra = {"guidance_scale": 7.5 if cfg else 1.0, "pag_scale": 3.0}
     plain, seen, unguarded, guarded, report = _runs_recorded(
         pipe, extra, _policy(tmp_path / "policy.json", family_bundles[family])
     )
     assert [s.action for s in report.samples] == ["redirected", "none"]
     assert len(seen.calls) == STEPS
+    # rows: [(uncond red, uncond tan,) red, tan, red perturbed, tan perturbed]
+    first, second = (2, 4) if cfg else (0, 2)
+    others = [0, 1, 3, 5] if cfg else [1, 3]
     for call, (moved, original) in enumerate(zip(seen.calls, plain.calls)):
-        # rows: [red, tan, red perturbed, tan perturbed]
+        assert moved["ehs"].shape[0] == (6 if cfg else 4)
         for key in ("ehs", "pooled") if family == "sdxl" else ("ehs",):
-            assert torch.equal(moved[key][0], moved[key][2]), (call, key, "both copies of the prompt")
-            assert not torch.equal(moved[key][0], original[key][0]), (call, key)
-            assert torch.equal(moved[key][[1, 3]], original[key][[1, 3]]), (call, key)
+            assert torch.equal(moved[key][first], moved[key][second]), (
+                call,
+                key,
+                "both copies of the prompt",
+            )
+            assert not torch.equal(moved[key][first], original[key][first]), (call, key)
+            assert torch.equal(moved[key][others], original[key][others]), (call, key)
     assert np.array_equal(guarded[1], unguarded[1]) and not np.array_equal(guarded[0], unguarded[0])
 
 

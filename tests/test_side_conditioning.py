@@ -282,16 +282,30 @@ def test_with_rewind_the_side_conditioning_is_withheld_from_the_first_step_of_th
         assert torch.equal(_ip_rows(now)[[0, 1, 3]], _ip_rows(before)[[0, 1, 3]])
 
 
-def test_side_conditioning_not_batched_like_the_call_is_an_error_naming_it():
+def _side_call(rows: int) -> dict:
+    """A UNet call's keyword arguments: ``rows`` samples carrying one image prompt of ones."""
+    return {
+        "sample": torch.zeros(rows, 4, 8, 8),
+        "added_cond_kwargs": {"image_embeds": [torch.ones(rows, 1, 32)]},
+    }
+
+
+def test_side_conditioning_rows_follow_the_batch_layout_and_an_unbatched_one_is_an_error_naming_it():
     adapter = StableDiffusionAdapter(tiny_sd_pipeline(0))
-    kwargs = {"added_cond_kwargs": {"image_embeds": [torch.ones(3, 1, 32)]}}
-    assert adapter.side_conditioning((), kwargs) == ["added_cond_kwargs['image_embeds']"]
-    moved = torch.tensor([True, False])
+    moved, still = torch.tensor([True, False]), torch.tensor([False, False])
+    layouts = {
+        2: (None, [0.0, 1.0]),
+        4: (still, [1.0, 1.0, 0.0, 1.0]),
+        6: (still, [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]),
+    }
+    for rows, (moved_uncond, expected) in layouts.items():  # no CFG, [uncond; cond], PAG [uncond; cond; cond]
+        kwargs = _side_call(rows)
+        assert adapter.side_conditioning((), kwargs) == ["added_cond_kwargs['image_embeds']"]
+        _, out = adapter.withhold_side_conditioning((), kwargs, moved, moved_uncond)
+        assert out["added_cond_kwargs"]["image_embeds"][0][:, 0, 0].tolist() == expected, rows
+        assert kwargs["added_cond_kwargs"]["image_embeds"][0].sum() == rows * 32, (
+            "the caller's tensor is unwritten"
+        )
+    kwargs = {**_side_call(4), "added_cond_kwargs": {"image_embeds": [torch.ones(3, 1, 32)]}}
     with pytest.raises(TensorShapeError, match=r"added_cond_kwargs\['image_embeds'\]\[0\]"):
-        adapter.withhold_side_conditioning((), kwargs, moved, moved)
-    kwargs = {"added_cond_kwargs": {"image_embeds": [torch.ones(4, 1, 32)]}}
-    _, out = adapter.withhold_side_conditioning((), kwargs, moved, torch.tensor([False, False]))
-    assert out["added_cond_kwargs"]["image_embeds"][0][:, 0, 0].tolist() == [1.0, 1.0, 0.0, 1.0]
-    assert kwargs["added_cond_kwargs"]["image_embeds"][0].sum() == 4 * 32, (
-        "the caller's tensor is not written"
-    )
+        adapter.withhold_side_conditioning((), kwargs, moved, still)

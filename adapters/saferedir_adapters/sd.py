@@ -9,7 +9,9 @@ How a UNet call maps onto the contract (``unet(sample, timestep, encoder_hidden_
                                 UNet's 9-channel input gives the 4 latent ones), conditional rows
 ``timestep`` () or (2B,)        normalised: ``t / scheduler.config.num_train_timesteps``
 ``encoder_hidden_states``       one token stream ``"text_encoder"``: rows ``[:B]`` uncond,
-                                ``[B:]`` cond when the batch is twice the call's batch size
+                                ``[B:]`` cond when the batch is twice the call's batch size;
+                                a PAG pipeline's thrice: ``[B:2B]`` cond, ``[2B:]`` the same
+                                cond again (perturbed self-attention), put back redirected too
 ``**rest``                      untouched (ControlNet residuals, cross-attention kwargs, ...),
                                 but for the conditioning beside the prompt below
 ==========================  ==================================================================
@@ -208,15 +210,19 @@ class StableDiffusionAdapter(Adapter):
         return timestep.float() / float(self.pipe.scheduler.config.num_train_timesteps)
 
     def _layout(self, sample: torch.Tensor, batch_size: int | None) -> int | None:
-        """The uncond/cond boundary of a denoiser batch (None: no CFG half)."""
+        """The uncond/cond boundary of a denoiser batch (None: no CFG half). A perturbed-attention
+        guidance pipeline with CFG batches ``[uncond; cond; cond]`` (the last copy runs with its
+        self-attention perturbed): the boundary is the same, and the conditional rows are
+        ``[B:2B]``."""
         n = sample.shape[0]
-        if batch_size is not None and n == 2 * batch_size:
+        if batch_size is not None and (n == 2 * batch_size or (n == 3 * batch_size and _is_pag(self.pipe))):
             return batch_size
         if batch_size is None or n == batch_size:
             return None
         raise TensorShapeError(
             "sample",
-            f"a batch of {batch_size} (no CFG) or {2 * batch_size} ([uncond; cond])",
+            f"a batch of {batch_size} (no CFG) or {2 * batch_size} ([uncond; cond])"
+            + ("" if not _is_pag(self.pipe) else f" or {3 * batch_size} ([uncond; cond; cond perturbed])"),
             tuple(sample.shape),
         )
 
@@ -229,8 +235,8 @@ class StableDiffusionAdapter(Adapter):
         if embeds.ndim != 3 or embeds.shape[0] != sample.shape[0]:
             raise TensorShapeError("encoder_hidden_states", f"({sample.shape[0]}, T, D)", tuple(embeds.shape))
         half = self._layout(sample, batch_size)
-        rows = slice(half, None) if half is not None else slice(None)
-        b = sample.shape[0] - (half or 0)
+        rows = slice(half, 2 * half) if half is not None else slice(None)
+        b = half if half is not None else sample.shape[0]
         t = timestep.reshape(-1)
         if t.numel() == sample.shape[0]:
             t = t[rows]
@@ -264,7 +270,10 @@ class StableDiffusionAdapter(Adapter):
             raise TypeError(
                 "the SD adapter batches both CFG halves in one call; an unconditional-only call cannot occur"
             )
-        return self._put(args, kwargs, [c for c in (inputs.uncond, inputs.cond) if c is not None])
+        halves = [c for c in (inputs.uncond, inputs.cond) if c is not None]
+        if _get(args, kwargs, "sample").shape[0] == 3 * inputs.cond.batch_size:  # PAG: cond twice
+            halves.append(inputs.cond)
+        return self._put(args, kwargs, halves)
 
     def _side(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, str | None]]:
         """(keyword, key) of the conditioning beside the prompt that this UNet call carries."""
@@ -300,6 +309,8 @@ class StableDiffusionAdapter(Adapter):
         moved_uncond: torch.Tensor | None,
     ) -> tuple[tuple, dict[str, Any]]:
         rows = moved_cond if moved_uncond is None else torch.cat([moved_uncond, moved_cond])
+        if _get(args, kwargs, "sample").shape[0] == 3 * moved_cond.shape[0]:  # PAG: cond twice
+            rows = torch.cat([rows, moved_cond])
         kwargs = dict(kwargs)
         for arg, key in self._side(args, kwargs):
             if key is None:
@@ -314,6 +325,10 @@ class StableDiffusionAdapter(Adapter):
         pred = output[0] if isinstance(output, tuple) else output.sample
         if inputs.uncond is None:
             return None, pred
+        if pred.shape[0] != 2 * inputs.latents.shape[0]:
+            raise TypeError(
+                "split_output: only a [uncond; cond] prediction (not perturbed-attention guidance)"
+            )
         half = pred.shape[0] // 2
         return pred[:half], pred[half:]
 
@@ -368,6 +383,14 @@ def _replace(images: Any, indices: list[int], color: tuple[int, int, int], *, la
             )
         return images
     raise TypeError(f"cannot place a placeholder into pipeline output of type {type(images).__name__}")
+
+
+def _is_pag(pipeline: Any) -> bool:
+    """A perturbed-attention guidance pipeline (diffusers' ``PAGMixin``), which batches its
+    conditional rows twice when ``pag_scale`` > 0."""
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    return isinstance(pipeline, PAGMixin)
 
 
 def is_sd_like(pipeline: Any) -> bool:
