@@ -21,16 +21,14 @@ from diffusers import (
     PriorTransformer,
     StableDiffusionGLIGENPipeline,
     StableUnCLIPPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import IPAdapterAttnProcessor
 from diffusers.models.embeddings import ImageProjection
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from helpers import FORGET, RETAIN, STEPS
 from saferedir_adapters.sd import StableDiffusionAdapter
-from saferedir_adapters.tiny import char_clip_tokenizer, tiny_sd_pipeline
+from saferedir_adapters.tiny import char_clip_tokenizer, tiny_clip, tiny_sd_pipeline
 from saferedir_adapters.tiny import tiny_sdxl_pipeline as tiny_sdxl
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from saferedir_sdk import SafeRedirGuard
 from saferedir_sdk.errors import TensorShapeError
@@ -104,22 +102,10 @@ def _ip_adapter_pipeline(family: str):
 
 
 def _gligen_pipeline(family: str):
-    base = tiny_sd_pipeline(0)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_type="gated",
-    ).eval()
-    parts = {k: base.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    base = tiny_sd_pipeline(0, unet_config={"attention_type": "gated"})
+    parts = {k: base.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     pipe = StableDiffusionGLIGENPipeline(
-        **parts, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     extra = {"gligen_phrases": ["a red star"], "gligen_boxes": [[0.1, 0.1, 0.6, 0.6]]}
@@ -129,34 +115,11 @@ def _gligen_pipeline(family: str):
 def _unclip_pipeline(family: str):
     """StableUnCLIP: the prompt also goes through a prior to an image embedding, which reaches the
     UNet as ``class_labels`` (a projection class embedding)."""
-    base = tiny_sd_pipeline(0)
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        hidden_size=32,
-        projection_dim=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        pad_token_id=1,
-        vocab_size=514 + 2,
-    )
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=64,
-    ).eval()
+    projected = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 64}
+    base = tiny_sd_pipeline(0, unet_config=projected)
     pipe = StableUnCLIPPipeline(
         prior_tokenizer=char_clip_tokenizer(),
-        prior_text_encoder=CLIPTextModelWithProjection(config).eval(),
+        prior_text_encoder=tiny_clip(1, 32, 77, projection_dim=32),
         prior=PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=32, num_layers=1),
         prior_scheduler=DDPMScheduler(
             variance_type="fixed_small_log",
@@ -169,7 +132,7 @@ def _unclip_pipeline(family: str):
         image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
         tokenizer=base.tokenizer,
         text_encoder=base.text_encoder,
-        unet=unet,
+        unet=base.unet,
         scheduler=base.scheduler,
         vae=base.vae,
     )

@@ -67,10 +67,13 @@ def tiny_sd_pipeline(
     in_channels: int = 4,
     prediction_type: str = "epsilon",
     pipeline_class: type | None = None,
+    unet_config: dict[str, Any] | None = None,
 ) -> StableDiffusionPipeline:
     """A random-weights SD 1.x pipeline (64x64 images, 32x32x4 latents), deterministic in ``seed``.
     SD 2.x-shaped: another ``token_dim`` and ``prediction_type="v_prediction"``; inpainting:
-    ``in_channels=9`` with ``pipeline_class=StableDiffusionInpaintPipeline``."""
+    ``in_channels=9`` with ``pipeline_class=StableDiffusionInpaintPipeline``. ``unet_config``: more
+    ``UNet2DConditionModel`` arguments (GLIGEN's ``attention_type="gated"``, unCLIP's projected
+    class embedding)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -81,6 +84,7 @@ def tiny_sd_pipeline(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=token_dim,
+        **(unet_config or {}),
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -92,7 +96,7 @@ def tiny_sd_pipeline(
         prediction_type=prediction_type,
     )
     vae = _tiny_vae(seed)
-    text_encoder = _tiny_clip(seed, token_dim, seq_len)
+    text_encoder = tiny_clip(seed, token_dim, seq_len)
     pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=vae.eval(),
         text_encoder=text_encoder,
@@ -141,7 +145,10 @@ def _tiny_vae(seed: int, **extra: Any) -> AutoencoderKL:
     )
 
 
-def _tiny_clip(seed: int, token_dim: int, seq_len: int, projection_dim: int | None = None) -> torch.nn.Module:
+def tiny_clip(seed: int, token_dim: int, seq_len: int, projection_dim: int | None = None) -> torch.nn.Module:
+    """A random-weights CLIP text encoder (5 layers, ``token_dim`` wide, vocabulary 1000) of
+    ``seed``; with ``projection_dim`` a ``CLIPTextModelWithProjection`` (SDXL's second encoder,
+    unCLIP's prior encoder)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         bos_token_id=0,
@@ -200,8 +207,8 @@ def tiny_sdxl_pipeline(
     cls = pipeline_class or StableDiffusionXLPipeline
     pipe = cls(
         vae=vae.eval(),
-        text_encoder=None if second_encoder_only else _tiny_clip(seed, token_dim, seq_len),
-        text_encoder_2=_tiny_clip(seed + 1, token_dim, seq_len, projection_dim=token_dim),
+        text_encoder=None if second_encoder_only else tiny_clip(seed, token_dim, seq_len),
+        text_encoder_2=tiny_clip(seed + 1, token_dim, seq_len, projection_dim=token_dim),
         tokenizer=None if second_encoder_only else char_clip_tokenizer(seq_len),
         tokenizer_2=char_clip_tokenizer(seq_len),
         unet=unet.eval(),
