@@ -45,10 +45,10 @@ def _fitted(folder: Path, name: str, pairs, capacity=TINY_CAPACITY) -> Path:
 
 class _FamilyBundles(dict):
     """family -> path of a red bundle fitted on that family's tiny pipeline (:data:`helpers.FAMILIES`),
-    fitted the first time a test asks for it."""
+    fitted the first time a test asks for it (``known``: bundles already fitted so)."""
 
-    def __init__(self, folder: Path):
-        super().__init__()
+    def __init__(self, folder: Path, known: dict[str, str]):
+        super().__init__(known)
         self.folder = folder
 
     def __missing__(self, family: str) -> str:
@@ -61,8 +61,9 @@ class _FamilyBundles(dict):
 
 
 @pytest.fixture(scope="session")
-def family_bundles(tmp_path_factory) -> dict[str, str]:
-    return _FamilyBundles(tmp_path_factory.mktemp("family-bundles"))
+def family_bundles(tmp_path_factory, bundles) -> dict[str, str]:
+    # sd1's is the session's red bundle: the same fit (pipeline, pairs, seeds, capacity)
+    return _FamilyBundles(tmp_path_factory.mktemp("family-bundles"), {"sd1": str(bundles["red"])})
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def test_saferedir_train_collects_through_the_adapter_for_every_family(family, t
     out = tmp_path / "red.safetensors"
     args = [
         *f"train --backbone {folder} --concept red --pairs {pairs} --out {out} --seeds 0 1".split(),
-        *"--sampler-steps 4 --guidance 7.5 --steps 200 --batch-size 32 --patience 0".split(),
+        *"--sampler-steps 4 --guidance 7.5 --steps 100 --batch-size 32 --patience 0".split(),
         *"--hidden-dim 64 --rank 8 --latent-pool 8 --token-layers 0 --quiet --no-cache".split(),
         *family.split()[1:],
     ]

@@ -9,15 +9,12 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from helpers import FORGET, RED_PAIRS, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
+from helpers import FORGET, RETAIN, STEPS, UNetRecorder, inpaint_mask, input_image
 from saferedir_adapters.tiny import (
-    fit_tiny_redirector,
-    tiny_adapter,
     tiny_controlnet_pipeline,
-    tiny_sdxl_pipeline,
 )
 
-from saferedir_sdk import ConceptInfo, EnforcementError, SafeRedirGuard, save_bundle
+from saferedir_sdk import EnforcementError, SafeRedirGuard
 
 #: the ControlNet pipelines of each family besides txt2img, and what their calls take beside the
 #: control image (strength 1.0: every step of the schedule runs)
@@ -91,16 +88,6 @@ def cn_pipe():
     return tiny_controlnet_pipeline(0)
 
 
-@pytest.fixture(scope="module")
-def xl_bundle(tmp_path_factory) -> str:
-    """A red bundle fitted on the tiny SDXL pipeline (seed 0), which its ControlNet pipeline shares."""
-    pipe = tiny_sdxl_pipeline(0)
-    path = str(tmp_path_factory.mktemp("xl") / "red-xl.safetensors")
-    redirector = fit_tiny_redirector(pipe, RED_PAIRS, num_inference_steps=STEPS)
-    save_bundle(path, redirector, ConceptInfo("red", "custom"), tiny_adapter(pipe).fingerprint())
-    return path
-
-
 @pytest.mark.parametrize("task", ["txt2img", "img2img", "inpaint"])
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(
@@ -112,7 +99,7 @@ def test_the_controlnet_receives_the_redirected_conditioning_of_every_step(
         rule = {
             "concept": "red",
             "category": "custom",
-            "redirector": {"path": request.getfixturevalue("xl_bundle")},
+            "redirector": {"path": request.getfixturevalue("family_bundles")["sdxl"]},
         }
         policy = write_policy([rule])
     plain: list = []
