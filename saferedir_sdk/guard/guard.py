@@ -213,13 +213,9 @@ def _prompt_rows_moved(seen_cond: Any, seen_uncond: Any, cond: Any, uncond: Any)
     mine, theirs = seen_cond.parts(), seen_uncond.parts()
     if len(mine) != len(theirs) or len(cond.parts()) != len(uncond.parts()):
         return uncond
-    same: torch.Tensor | None = None
-    for a, b in zip(mine, theirs):
-        if a.shape != b.shape:
-            return uncond
-        equal = (a == b).flatten(1).all(dim=1)
-        same = equal if same is None else same & equal
-    return uncond if same is None else cond.where(same, uncond)
+    if any(a.shape != b.shape for a, b in zip(mine, theirs)):
+        return uncond
+    return cond.where(~_rows_changed(seen_uncond, seen_cond), uncond)
 
 
 def _rows_changed(seen: Any, now: Any) -> torch.Tensor:
