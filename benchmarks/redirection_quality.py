@@ -18,6 +18,10 @@ benchmark (none a training tag, none the suite's long template), to tell a templ
 ``--target-swap``: each prompt that names the concept in a dictionary word also generated with that
 word swapped for the recipe's safe target (red -> purple), unguarded, same seed: the prompt the
 heads are fitted to reach, so what it changes is what even a perfect redirection would change.
+``--local-swap`` (with ``--target-swap``): also the prompt's own token states with only the tokens
+the swap changes replaced by the swapped prompt's (where the two tokenise to the same length;
+MiniLM's states are contextual, so this is the target a redirection that moved the concept's
+tokens alone would reach).
 """
 
 from __future__ import annotations
@@ -72,6 +76,27 @@ def target_swap(concept: Any, target: str | None = None) -> Callable[[str], str 
     return swap
 
 
+def local_swap(adapter: Any, texts: list[str], swapped: list[str | None]) -> tuple[list[bool], Any]:
+    """Each prompt's own conditioning with the token states the swap changes taken from the swapped
+    prompt's (same position), where both tokenise to the same length; the other rows unchanged.
+    Returns which rows were aligned, and the conditioning."""
+    tokenize = adapter.pipe.tokenizer
+    own, _ = adapter.encode_prompts(texts)
+    other, _ = adapter.encode_prompts([s or t for s, t in zip(swapped, texts)])
+    tokens = own.tokens[0].clone()
+    aligned = []
+    for j, (t, s) in enumerate(zip(texts, swapped)):
+        a, b = tokenize(t)["input_ids"], tokenize(s or t)["input_ids"]
+        aligned.append(s is not None and len(a) == len(b))
+        if aligned[-1]:
+            window = min(len(a), tokens.shape[1])  # the backbone's window: the states beyond are cut
+            changed = torch.tensor(
+                [x != y for x, y in zip(a[:window], b[:window])] + [False] * (tokens.shape[1] - window)
+            )
+            tokens[j, changed] = other.tokens[0][j, changed]
+    return aligned, replace(own, tokens=(tokens,))
+
+
 def measure(
     suite: Any,
     adapter: Any,
@@ -80,6 +105,7 @@ def measure(
     extra: bool,
     swap: bool = False,
     target: str | None = None,
+    local: bool = False,
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
@@ -123,6 +149,10 @@ def measure(
                 swapped = [swapper(t) for t in texts]
                 swapped_still = shows(runner._call([x or t for x, t in zip(swapped, texts)], seed))
                 swapped_judged = dict(judged)
+            if local:  # the swapped prompt's states at the changed tokens only, same seed
+                aligned, embeds = local_swap(adapter, texts, swapped)
+                local_still = shows(runner._call(texts, seed, cond=embeds))
+                local_judged = dict(judged)
             moved = record_trajectories(
                 adapter,
                 texts,
@@ -151,6 +181,11 @@ def measure(
                         "still": bool(swapped_still[j]),
                         "lost": [a for a in others if swapped_judged[a][j] != before[a][j]],
                     }
+                if local and aligned[j]:
+                    row["local"] = {
+                        "still": bool(local_still[j]),
+                        "lost": [a for a in others if local_judged[a][j] != before[a][j]],
+                    }
                 rows.append(row)
     return rows
 
@@ -172,11 +207,18 @@ def main() -> None:
         default=None,
         help="with --target-swap: swap in this word instead of the recipe's target (a candidate target)",
     )
+    parser.add_argument(
+        "--local-swap",
+        action="store_true",
+        help="with --target-swap: also the prompt's states with only the swapped tokens' states replaced",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
     )
     args = parser.parse_args()
+    if args.local_swap and not args.target_swap:
+        parser.error("--local-swap needs --target-swap")
     torch.set_num_threads(args.threads)
 
     from deciding_checks import suite_bundles_adapter
@@ -192,6 +234,7 @@ def main() -> None:
             args.other_long,
             args.target_swap,
             args.target,
+            args.local_swap,
         )
         drawn = [r for r in rows if r["drawn"]]
         print(
@@ -212,6 +255,17 @@ def main() -> None:
                 f"showing it and changes {sum(len(r['swapped']['lost']) for r in named)} of {pairs} other "
                 f"attributes; the redirection {sum(r['still'] for r in named if r['drawn'])} and "
                 f"{sum(len(r['lost']) for r in named)}"
+            )
+        if args.local_swap:
+            local = [r for r in rows if "local" in r]
+            print(
+                f"on the {len(local)} of them whose swap keeps the token count ({sum(r['drawn'] for r in local)} "
+                f"drawn): the swapped tokens' states alone leave {sum(r['local']['still'] for r in local if r['drawn'])} "
+                f"showing it and change {sum(len(r['local']['lost']) for r in local)} of "
+                f"{sum(r['attributes'] for r in local)} other attributes; the whole target prompt "
+                f"{sum(r['swapped']['still'] for r in local if r['drawn'])} and "
+                f"{sum(len(r['swapped']['lost']) for r in local)}; the redirection "
+                f"{sum(r['still'] for r in local if r['drawn'])} and {sum(len(r['lost']) for r in local)}"
             )
         print()
         print("| set / kind | still / drawn |\n|---|---|")

@@ -128,3 +128,26 @@ def test_mean_of_averages_the_scores_of_fits_on_the_same_prompts(tmp_path, capsy
     )
     with pytest.raises(SystemExit, match="c.json does not score 'striped'"):
         mean_of([paths[0], other])
+
+
+def test_local_swap_moves_only_the_states_of_the_tokens_the_swap_changes(pipe):
+    """benchmarks/redirection_quality.py --local-swap: a row whose swap tokenises to as many tokens
+    takes the swapped prompt's states at the changed positions only; a row with no swap, or one
+    whose swap changes the token count, keeps its own conditioning."""
+    import torch
+    from redirection_quality import local_swap
+
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    adapter = StableDiffusionAdapter(pipe)
+    texts = ["a red square on grey", "a red square", "a red square"]
+    swapped = ["a tan square on grey", None, "a tan or beige square"]
+    aligned, cond = local_swap(adapter, texts, swapped)
+    own = adapter.encode_prompts(texts)[0].tokens[0]
+    other = adapter.encode_prompts(swapped[:1])[0].tokens[0][0]
+    assert aligned == [True, False, False]
+    moved = (cond.tokens[0] != own).any(-1)
+    a, b = (pipe.tokenizer(t)["input_ids"] for t in (texts[0], swapped[0]))
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]  # "red" -> "tan"
+    assert differ and moved[0].nonzero().flatten().tolist() == differ
+    assert torch.equal(cond.tokens[0][0, differ], other[differ]) and not moved[1:].any()
