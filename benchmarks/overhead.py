@@ -241,6 +241,7 @@ def hook_parts(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
     from saferedir_adapters.sd import StableDiffusionAdapter
 
     from saferedir_sdk import SafeRedirGuard
+    from saferedir_sdk.fingerprint import WeightsProbe
     from saferedir_sdk.guard.report import build_report
 
     adapter = StableDiffusionAdapter(pipe)
@@ -279,6 +280,16 @@ def hook_parts(pipe: Any, policies: dict[str, Path], args: argparse.Namespace) -
 
     unet_ms = statistics.median([timed_once(unet_step, args.device) for _ in range(args.unet_reps)])
     results["unet_step_ms"] = unet_ms
+
+    wrapped = {name: getattr(pipe, name) for name in ("unet", "text_encoder")}  # what the guard hooks
+    seen = {name: WeightsProbe.read(m) for name, m in wrapped.items()}
+
+    def weights_probe() -> None:  # per guarded call: have the hooked modules' weights changed?
+        for name, module in wrapped.items():
+            WeightsProbe.read(module).changed_since(seen[name])
+
+    timed(weights_probe)
+    results["weights_probe_ms"] = timed(weights_probe)
     for label, path in policies.items():
         if "every step" not in label:
             continue
@@ -483,7 +494,9 @@ def markdown(result: dict[str, Any]) -> str:
     )
     parts = dict(result["hook_parts"])
     unet_ms = parts.pop("unet_step_ms")
+    probe_ms = parts.pop("weights_probe_ms")
     lines += ["", f"UNet step (one denoiser call, the CFG batch): {unet_ms:.1f} ms", ""]
+    lines += [f"per call: the weights probe of the UNet and text encoder: {probe_ms:.2f} ms", ""]
     names = ["split_merge", "latent_encoder", "prompt_and_classifier", "token_heads", "bookkeeping"]
     lines += table(
         ["guard (checked every step)", "hook ms/step", "step ratio", *names, "per call, outside loop"],
@@ -546,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sync-check", action="store_true", help="CUDA: a guarded call under sync debug mode"
     )
+    parser.add_argument(
+        "--hook-parts-only", action="store_true", help="only the per-step and per-call hook parts (minutes)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -559,6 +575,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup = f"{args.scale}, {args.device} {args.dtype}, {args.threads} threads, {args.size}x{args.size}, CFG, batch 1, {args.steps} steps/call"
         print(setup, flush=True)
         result: dict[str, Any] = {"setup": setup, "torch": torch.__version__}
+        if args.hook_parts_only:
+            result["hook_parts"] = hook_parts(pipe, policies, args)
+            print(json.dumps(result["hook_parts"], indent=1), flush=True)
+            (args.out / "hook_parts.json").write_text(json.dumps(result, indent=1))
+            return result
         result["kernels_memory"] = kernels_and_memory(pipe, policies, args)
         print(json.dumps(result["kernels_memory"], indent=1), flush=True)
         result["hook_parts"] = hook_parts(pipe, policies, args)

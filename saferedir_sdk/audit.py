@@ -29,7 +29,8 @@ flat fingerprint)::
     backbone_mismatch  [{"concept", "encoder", "bundle", "pipeline"}]: concepts enforced by a bundle
                      trained for other text-encoder weights (rule ``encoder_mismatch: warn``)
     components       {"unet": sha256, "text_encoder": sha256, ...}: the weights hash of each
-                     module the call depended on, taken at wrap (which variant served the request)
+                     module the call depended on, as the call ran it (taken at wrap; taken again
+                     when a per-call probe sees its weights edited since): which variant served the request
     backbone         the pipeline's BackboneFingerprint: {"streams", "pooled_dim",
                      "latent_channels", "encoders": [{"name", "tokenizer_sha256",
                      "weights_sha256"}], "family"}

@@ -154,6 +154,86 @@ def unwrap_compiled(module: Any) -> Any:
     return inner if isinstance(inner, nn.Module) else module
 
 
+_PROBES_PER_TENSOR = 4
+
+
+@dataclass(frozen=True)
+class WeightsProbe:
+    """A few values of every parameter and buffer of a module, read at one moment: a cheap way to
+    tell whether its weights were edited since (:meth:`changed_since`), read per guarded call.
+
+    Each tensor contributes its name, shape and up to 4 evenly strided values (float32, on the
+    CPU; one device-to-host copy per device and dtype). Moving the module to another device or
+    dtype changes nothing (values are compared within both dtypes' rounding, float8 storage
+    included); adding, removing or reshaping a tensor (a LoRA's layers injected, a textual
+    inversion's rows appended) or writing new values into one (a LoRA fused, ``load_state_dict``,
+    ``weight.data += ...``) does, unless the write leaves all 4 probed values of every tensor
+    within rounding -- :func:`module_sha256` reads 65,536 values per tensor where a probe reads 4.
+    """
+
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    values: torch.Tensor  # (N,) float32, CPU, in the tensors' name order
+    eps: torch.Tensor  # (N,) the relative step of the dtype each value was read in
+    subnormal: torch.Tensor  # (N,) that dtype's step below its smallest normal number
+
+    @classmethod
+    @torch.no_grad()
+    def read(cls, module: nn.Module) -> WeightsProbe:
+        module = unwrap_compiled(module)
+        tensors = dict(module.named_parameters())
+        tensors.update(dict(module.named_buffers()))
+        layout: list[tuple[str, tuple[int, ...]]] = []
+        # views (no copy yet) per device and dtype, with where their values go in name order
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+        count = 0
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            layout.append((name, tuple(tensor.shape)))
+            n = tensor.numel()
+            if tensor.is_meta or n == 0:  # offloaded to the meta device: its layout only
+                continue
+            stride = max(1, n // _PROBES_PER_TENSOR)
+            sample = tensor.reshape(-1)[: stride * _PROBES_PER_TENSOR : stride]  # a view (no_grad)
+            views, at = groups.setdefault((tensor.device, tensor.dtype), ([], []))
+            views.append(sample)
+            at.extend(range(count, count + sample.numel()))
+            count += sample.numel()
+        values, rel, tiny = torch.zeros(count), torch.zeros(count), torch.zeros(count)
+        for (_, dtype), (views, at) in groups.items():
+            index = torch.tensor(at, dtype=torch.long)
+            values[index] = torch.cat(views).to(torch.float32).cpu()  # one copy per device and dtype
+            info = torch.finfo(dtype if dtype.is_floating_point else torch.float32)
+            rel[index] = max(info.eps, torch.finfo(torch.float32).eps) if dtype.is_floating_point else 0.0
+            tiny[index] = info.smallest_normal * info.eps if dtype.is_floating_point else 0.0
+        return cls(tuple(layout), values, rel, tiny)
+
+    def changed_since(self, earlier: WeightsProbe) -> str | None:
+        """What differs from ``earlier`` (a tensor added, removed or reshaped; a value moved by more
+        than the rounding of the dtypes either was read in), or None."""
+        if self.layout != earlier.layout:
+            now, then = dict(self.layout), dict(earlier.layout)
+            added = sorted(set(now) - set(then))
+            removed = sorted(set(then) - set(now))
+            reshaped = sorted(n for n in set(now) & set(then) if now[n] != then[n])
+            parts = [
+                f"{what} {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                for what, names in (("added", added), ("removed", removed), ("reshaped", reshaped))
+                if names
+            ]
+            return "tensors " + "; ".join(parts) if parts else "tensors reordered"
+        if self.values.shape != earlier.values.shape:
+            return "tensors moved to or from the meta device"
+        tolerance = 2 * (
+            torch.maximum(self.eps, earlier.eps) * earlier.values.abs()
+            + torch.maximum(self.subnormal, earlier.subnormal)
+        )
+        same = ((self.values - earlier.values).abs() <= tolerance) | (
+            self.values.isnan() & earlier.values.isnan()
+        )
+        moved = int((~same).sum())
+        return f"{moved} of {same.numel()} probed values changed" if moved else None
+
+
 def module_sha256(module: nn.Module) -> str:
     """A dtype- and device-independent hash of a module's weights.
 

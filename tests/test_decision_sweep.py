@@ -136,7 +136,6 @@ def test_local_swap_moves_only_the_states_of_the_tokens_the_swap_changes(pipe):
     whose swap changes the token count, keeps its own conditioning."""
     import torch
     from redirection_quality import local_swap
-
     from saferedir_adapters.sd import StableDiffusionAdapter
 
     adapter = StableDiffusionAdapter(pipe)

@@ -48,7 +48,7 @@ from ..adapter import Adapter, CallInfo
 from ..audit import START_EVENT, UNATTRIBUTED_EVENT, VOIDED_EVENT, AuditTrail, scrub
 from ..engine import EngineState, RedirectionEngine
 from ..errors import AuditWriteError, EnforcementError, GenerationBlocked, GuardBuildError
-from ..fingerprint import BackboneFingerprint, module_sha256, unwrap_compiled
+from ..fingerprint import BackboneFingerprint, WeightsProbe, module_sha256, unwrap_compiled
 from ..plugins import find_adapter, policy_plugin_manager, resolve_policy_ref
 from ..policy import LoadedPolicy, load_policy
 from .report import CallReport, build_report
@@ -65,7 +65,8 @@ class _Wrapping:
     fail_open: list[FailOpen]
     bundles: list[dict[str, str]]  # per enforced concept: sha256, file, source (in every record)
     mismatches: list[dict[str, str]]  # bundles enforcing despite other encoder weights (in every record)
-    component_hashes: dict[str, str]  # module_sha256 of the denoiser and text encoders at wrap time
+    component_hashes: dict[str, str]  # module_sha256 of the hooked modules (at wrap; updated per call)
+    probes: dict[str, WeightsProbe]  # what the hashes were last checked against (per call: cheap)
     original_class: type
     components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
     handles: list[Any] = field(default_factory=list)  # the forward pre-hooks wrap registered
@@ -92,6 +93,7 @@ class _CallContext:
     # conditioning beside the prompt the call's denoiser received (Adapter.side_conditioning),
     # withheld from the rows whose prompt moved
     side_conditioning: list[str] = field(default_factory=list)
+    components: dict[str, str] | None = None  # module_sha256 of the hooked modules this call ran
 
 
 class _Settled(BaseException):
@@ -305,6 +307,7 @@ class SafeRedirGuard:
             bundles=matched.bundles,
             mismatches=matched.mismatches,
             component_hashes={name: module_sha256(m) for name, m in _hooked(adapter).items()},
+            probes={name: WeightsProbe.read(m) for name, m in _hooked(adapter).items()},
             original_class=type(pipe),
             components=_hooked(adapter),
         )
@@ -566,8 +569,16 @@ class SafeRedirGuard:
         ctx.runtime_failures.append({"concept": concept, "reason": problem})
         return None
 
-    def _check_components(self, wrapping: _Wrapping) -> str | None:
-        """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None."""
+    def _check_components(self, wrapping: _Wrapping, ctx: _CallContext) -> str | None:
+        """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None.
+
+        A module replaced is a problem. A module whose weights changed since they were last checked
+        (a :class:`WeightsProbe` per call, a few values of every tensor; a device or dtype move is
+        no change) is hashed again and the backbone fingerprinted again, as ``wrap`` would: other
+        text-encoder weights or another tokenizer are a problem (the bundles were matched to the
+        ones ``wrap`` saw: a LoRA or textual inversion loaded after ``wrap``); other denoiser or
+        ControlNet weights are enforced, as ``wrap`` enforces on an edited UNet, with a warning,
+        and the records from then on carry their hash (``ctx.components``)."""
         now = _hooked(wrapping.adapter)
         for name, module in wrapping.components.items():
             if (
@@ -577,6 +588,52 @@ class SafeRedirGuard:
                     f"pipe.{name} was replaced after wrap (the guard hooked and fingerprinted the old "
                     f"one): unwrap and wrap again"
                 )
+        with self._lock:
+            hashes, probes = dict(wrapping.component_hashes), dict(wrapping.probes)
+        ctx.components = hashes
+        changed: dict[str, tuple[WeightsProbe, str]] = {}
+        try:
+            for name, module in wrapping.components.items():
+                probe = WeightsProbe.read(module)
+                why = probe.changed_since(probes[name])
+                if why is not None:
+                    changed[name] = (probe, why)
+        except Exception as exc:  # a tensor type the probe cannot read: unchecked, so not enforced
+            return f"the weights of pipe.{name} could not be checked: {type(exc).__name__}: {exc}"
+        if not changed:
+            return None
+        what = ", ".join(f"pipe.{name} ({why})" for name, (_, why) in changed.items())
+        adapter = wrapping.adapter
+        denoising = {
+            id(unwrap_compiled(m)) for m in (adapter.denoiser, *adapter.conditioned_modules().values())
+        }
+        encoders = [
+            name for name in changed if id(unwrap_compiled(wrapping.components[name])) not in denoising
+        ]
+        try:
+            digests = {name: module_sha256(wrapping.components[name]) for name in changed}
+            # the fingerprint names the text encoders and tokenizers: read again only where one changed
+            difference = wrapping.fingerprint.first_difference(adapter.fingerprint()) if encoders else None
+        except Exception as exc:  # e.g. weights offloaded to the meta device
+            return f"{what} changed after wrap and could not be read again: {type(exc).__name__}: {exc}"
+        ctx.components = {**hashes, **digests}  # the record names what this call had, enforced or not
+        if difference is not None:
+            key, then, later = difference
+            return (
+                f"{what} changed after wrap: {key} was {then} at wrap and is {later} now (a LoRA or "
+                f"textual inversion loaded into a text encoder?); the redirectors were matched to what "
+                f"wrap saw: unwrap and wrap again"
+            )
+        for name, (_, why) in changed.items():
+            if digests[name] != hashes[name]:  # not only moved to another device or dtype
+                warnings.warn(
+                    f"saferedir: pipe.{name}'s weights changed after wrap ({why}); enforced as wrap "
+                    f"enforces on edited weights, and audit records carry their new hash",
+                    stacklevel=4,
+                )
+        with self._lock:
+            wrapping.component_hashes.update(digests)
+            wrapping.probes.update({name: probe for name, (probe, _) in changed.items()})
         return None
 
     def _check_finite(self, ctx: _CallContext, decisions: list[list[Any]]) -> EnforcementError | None:
@@ -652,7 +709,7 @@ class SafeRedirGuard:
                         "fail_mode": self.policy.fail_mode,
                     },
                 )
-                problem = self._check_components(wrapping)
+                problem = self._check_components(wrapping, ctx)
                 if problem is not None and (failed := self._not_enforced(ctx, problem)) is not None:
                     raise failed
                 token = _ACTIVE.set(ctx)
@@ -706,7 +763,7 @@ class SafeRedirGuard:
             )
         report = replace(report, latency_ms=round((time.perf_counter() - start) * 1000.0, 3))
         self._local.last_report = report
-        self._emit(wrapping, report)
+        self._emit(wrapping, report, ctx.components)
         if error is not None:
             raise error
         if report.blocked and self.policy.block.mode == "raise":
@@ -738,13 +795,13 @@ class SafeRedirGuard:
         snapshot.restore()
         return call(*args, **kwargs)
 
-    def _emit(self, wrapping: _Wrapping, report: CallReport) -> None:
+    def _emit(self, wrapping: _Wrapping, report: CallReport, components: dict[str, str] | None) -> None:
         record = report.to_dict()
         request_id = record.pop("request_id")
         record.update(
             bundles=wrapping.bundles,
             backbone_mismatch=wrapping.mismatches,
-            components=wrapping.component_hashes,
+            components=wrapping.component_hashes if components is None else components,
             backbone=wrapping.fingerprint.to_dict(),
             adapter=wrapping.adapter.describe(),
             fail_mode=self.policy.fail_mode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +106,134 @@ def test_a_replaced_unet_under_open_is_recorded_not_reported_as_ok(pipe, write_p
         generate(pipe)
     record = audit_records()[0]
     assert any("pipe.unet was replaced" in f["reason"] for f in record["fail_open"])
+
+
+def _edit_in_place(module):
+    """A fused LoRA's kind of edit: a low-rank delta added through ``.data`` (no version bump, the
+    same storage, the same tensor names)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for weight in (p for p in module.parameters() if p.ndim == 2):
+            a = torch.randn(weight.shape[0], 2, generator=generator)
+            weight.data += 0.01 * a @ torch.randn(2, weight.shape[1], generator=generator)
+
+
+TEXT_ENCODER_EDITS = {
+    "a LoRA fused into its weights": lambda pipe: _edit_in_place(pipe.text_encoder),
+    "load_state_dict": lambda pipe: pipe.text_encoder.load_state_dict(
+        tiny_sd_pipeline(1).text_encoder.state_dict()
+    ),
+    "a textual inversion loaded": lambda pipe: pipe.load_textual_inversion(
+        {
+            "<x>": torch.randn(
+                pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0)
+            )
+        },
+        token="<x>",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", TEXT_ENCODER_EDITS)
+def test_text_encoder_weights_changed_after_wrap_are_an_enforcement_failure(
+    pipe, write_policy, audit_records, edit
+):
+    """wrap matched the bundles to the text encoder (and tokenizer) it fingerprinted; edited after
+    wrap, the call fails under closed as wrap itself would have refused them, and the record names
+    the weights the call had. Wrapping again is refused the same way."""
+    from saferedir_sdk.errors import BackboneMismatchError
+    from saferedir_sdk.fingerprint import module_sha256
+
+    guard = SafeRedirGuard.from_policy(write_policy())
+    guard.wrap(pipe)
+    generate(pipe)
+    TEXT_ENCODER_EDITS[edit](pipe)
+    with pytest.raises(
+        EnforcementError, match=r"pipe.text_encoder \(.*changed after wrap: encoders\[text_encoder\]"
+    ):
+        generate(pipe)
+    before, after = audit_records()
+    assert after["outcome"] == "error"
+    assert after["components"]["text_encoder"] == module_sha256(pipe.text_encoder)
+    assert after["components"]["text_encoder"] != before["components"]["text_encoder"]
+    assert after["components"]["unet"] == before["components"]["unet"]
+    guard.unwrap(pipe)
+    with pytest.raises(BackboneMismatchError):
+        guard.wrap(pipe)
+
+
+def test_text_encoder_weights_changed_after_wrap_under_open_are_recorded(pipe, write_policy, audit_records):
+    guard = SafeRedirGuard.from_policy(write_policy(fail_mode="open"))
+    guard.wrap(pipe)
+    _edit_in_place(pipe.text_encoder)
+    with pytest.warns(UserWarning, match="NOT enforced"):
+        generate(pipe)
+    (record,) = audit_records()
+    assert any("pipe.text_encoder" in f["reason"] for f in record["fail_open"])
+
+
+def test_unet_weights_changed_after_wrap_are_enforced_as_a_fresh_wrap_would_and_recorded(
+    write_policy, audit_records
+):
+    """wrap enforces on an edited UNet (a pre-unlearned backbone); edited after wrap, the call does
+    the same: the image a fresh wrap of the edited pipeline gives, a warning once, and every record
+    from then on carries the edited UNet's hash. Moving the pipeline to another dtype is no edit."""
+    from saferedir_sdk.fingerprint import module_sha256
+
+    policy = write_policy()
+    pipe, fresh = tiny_sd_pipeline(0), tiny_sd_pipeline(0)
+    SafeRedirGuard.from_policy(policy).wrap(pipe)
+    generate(pipe)
+    _edit_in_place(pipe.unet)
+    _edit_in_place(fresh.unet)
+    with pytest.warns(UserWarning, match="pipe.unet's weights changed after wrap"):
+        edited = generate(pipe).images
+    SafeRedirGuard.from_policy(policy).wrap(fresh)
+    np.testing.assert_array_equal(edited, generate(fresh).images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the new weights are the checked ones
+        generate(pipe)
+        pipe.to(torch.bfloat16)
+        generate(pipe)
+    first, second, of_fresh, third, in_bf16 = audit_records()
+    digest = module_sha256(fresh.unet)
+    assert first["components"]["unet"] != digest
+    assert (
+        second["components"]["unet"]
+        == third["components"]["unet"]
+        == of_fresh["components"]["unet"]
+        == digest
+    )
+    assert in_bf16["components"] == third["components"]
+    assert [s["action"] for s in second["samples"]] == ["redirected", "none"]
+
+
+def test_a_weights_probe_sees_an_edit_and_not_a_move_to_another_dtype():
+    """What the guard reads per call to tell whether a hooked module's weights changed since wrap."""
+    import copy
+
+    from saferedir_sdk.fingerprint import WeightsProbe
+
+    module = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.LayerNorm(8))
+    module.register_buffer("ids", torch.arange(5))
+    base = WeightsProbe.read(module)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        moved = WeightsProbe.read(copy.deepcopy(module).to(dtype))
+        assert moved.changed_since(base) is None and base.changed_since(moved) is None, dtype
+    mixed = copy.deepcopy(module)  # diffusers' layerwise casting: float8 storage for some layers only
+    mixed[0].to(torch.float8_e4m3fn)
+    assert WeightsProbe.read(mixed).changed_since(base) is None
+    edited = copy.deepcopy(module)
+    edited[0].weight.data[0, 0] += 0.01  # element 0 of every tensor is probed
+    assert (
+        WeightsProbe.read(edited).changed_since(base) == f"1 of {base.values.numel()} probed values changed"
+    )
+    edited = copy.deepcopy(module)
+    edited[0] = torch.nn.Linear(16, 9)
+    assert WeightsProbe.read(edited).changed_since(base) == "tensors reshaped '0.bias' and 1 more"
+    edited = copy.deepcopy(module)
+    edited.add_module("lora", torch.nn.Linear(2, 2))
+    assert WeightsProbe.read(edited).changed_since(base) == "tensors added 'lora.bias' and 1 more"
 
 
 def test_unwrap_is_refused_while_a_call_runs_in_another_thread(pipe, write_policy, audit_records):
