@@ -198,14 +198,14 @@ class WeightsProbe:
             views.append(sample)
             at.extend(range(count, count + sample.numel()))
             count += sample.numel()
-        values, rel, tiny = torch.zeros(count), torch.zeros(count), torch.zeros(count)
+        values, eps, subnormal = torch.zeros(count), torch.zeros(count), torch.zeros(count)
         for (_, dtype), (views, at) in groups.items():
             index = torch.tensor(at, dtype=torch.long)
             values[index] = torch.cat(views).to(torch.float32).cpu()  # one copy per device and dtype
             info = torch.finfo(dtype if dtype.is_floating_point else torch.float32)
-            rel[index] = max(info.eps, torch.finfo(torch.float32).eps) if dtype.is_floating_point else 0.0
-            tiny[index] = info.smallest_normal * info.eps if dtype.is_floating_point else 0.0
-        return cls(tuple(layout), values, rel, tiny)
+            eps[index] = max(info.eps, torch.finfo(torch.float32).eps) if dtype.is_floating_point else 0.0
+            subnormal[index] = info.smallest_normal * info.eps if dtype.is_floating_point else 0.0
+        return cls(tuple(layout), values, eps, subnormal)
 
     def changed_since(self, earlier: WeightsProbe) -> str | None:
         """What differs from ``earlier`` (a tensor added, removed or reshaped; a value moved by more
@@ -220,7 +220,7 @@ class WeightsProbe:
                 for what, names in (("added", added), ("removed", removed), ("reshaped", reshaped))
                 if names
             ]
-            return "tensors " + "; ".join(parts) if parts else "tensors reordered"
+            return "tensors " + "; ".join(parts)  # names are sorted: a layout differs in one of these
         if self.values.shape != earlier.values.shape:
             return "tensors moved to or from the meta device"
         tolerance = 2 * (
