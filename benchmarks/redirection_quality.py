@@ -22,13 +22,18 @@ heads are fitted to reach, so what it changes is what even a perfect redirection
 the swap changes replaced by the swapped prompt's (where the two tokenise to the same length;
 MiniLM's states are contextual, so this is the target a redirection that moved the concept's
 tokens alone would reach).
+``--layer-swap GROUP [GROUP ...]`` (with ``--target-swap``): also the target prompt with its states
+read only by the denoiser's cross-attention layers under GROUP's module prefixes (comma-separated,
+e.g. ``down_blocks.1,up_blocks.1``), every other cross-attention layer reading the prompt's own:
+which layers carry the concept, and whether moving the conditioning of those alone keeps more.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +102,49 @@ def local_swap(adapter: Any, texts: list[str], swapped: list[str | None]) -> tup
     return aligned, replace(own, tokens=(tokens,))
 
 
+def cross_attention_layers(denoiser: Any) -> dict[str, Any]:
+    """The denoiser's cross-attention modules (diffusers' ``attn2``), by module name."""
+    return {name: m for name, m in denoiser.named_modules() if name.endswith(".attn2")}
+
+
+@contextmanager
+def layer_scoped(
+    denoiser: Any, prefixes: list[str], own: torch.Tensor, target: torch.Tensor
+) -> Iterator[None]:
+    """While open, the denoiser's cross-attention layers *not* under one of ``prefixes`` read
+    ``own`` (B, T, D) wherever their ``encoder_hidden_states`` hold a row of ``target`` (B, T, D):
+    a call conditioned on ``target`` then moves only the layers under ``prefixes`` (the
+    unconditional rows of classifier-free guidance are untouched)."""
+    layers = cross_attention_layers(denoiser)
+    for prefix in prefixes:
+        if not any(name.startswith(prefix + ".") for name in layers):
+            blocks = sorted({n.rsplit(".attentions.", 1)[0] for n in layers})
+            raise ValueError(f"--layer-swap: no cross-attention layer under {prefix!r} (blocks: {blocks})")
+
+    def back_to_own(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        states = kwargs.get("encoder_hidden_states")
+        if states is None:
+            return args, kwargs
+        states = states.clone()
+        for r in range(states.shape[0]):
+            for j in range(target.shape[0]):
+                if torch.equal(states[r], target[j].to(states)):
+                    states[r] = own[j].to(states)
+                    break
+        return args, {**kwargs, "encoder_hidden_states": states}
+
+    handles = [
+        m.register_forward_pre_hook(back_to_own, with_kwargs=True)
+        for name, m in layers.items()
+        if not any(name.startswith(prefix + ".") for prefix in prefixes)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def measure(
     suite: Any,
     adapter: Any,
@@ -106,6 +154,7 @@ def measure(
     swap: bool = False,
     target: str | None = None,
     local: bool = False,
+    layer_groups: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
@@ -153,6 +202,16 @@ def measure(
                 aligned, embeds = local_swap(adapter, texts, swapped)
                 local_still = shows(runner._call(texts, seed, cond=embeds))
                 local_judged = dict(judged)
+            scoped = {}  # the target prompt read by some cross-attention layers only, same seed
+            if layer_groups and any(x is not None for x in swapped):
+                full = [x or t for x, t in zip(swapped, texts)]
+                target_cond, own_cond = adapter.encode_prompts(full)[0], adapter.encode_prompts(texts)[0]
+                for group in layer_groups:
+                    with layer_scoped(
+                        adapter.denoiser, group.split(","), own_cond.tokens[0], target_cond.tokens[0]
+                    ):
+                        scoped_still = shows(runner._call(full, seed))
+                    scoped[group] = (scoped_still, dict(judged))
             moved = record_trajectories(
                 adapter,
                 texts,
@@ -186,6 +245,11 @@ def measure(
                         "still": bool(local_still[j]),
                         "lost": [a for a in others if local_judged[a][j] != before[a][j]],
                     }
+                if swap and swapped[j] is not None and scoped:
+                    row["layers"] = {
+                        group: {"still": bool(st[j]), "lost": [a for a in others if jd[a][j] != before[a][j]]}
+                        for group, (st, jd) in scoped.items()
+                    }
                 rows.append(row)
     return rows
 
@@ -212,6 +276,14 @@ def main() -> None:
         action="store_true",
         help="with --target-swap: also the prompt's states with only the swapped tokens' states replaced",
     )
+    parser.add_argument(
+        "--layer-swap",
+        nargs="+",
+        default=[],
+        metavar="GROUP",
+        help="with --target-swap: also the target prompt read only by the cross-attention layers under "
+        "GROUP's comma-separated module prefixes (e.g. down_blocks.1,up_blocks.1), the rest reading the prompt's own",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
@@ -219,6 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.local_swap and not args.target_swap:
         parser.error("--local-swap needs --target-swap")
+    if args.layer_swap and not args.target_swap:
+        parser.error("--layer-swap needs --target-swap")
     torch.set_num_threads(args.threads)
 
     from deciding_checks import suite_bundles_adapter
@@ -235,6 +309,7 @@ def main() -> None:
             args.target_swap,
             args.target,
             args.local_swap,
+            args.layer_swap,
         )
         drawn = [r for r in rows if r["drawn"]]
         print(
@@ -267,6 +342,20 @@ def main() -> None:
                 f"{sum(len(r['swapped']['lost']) for r in local)}; the redirection "
                 f"{sum(r['still'] for r in local if r['drawn'])} and {sum(len(r['lost']) for r in local)}"
             )
+        if args.layer_swap:
+            named = [r for r in rows if "layers" in r]
+            print(
+                f"\non the {len(named)} prompts that name it in a word, the target prompt read by some layers only:"
+            )
+            print(
+                "| cross-attention layers reading the target | still / drawn | other attributes changed |\n|---|---|---|"
+            )
+            for group in args.layer_swap:
+                print(
+                    f"| {group} | {sum(r['layers'][group]['still'] for r in named if r['drawn'])}/"
+                    f"{sum(r['drawn'] for r in named)} | {sum(len(r['layers'][group]['lost']) for r in named)} of "
+                    f"{sum(r['attributes'] for r in named)} |"
+                )
         print()
         print("| set / kind | still / drawn |\n|---|---|")
         kinds: dict[str, list[int]] = {}

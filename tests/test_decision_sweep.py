@@ -150,3 +150,41 @@ def test_local_swap_moves_only_the_states_of_the_tokens_the_swap_changes(pipe):
     differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]  # "red" -> "tan"
     assert differ and moved[0].nonzero().flatten().tolist() == differ
     assert torch.equal(cond.tokens[0][0, differ], other[differ]) and not moved[1:].any()
+
+
+def test_layer_scoped_moves_only_the_cross_attention_layers_it_names(pipe):
+    """benchmarks/redirection_quality.py --layer-swap: a call conditioned on the target prompt has
+    the target's states read by the cross-attention layers under the named prefixes only; the
+    others read the prompt's own rows, the unconditional rows stay as they were; the hooks go away
+    with the context, and a prefix naming no cross-attention layer is refused by name."""
+    import torch
+    from redirection_quality import cross_attention_layers, layer_scoped
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    adapter = StableDiffusionAdapter(pipe)
+    own = adapter.encode_prompts(["a red square", "a red circle"])[0]
+    target = adapter.encode_prompts(["a tan square", "a tan circle"])[0]
+    layers = cross_attention_layers(pipe.unet)
+    inside = [n for n in layers if n.startswith("down_blocks.")]
+    assert inside and len(inside) < len(layers)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        return lambda _m, args, kwargs: seen.__setitem__(name, kwargs["encoder_hidden_states"].clone())
+
+    with layer_scoped(pipe.unet, ["down_blocks"], own.tokens[0], target.tokens[0]):
+        handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in layers.items()]
+        adapter.generate(
+            ["a tan square", "a tan circle"], seed=0, num_inference_steps=2, guidance_scale=5.0, cond=target
+        )
+        for h in handles:
+            h.remove()
+    assert not any(m._forward_pre_hooks for m in layers.values())
+    cond_rows = slice(2, 4)  # classifier-free guidance: unconditional rows first
+    for name, states in seen.items():
+        want = target.tokens[0] if name in inside else own.tokens[0]
+        assert torch.equal(states[cond_rows], want.to(states)), name
+        assert not torch.equal(states[0], own.tokens[0][0].to(states)), name  # the empty prompt's row
+    with pytest.raises(ValueError, match="no cross-attention layer under 'middle'"):
+        with layer_scoped(pipe.unet, ["middle"], own.tokens[0], target.tokens[0]):
+            pass
