@@ -106,6 +106,14 @@ class Adapter(ABC):
         enforcement failure, not a silent bypass)."""
         return {"denoiser": self.denoiser}
 
+    def tokenizers(self) -> dict[str, Any]:
+        """The tokenizers whose vocabularies the fingerprint hashes, by name: the guard checks per
+        call that each is still the object it wrapped, with as many tokens (a token added after
+        ``wrap``, as a textual inversion adds one, is another vocabulary). By default the
+        pipeline's ``tokenizer``, ``tokenizer_2`` and ``tokenizer_3`` where it has them."""
+        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        return {name: tok for name in names if (tok := getattr(self.pipe, name, None)) is not None}
+
     def conditioned_modules(self) -> dict[str, nn.Module]:
         """Modules besides the denoiser that read the prompt's conditioning in a denoising step,
         called before the denoiser with the arguments :meth:`split` and :meth:`merge` read

@@ -69,6 +69,7 @@ class _Wrapping:
     probes: dict[str, WeightsProbe]  # what the hashes were last checked against (per call: cheap)
     original_class: type
     components: dict[str, Any] = field(default_factory=dict)  # what wrap saw, checked per call
+    tokenizers: dict[str, tuple[Any, int]] = field(default_factory=dict)  # (tokenizer, len) wrap saw
     handles: list[Any] = field(default_factory=list)  # the forward pre-hooks wrap registered
     in_flight: int = 0  # guarded calls running now (guarded by the guard's lock)
     active: bool = True
@@ -310,6 +311,7 @@ class SafeRedirGuard:
             probes={name: WeightsProbe.read(m) for name, m in _hooked(adapter).items()},
             original_class=type(pipe),
             components=_hooked(adapter),
+            tokenizers={name: (tok, len(tok)) for name, tok in adapter.tokenizers().items()},
         )
         wrapping.handles = [
             module.register_forward_pre_hook(self._make_hook(wrapping, conditioned=name), with_kwargs=True)
@@ -572,7 +574,8 @@ class SafeRedirGuard:
     def _check_components(self, wrapping: _Wrapping, ctx: _CallContext) -> str | None:
         """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None.
 
-        A module replaced is a problem. A module whose weights changed since they were last checked
+        A module or tokenizer replaced is a problem; a tokenizer with another token count than at
+        ``wrap`` has the backbone fingerprinted again (a token added: another vocabulary). A module whose weights changed since they were last checked
         (a :class:`WeightsProbe` per call, a few values of every tensor; a device or dtype move is
         no change) is hashed again and the backbone fingerprinted again, as ``wrap`` would: other
         text-encoder weights or another tokenizer are a problem (the bundles were matched to the
@@ -588,6 +591,16 @@ class SafeRedirGuard:
                     f"pipe.{name} was replaced after wrap (the guard hooked and fingerprinted the old "
                     f"one): unwrap and wrap again"
                 )
+        tokenizers = wrapping.adapter.tokenizers()
+        grown = []
+        for name, (tokenizer, count) in wrapping.tokenizers.items():
+            if tokenizers.get(name) is not tokenizer:
+                return (
+                    f"pipe.{name} was replaced after wrap (the guard fingerprinted the old one's "
+                    f"vocabulary): unwrap and wrap again"
+                )
+            if len(tokenizer) != count:
+                grown.append(f"pipe.{name} ({count} tokens at wrap, {len(tokenizer)} now)")
         with self._lock:
             hashes, probes = dict(wrapping.component_hashes), dict(wrapping.probes)
         ctx.components = hashes
@@ -600,9 +613,9 @@ class SafeRedirGuard:
                     changed[name] = (probe, why)
         except Exception as exc:  # a tensor type the probe cannot read: unchecked, so not enforced
             return f"the weights of pipe.{name} could not be checked: {type(exc).__name__}: {exc}"
-        if not changed:
+        if not changed and not grown:
             return None
-        what = ", ".join(f"pipe.{name} ({why})" for name, (_, why) in changed.items())
+        what = ", ".join([*(f"pipe.{name} ({why})" for name, (_, why) in changed.items()), *grown])
         adapter = wrapping.adapter
         denoising = {
             id(unwrap_compiled(m)) for m in (adapter.denoiser, *adapter.conditioned_modules().values())
@@ -613,7 +626,9 @@ class SafeRedirGuard:
         try:
             digests = {name: module_sha256(wrapping.components[name]) for name in changed}
             # the fingerprint names the text encoders and tokenizers: read again only where one changed
-            difference = wrapping.fingerprint.first_difference(adapter.fingerprint()) if encoders else None
+            difference = (
+                wrapping.fingerprint.first_difference(adapter.fingerprint()) if encoders or grown else None
+            )
         except Exception as exc:  # e.g. weights offloaded to the meta device
             return f"{what} changed after wrap and could not be read again: {type(exc).__name__}: {exc}"
         ctx.components = {**hashes, **digests}  # the record names what this call had, enforced or not

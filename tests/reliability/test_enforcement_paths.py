@@ -86,7 +86,7 @@ def test_under_open_an_unattributed_denoiser_call_runs_and_is_audited(pipe, writ
     assert record["fail_open"][0]["concept"] == "*"
 
 
-@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "tokenizer"])
 def test_a_component_replaced_after_wrap_is_an_enforcement_failure(
     pipe, write_policy, audit_records, component
 ):
@@ -160,6 +160,24 @@ def test_text_encoder_weights_changed_after_wrap_are_an_enforcement_failure(
     guard.unwrap(pipe)
     with pytest.raises(BackboneMismatchError):
         guard.wrap(pipe)
+
+
+def test_a_token_added_to_the_tokenizer_after_wrap_is_an_enforcement_failure(
+    pipe, write_policy, audit_records
+):
+    """Another vocabulary than the one wrap fingerprinted, with the text encoder's weights
+    untouched (tokens added, the embedding not resized): the call fails as wrap would refuse it."""
+    guard = SafeRedirGuard.from_policy(write_policy())
+    guard.wrap(pipe)
+    count = len(pipe.tokenizer)
+    pipe.tokenizer.add_tokens(["<y>"])
+    with pytest.raises(
+        EnforcementError,
+        match=rf"pipe.tokenizer \({count} tokens at wrap, {count + 1} now\) changed after wrap: "
+        r"encoders\[text_encoder\].tokenizer",
+    ):
+        generate(pipe)
+    assert audit_records()[0]["outcome"] == "error"
 
 
 def test_text_encoder_weights_changed_after_wrap_under_open_are_recorded(pipe, write_policy, audit_records):
