@@ -575,13 +575,14 @@ class SafeRedirGuard:
         """Why the pipeline no longer has the modules ``wrap`` hooked and fingerprinted, or None.
 
         A module or tokenizer replaced is a problem; a tokenizer with another token count than at
-        ``wrap`` has the backbone fingerprinted again (a token added: another vocabulary). A module whose weights changed since they were last checked
-        (a :class:`WeightsProbe` per call, a few values of every tensor; a device or dtype move is
-        no change) is hashed again and the backbone fingerprinted again, as ``wrap`` would: other
-        text-encoder weights or another tokenizer are a problem (the bundles were matched to the
-        ones ``wrap`` saw: a LoRA or textual inversion loaded after ``wrap``); other denoiser or
-        ControlNet weights are enforced, as ``wrap`` enforces on an edited UNet, with a warning,
-        and the records from then on carry their hash (``ctx.components``)."""
+        ``wrap`` has the backbone fingerprinted again (a token added: another vocabulary). A module
+        whose weights changed since they were last checked (a :class:`WeightsProbe` per call, a few
+        values of every tensor; a device or dtype move is no change) is hashed again and the
+        backbone fingerprinted again, as ``wrap`` would: other text-encoder weights or another
+        tokenizer are a problem (the bundles were matched to the ones ``wrap`` saw: a LoRA or
+        textual inversion loaded after ``wrap``); other denoiser or ControlNet weights are
+        enforced, as ``wrap`` enforces on an edited UNet, with a warning, and the records from then
+        on carry their hash (``ctx.components``)."""
         now = _hooked(wrapping.adapter)
         for name, module in wrapping.components.items():
             if (
