@@ -26,6 +26,9 @@ tokens alone would reach).
 read only by the denoiser's cross-attention layers under GROUP's module prefixes (comma-separated,
 e.g. ``down_blocks.1,up_blocks.1``), every other cross-attention layer reading the prompt's own:
 which layers carry the concept, and whether moving the conditioning of those alone keeps more.
+``--time-swap T [T ...]`` (with ``--target-swap``): also the target prompt read only at the steps
+whose normalised timestep is above T, every layer reading the prompt's own from T down: whether the
+concept is settled early and a redirection released for the late steps keeps more of the rest.
 """
 
 from __future__ import annotations
@@ -109,21 +112,38 @@ def cross_attention_layers(denoiser: Any) -> dict[str, Any]:
 
 @contextmanager
 def layer_scoped(
-    denoiser: Any, prefixes: list[str], own: torch.Tensor, target: torch.Tensor
+    denoiser: Any,
+    prefixes: list[str] | None,
+    own: torch.Tensor,
+    target: torch.Tensor,
+    release_t: float | None = None,
+    num_train_timesteps: int = 1000,
 ) -> Iterator[None]:
     """While open, the denoiser's cross-attention layers *not* under one of ``prefixes`` read
     ``own`` (B, T, D) wherever their ``encoder_hidden_states`` hold a row of ``target`` (B, T, D):
-    a call conditioned on ``target`` then moves only the layers under ``prefixes`` (the
-    unconditional rows of classifier-free guidance are untouched)."""
+    a call conditioned on ``target`` then moves only the layers under ``prefixes`` (None: every
+    layer; the unconditional rows of classifier-free guidance are untouched). With ``release_t``, *every*
+    layer reads ``own`` instead at the steps whose normalised timestep (the denoiser call's
+    ``timestep / num_train_timesteps``) is at or below it: the target prompt conditions the early
+    steps only."""
     layers = cross_attention_layers(denoiser)
+    prefixes = [n.rsplit(".", 1)[0] for n in layers] if prefixes is None else prefixes
     for prefix in prefixes:
         if not any(name.startswith(prefix + ".") for name in layers):
             blocks = sorted({n.rsplit(".attentions.", 1)[0] for n in layers})
             raise ValueError(f"--layer-swap: no cross-attention layer under {prefix!r} (blocks: {blocks})")
+    now: dict[str, float] = {}
 
-    def back_to_own(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def note_timestep(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        now["t"] = float(torch.as_tensor(t).float().max()) / num_train_timesteps
+
+    def back_to_own(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         states = kwargs.get("encoder_hidden_states")
         if states is None:
+            return args, kwargs
+        released = release_t is not None and now["t"] <= release_t
+        if id(module) in scoped and not released:
             return args, kwargs
         states = states.clone()
         for r in range(states.shape[0]):
@@ -133,11 +153,14 @@ def layer_scoped(
                     break
         return args, {**kwargs, "encoder_hidden_states": states}
 
+    scoped = {id(m) for name, m in layers.items() if any(name.startswith(p + ".") for p in prefixes)}
     handles = [
         m.register_forward_pre_hook(back_to_own, with_kwargs=True)
-        for name, m in layers.items()
-        if not any(name.startswith(prefix + ".") for prefix in prefixes)
+        for m in layers.values()
+        if release_t is not None or id(m) not in scoped
     ]
+    if release_t is not None:
+        handles.append(denoiser.register_forward_pre_hook(note_timestep, with_kwargs=True))
     try:
         yield
     finally:
@@ -155,6 +178,7 @@ def measure(
     target: str | None = None,
     local: bool = False,
     layer_groups: Sequence[str] = (),
+    release_ts: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
@@ -212,6 +236,17 @@ def measure(
                     ):
                         scoped_still = shows(runner._call(full, seed))
                     scoped[group] = (scoped_still, dict(judged))
+            timed = {}  # the target prompt read while the timestep is above T only, same seed
+            if release_ts and any(x is not None for x in swapped):
+                full = [x or t for x, t in zip(swapped, texts)]
+                target_cond, own_cond = adapter.encode_prompts(full)[0], adapter.encode_prompts(texts)[0]
+                train_steps = int(adapter.pipe.scheduler.config.get("num_train_timesteps", 1000))
+                for release in release_ts:
+                    with layer_scoped(
+                        adapter.denoiser, None, own_cond.tokens[0], target_cond.tokens[0], release, train_steps
+                    ):
+                        timed_still = shows(runner._call(full, seed))
+                    timed[release] = (timed_still, dict(judged))
             moved = record_trajectories(
                 adapter,
                 texts,
@@ -250,6 +285,11 @@ def measure(
                         group: {"still": bool(st[j]), "lost": [a for a in others if jd[a][j] != before[a][j]]}
                         for group, (st, jd) in scoped.items()
                     }
+                if swap and swapped[j] is not None and timed:
+                    row["times"] = {
+                        release: {"still": bool(st[j]), "lost": [a for a in others if jd[a][j] != before[a][j]]}
+                        for release, (st, jd) in timed.items()
+                    }
                 rows.append(row)
     return rows
 
@@ -284,6 +324,15 @@ def main() -> None:
         help="with --target-swap: also the target prompt read only by the cross-attention layers under "
         "GROUP's comma-separated module prefixes (e.g. down_blocks.1,up_blocks.1), the rest reading the prompt's own",
     )
+    parser.add_argument(
+        "--time-swap",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="T",
+        help="with --target-swap: also the target prompt read only at the steps whose normalised timestep "
+        "is above T, the prompt's own from T down (the target conditions the early steps only)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
@@ -293,6 +342,8 @@ def main() -> None:
         parser.error("--local-swap needs --target-swap")
     if args.layer_swap and not args.target_swap:
         parser.error("--layer-swap needs --target-swap")
+    if args.time_swap and not args.target_swap:
+        parser.error("--time-swap needs --target-swap")
     torch.set_num_threads(args.threads)
 
     from deciding_checks import suite_bundles_adapter
@@ -310,6 +361,7 @@ def main() -> None:
             args.target,
             args.local_swap,
             args.layer_swap,
+            args.time_swap,
         )
         drawn = [r for r in rows if r["drawn"]]
         print(
@@ -354,6 +406,18 @@ def main() -> None:
                 print(
                     f"| {group} | {sum(r['layers'][group]['still'] for r in named if r['drawn'])}/"
                     f"{sum(r['drawn'] for r in named)} | {sum(len(r['layers'][group]['lost']) for r in named)} of "
+                    f"{sum(r['attributes'] for r in named)} |"
+                )
+        if args.time_swap:
+            named = [r for r in rows if "times" in r]
+            print(
+                f"\non the {len(named)} prompts that name it in a word, the target prompt read above T only:"
+            )
+            print("| target read while t > T | still / drawn | other attributes changed |\n|---|---|---|")
+            for release in args.time_swap:
+                print(
+                    f"| {release} | {sum(r['times'][release]['still'] for r in named if r['drawn'])}/"
+                    f"{sum(r['drawn'] for r in named)} | {sum(len(r['times'][release]['lost']) for r in named)} of "
                     f"{sum(r['attributes'] for r in named)} |"
                 )
         print()

@@ -188,3 +188,37 @@ def test_layer_scoped_moves_only_the_cross_attention_layers_it_names(pipe):
     with pytest.raises(ValueError, match="no cross-attention layer under 'middle'"):
         with layer_scoped(pipe.unet, ["middle"], own.tokens[0], target.tokens[0]):
             pass
+
+
+def test_layer_scoped_with_release_t_moves_every_layer_only_above_it(pipe):
+    """benchmarks/redirection_quality.py --time-swap: with ``release_t`` every cross-attention layer
+    reads the target's rows at the steps whose normalised timestep is above it and the prompt's own
+    from it down; the denoiser's timestep hook goes away with the context."""
+    import torch
+    from redirection_quality import cross_attention_layers, layer_scoped
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    adapter = StableDiffusionAdapter(pipe)
+    own = adapter.encode_prompts(["a red square"])[0]
+    target = adapter.encode_prompts(["a tan square"])[0]
+    layers = cross_attention_layers(pipe.unet)
+    steps: list[float] = []
+    read: list[set[str]] = []  # per denoiser call: which rows the layers read
+
+    def note(_m, args, kwargs):
+        steps.append(float(args[1] if len(args) > 1 else kwargs["timestep"]) / 1000)
+        read.append(set())
+
+    def record(_m, args, kwargs):
+        row = kwargs["encoder_hidden_states"][1]
+        read[-1].add("target" if torch.equal(row, target.tokens[0][0].to(row)) else "own")
+
+    with layer_scoped(pipe.unet, None, own.tokens[0], target.tokens[0], release_t=0.6, num_train_timesteps=1000):
+        handles = [pipe.unet.register_forward_pre_hook(note, with_kwargs=True)]
+        handles += [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers.values()]
+        adapter.generate(["a tan square"], seed=0, num_inference_steps=3, guidance_scale=5.0, cond=target)
+        for h in handles:
+            h.remove()
+    assert not pipe.unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in layers.values())
+    assert any(t > 0.6 for t in steps) and any(t <= 0.6 for t in steps), steps
+    assert read == [{"target"} if t > 0.6 else {"own"} for t in steps], (steps, read)
