@@ -343,7 +343,7 @@ def test_calls_on_four_threads_with_mixed_guidance_do_not_interfere(write_policy
     errors, actions = [], []
 
     def work(t):
-        for i in range(25):
+        for i in range(12):
             scale = (1.0, 7.5)[(t + i) % 2]
             try:
                 generate(pipes[t], guidance_scale=scale, seed=i)
@@ -356,11 +356,11 @@ def test_calls_on_four_threads_with_mixed_guidance_do_not_interfere(write_policy
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(actions) == 100
+    assert errors == [] and len(actions) == 48
     assert all(a == expected[scale] for scale, a in actions), "no cross-talk between calls"
     records = audit_records()[2:]
-    assert len(records) == 100 and len({r["request_id"] for r in records}) == 100
-    assert sum(r["cfg"] for r in records) == 50, "CFG read from each call's own tensors (50 of 100 used it)"
+    assert len(records) == 48 and len({r["request_id"] for r in records}) == 48
+    assert sum(r["cfg"] for r in records) == 24, "CFG read from each call's own tensors (24 of 48 used it)"
     assert all(r["outcome"] == "redirected" for r in records)
 
 
