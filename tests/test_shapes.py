@@ -264,6 +264,53 @@ def test_eval_prompts_never_appear_in_training_data():
             assert not [t for t in texts if pattern.search(t)], expression
 
 
+def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
+    """``saferedir eval --split fresh``: 72 hand-written prompts a concept (12 / 12 / 24 / 24), each
+    carrying its expression verbatim; no text is a training prompt, a training template's output, or
+    a prompt of the generated splits (dev up to its 192 draws, eval); outside the kinds that name a
+    value with a training word on purpose, no expression is a word of the suite's tables, wording
+    families, negations or descriptions, nor occurs in any concept's training prompt."""
+    from saferedir_shapes.eval_suite import (
+        DESCRIPTIONS,
+        DEV_DRAWS,
+        DEV_SEED,
+        TABLES,
+        ShapesEvalSuite,
+        training_template_pattern,
+    )
+    from saferedir_shapes.fresh_prompts import FRESH, NAMED_ON_PURPOSE
+
+    fresh = ShapesEvalSuite.build(fresh=True)
+    generated = [ShapesEvalSuite.build(), ShapesEvalSuite.build(seed=DEV_SEED).sized(DEV_DRAWS)]
+    training = [p for c in fresh.concepts for p in c.training_prompts]
+    pattern = training_template_pattern()
+    known = {w for table in TABLES.values() for pools in table.values() for pool in pools for w in pool}
+    known |= {e for families in world.WORDINGS.values() for pools in families.values() for p in pools for e in p}
+    known |= {n for pool in world.NEGATIONS for n in pool} | {d for ds in DESCRIPTIONS.values() for d in ds}
+    assert fresh.fresh and [p.text for p in fresh.sized(4).concepts[0].sets["retain"]] == [
+        r[2] for r in FRESH["red"] if r[0] == "retain"
+    ][:4]
+    for concept, rows in zip(fresh.concepts, FRESH.values()):
+        assert {k: len(v) for k, v in concept.sets.items()} == {
+            "forget": 12, "paraphrase": 12, "adversarial": 24, "retain": 24
+        }, concept.name
+        texts = [r[2] for r in rows]
+        assert len(set(texts)) == 72 and texts == [p.text for ps in concept.sets.values() for p in ps]
+        assert not set(texts) & set(training) and not [t for t in texts if pattern.match(t)]
+        for suite in generated:
+            (same,) = [c for c in suite.concepts if c.name == concept.name]
+            assert not set(texts) & {p.text for ps in same.sets.values() for p in ps}, concept.name
+        for set_name, kind, text, expression, *_ in rows:
+            assert expression in text, text
+            wanted = set_name != "retain"
+            assert (concept.sets[set_name][0].labels[concept.attribute] == concept.value) == wanted
+            if kind in NAMED_ON_PURPOSE:
+                continue
+            assert expression not in known, (concept.name, expression)
+            bounded = re.compile(rf"(?<![\w-]){re.escape(expression)}(?![\w-])")
+            assert not [t for t in training if bounded.search(t)], (concept.name, expression)
+
+
 def test_a_sized_suite_keeps_every_prompt_of_a_smaller_one():
     """``sized(n)`` (``saferedir eval --n``, ``decision_sweep.py --n``): the split's first ``n`` draws,
     so a larger dev suite holds the 48-prompt one at the same indices, and its new prompts are as new

@@ -93,9 +93,10 @@ def saferedir_add_commands(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument(
         "--split",
-        choices=["eval", "dev"],
+        choices=["eval", "dev", "fresh"],
         default="eval",
-        help="eval: the suite's reported prompt sets; dev: other draws of the same sets, to choose settings on",
+        help="eval: the suite's reported prompt sets; dev: other draws of the same sets, to choose settings on; "
+        "fresh: a suite's hand-written set in other wordings, where it has one",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_eval)

@@ -242,6 +242,18 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
     return sets
 
 
+def fresh_sets(concept: str, n: int = 0) -> dict[str, list[EvalPrompt]]:
+    """The hand-written ``fresh`` split's prompts for ``concept``
+    (:data:`~saferedir_shapes.fresh_prompts.FRESH`), the first ``n`` per set (0: all)."""
+    from .fresh_prompts import FRESH
+
+    sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
+    for set_name, kind, text, _expression, colour, shape, texture in FRESH[concept]:
+        if not n or len(sets[set_name]) < n:
+            sets[set_name].append(EvalPrompt(text, {"colour": colour, "shape": shape, "texture": texture}, kind))
+    return sets
+
+
 def training_prompts(concept: str) -> list[str]:
     pairs, pool = cached_recipe(concept)
     return [p for pair in pairs for p in pair] + list(pool)
@@ -269,9 +281,10 @@ class ShapesEvalSuite:
     guidance_scale: float = DEFAULT_GUIDANCE
     policy: str = "shapes:demo"
     seed: int = 0  # the prompt generator's seed: the split
+    fresh: bool = False  # the hand-written split instead (fresh_prompts.py; seed unused)
 
     @classmethod
-    def build(cls, n: int = 48, seed: int = 0) -> ShapesEvalSuite:
+    def build(cls, n: int = 48, seed: int = 0, fresh: bool = False) -> ShapesEvalSuite:
         concepts = []
         for name, (attribute, value, _, _) in CONCEPT_SWAPS.items():
             pairs, pool = cached_recipe(name)
@@ -280,7 +293,7 @@ class ShapesEvalSuite:
                     name=name,
                     attribute=attribute,
                     value=value,
-                    sets=prompt_sets(name, n, seed),
+                    sets=fresh_sets(name) if fresh else prompt_sets(name, n, seed),
                     blocklist=list(TABLES[attribute][value][0]),
                     negative_prompt=value,
                     safety_concept=value,
@@ -288,7 +301,7 @@ class ShapesEvalSuite:
                     training_prompts=training_prompts(name),
                 )
             )
-        return cls(concepts, seed=seed)
+        return cls(concepts, seed=seed, fresh=fresh)
 
     def sized(self, n: int) -> ShapesEvalSuite:
         """``n`` prompts per set of the same split: the first ``n`` of its draws. Every prompt has its
@@ -296,7 +309,10 @@ class ShapesEvalSuite:
         in the eval's batches, the same seed)."""
         return replace(
             self,
-            concepts=[replace(c, sets=prompt_sets(c.name, n, self.seed)) for c in self.concepts],
+            concepts=[
+                replace(c, sets=fresh_sets(c.name, n) if self.fresh else prompt_sets(c.name, n, self.seed))
+                for c in self.concepts
+            ],
         )
 
     def judge(self, images: np.ndarray) -> dict[str, list[str]]:

@@ -105,12 +105,13 @@ def saferedir_eval_suite(backbone: str, split: str) -> Any:
     """The Shapes efficacy suite for ``saferedir eval`` (a hook the benchmark plugin specifies):
     the same prompt sets and judge on either backbone, each with its own policy. ``split="dev"``:
     the prompt generator's seed 1 instead of 0 (same templates and wording pools, other draws; the
-    eval split repeats none of the dev split's first 192 draws per set)."""
+    eval split repeats none of the dev split's first 192 draws per set). ``split="fresh"``: the
+    216 hand-written prompts of ``fresh_prompts.py``, run once after every setting was fixed."""
     if backbone not in BACKBONES:
         return None
     from dataclasses import replace
 
     from .eval_suite import DEV_SEED, ShapesEvalSuite
 
-    suite = ShapesEvalSuite.build(seed=DEV_SEED if split == "dev" else 0)
+    suite = ShapesEvalSuite.build(seed=DEV_SEED if split == "dev" else 0, fresh=split == "fresh")
     return replace(suite, backbone=backbone, policy=SUITE_POLICIES[backbone])
