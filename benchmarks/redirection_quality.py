@@ -298,7 +298,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs="+", default=None)
     parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: measure this bundle instead")
-    parser.add_argument("--split", default="dev", choices=("dev", "eval"))
+    parser.add_argument("--split", default="dev", choices=("dev", "eval", "fresh"))
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--other-long", action="store_true", help="also the long subjects in other framings")
     parser.add_argument(
