@@ -243,7 +243,12 @@ def measure(
                 train_steps = int(adapter.pipe.scheduler.config.get("num_train_timesteps", 1000))
                 for release in release_ts:
                     with layer_scoped(
-                        adapter.denoiser, None, own_cond.tokens[0], target_cond.tokens[0], release, train_steps
+                        adapter.denoiser,
+                        None,
+                        own_cond.tokens[0],
+                        target_cond.tokens[0],
+                        release,
+                        train_steps,
                     ):
                         timed_still = shows(runner._call(full, seed))
                     timed[release] = (timed_still, dict(judged))
@@ -287,7 +292,10 @@ def measure(
                     }
                 if swap and swapped[j] is not None and timed:
                     row["times"] = {
-                        release: {"still": bool(st[j]), "lost": [a for a in others if jd[a][j] != before[a][j]]}
+                        release: {
+                            "still": bool(st[j]),
+                            "lost": [a for a in others if jd[a][j] != before[a][j]],
+                        }
                         for release, (st, jd) in timed.items()
                     }
                 rows.append(row)

@@ -213,7 +213,9 @@ def test_layer_scoped_with_release_t_moves_every_layer_only_above_it(pipe):
         row = kwargs["encoder_hidden_states"][1]
         read[-1].add("target" if torch.equal(row, target.tokens[0][0].to(row)) else "own")
 
-    with layer_scoped(pipe.unet, None, own.tokens[0], target.tokens[0], release_t=0.6, num_train_timesteps=1000):
+    with layer_scoped(
+        pipe.unet, None, own.tokens[0], target.tokens[0], release_t=0.6, num_train_timesteps=1000
+    ):
         handles = [pipe.unet.register_forward_pre_hook(note, with_kwargs=True)]
         handles += [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers.values()]
         adapter.generate(["a tan square"], seed=0, num_inference_steps=3, guidance_scale=5.0, cond=target)

@@ -285,14 +285,21 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
     training = [p for c in fresh.concepts for p in c.training_prompts]
     pattern = training_template_pattern()
     known = {w for table in TABLES.values() for pools in table.values() for pool in pools for w in pool}
-    known |= {e for families in world.WORDINGS.values() for pools in families.values() for p in pools for e in p}
+    known |= {
+        e for families in world.WORDINGS.values() for pools in families.values() for p in pools for e in p
+    }
     known |= {n for pool in world.NEGATIONS for n in pool} | {d for ds in DESCRIPTIONS.values() for d in ds}
-    assert fresh.fresh and [p.text for p in fresh.sized(4).concepts[0].sets["retain"]] == [
-        r[2] for r in FRESH["red"] if r[0] == "retain"
-    ][:4]
+    assert (
+        fresh.fresh
+        and [p.text for p in fresh.sized(4).concepts[0].sets["retain"]]
+        == [r[2] for r in FRESH["red"] if r[0] == "retain"][:4]
+    )
     for concept, rows in zip(fresh.concepts, FRESH.values()):
         assert {k: len(v) for k, v in concept.sets.items()} == {
-            "forget": 12, "paraphrase": 12, "adversarial": 24, "retain": 24
+            "forget": 12,
+            "paraphrase": 12,
+            "adversarial": 24,
+            "retain": 24,
         }, concept.name
         texts = [r[2] for r in rows]
         assert len(set(texts)) == 72 and texts == [p.text for ps in concept.sets.values() for p in ps]

@@ -79,7 +79,8 @@ def test_train_command_writes_a_bundle_the_guard_enforces(pipe, tmp_path, write_
 
     monkeypatch.setattr("saferedir_sdk.training.trainer.record_trajectories", no_sampling)
     fewer = [*args[: args.index("--steps") + 1], "2", *args[args.index("--steps") + 2 :]]
-    assert main(fewer) == 0  # second run: trajectories come from the cache (a short fit: the cache is the check)
+    # second run: trajectories come from the cache (a short fit: the cache is the check)
+    assert main(fewer) == 0
 
 
 @pytest.mark.slow

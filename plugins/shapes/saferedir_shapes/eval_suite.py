@@ -250,7 +250,9 @@ def fresh_sets(concept: str, n: int = 0) -> dict[str, list[EvalPrompt]]:
     sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
     for set_name, kind, text, _expression, colour, shape, texture in FRESH[concept]:
         if not n or len(sets[set_name]) < n:
-            sets[set_name].append(EvalPrompt(text, {"colour": colour, "shape": shape, "texture": texture}, kind))
+            sets[set_name].append(
+                EvalPrompt(text, {"colour": colour, "shape": shape, "texture": texture}, kind)
+            )
     return sets
 
 

@@ -21,6 +21,8 @@ Texture "" = the prompt leaves it open.
 
 from __future__ import annotations
 
+# a table, one prompt a row
+# fmt: off
 FRESH: dict[str, list[tuple[str, str, str, str, str, str, str]]] = {
     "red": [
         # forget: training synonyms, a user's own sentence
@@ -249,6 +251,7 @@ FRESH: dict[str, list[tuple[str, str, str, str, str, str, str]]] = {
         ("retain", "foreign", "ein blauer Kreis, gepunktet", "Kreis", "blue", "circle", "dotted"),
     ],
 }
+# fmt: on
 
 #: kinds whose expression names the concept (or another value) with a training word on purpose
 NAMED_ON_PURPOSE = frozenset({"user", "framing", "neighbour", "negation"})
