@@ -29,6 +29,14 @@ which layers carry the concept, and whether moving the conditioning of those alo
 ``--time-swap T [T ...]`` (with ``--target-swap``): also the target prompt read only at the steps
 whose normalised timestep is above T, every layer reading the prompt's own from T down: whether the
 concept is settled early and a redirection released for the late steps keeps more of the rest.
+``--gates MODE``: how the heads' scale ``alpha`` and token mask ``m`` (both read the prompt) are
+applied once a sample is flagged: ``heads`` as predicted (the shipped rule), ``alpha`` with
+``alpha`` 1, ``fallback`` with ``alpha`` 1 and ``m`` 1 on every token where the mask's largest value
+is under 0.5 (it sees no concept token), ``all`` with both 1 on every token: whether the words veto
+a move the latent classifier asked for. ``--prompts FILE`` (one concept): instead of the split's
+sets, the forget-type wordings of FILE, one ``kind<TAB>text`` a line (``benchmarks/prompts/``).
+
+    python benchmarks/redirection_quality.py --concepts red --prompts benchmarks/prompts/red_dev_wordings.tsv --gates all
 """
 
 from __future__ import annotations
@@ -166,6 +174,52 @@ def layer_scoped(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def gated(mode: str) -> Iterator[None]:
+    """While open, the engine applies the heads' ``alpha`` and masks as ``mode`` says (``--gates``)."""
+    import saferedir_sdk.engine as engine
+
+    if mode not in GATES:
+        raise ValueError(f"--gates: expected one of {GATES}, got {mode!r}")
+    applied = engine.redirection
+
+    def redirection(cond: Any, out: Any, strength: Any) -> Any:
+        if mode == "heads":
+            return applied(cond, out, strength)
+        masks = out.masks
+        if mode == "fallback":
+            masks = tuple(
+                torch.where(m.amax(dim=-1, keepdim=True) < 0.5, torch.ones_like(m), m) for m in masks
+            )
+        elif mode == "all":
+            masks = tuple(torch.ones_like(m) for m in masks)
+        return applied(cond, out._replace(alpha=torch.ones_like(out.alpha), masks=masks), strength)
+
+    engine.redirection = redirection
+    try:
+        yield
+    finally:
+        engine.redirection = applied
+
+
+GATES = ("heads", "alpha", "fallback", "all")
+
+
+def wordings(concept: Any, path: Path) -> Any:
+    """``concept`` with FILE's wordings (``kind<TAB>text`` a line) as its one forget-type set."""
+    from saferedir_bench.evaluation import EvalPrompt
+
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        kind, sep, text = line.partition("\t")
+        if not sep or not text.strip():
+            raise ValueError(f"{path}:{number}: expected 'kind<TAB>text', got {line!r}")
+        prompts.append(EvalPrompt(text.strip(), {concept.attribute: concept.value}, kind.strip()))
+    return replace(concept, sets={"forget": prompts, "paraphrase": [], "adversarial": [], "retain": []})
 
 
 def measure(
@@ -341,6 +395,15 @@ def main() -> None:
         help="with --target-swap: also the target prompt read only at the steps whose normalised timestep "
         "is above T, the prompt's own from T down (the target conditions the early steps only)",
     )
+    parser.add_argument(
+        "--gates", default="heads", choices=GATES, help="how alpha and the masks apply once flagged"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="one concept: FILE's wordings (kind<TAB>text) instead of the split's",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
@@ -357,23 +420,30 @@ def main() -> None:
     from deciding_checks import suite_bundles_adapter
     from decision_sweep import only_concepts
 
+    if args.prompts and (not args.concepts or len(args.concepts) != 1):
+        parser.error("--prompts needs exactly one of --concepts")
     suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
+    if args.prompts:
+        suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
     for concept in suite.concepts:
-        rows = measure(
-            only_concepts(suite, [concept.name]),
-            adapter,
-            bundles[concept.name],
-            args.strength,
-            args.other_long,
-            args.target_swap,
-            args.target,
-            args.local_swap,
-            args.layer_swap,
-            args.time_swap,
-        )
+        with gated(args.gates):
+            rows = measure(
+                only_concepts(suite, [concept.name]),
+                adapter,
+                bundles[concept.name],
+                args.strength,
+                args.other_long,
+                args.target_swap,
+                args.target,
+                args.local_swap,
+                args.layer_swap,
+                args.time_swap,
+            )
         drawn = [r for r in rows if r["drawn"]]
+        source = args.prompts or f"{args.split} split"
         print(
-            f"\n{concept.name} ({args.split} split, {bundles[concept.name]}, every sample flagged, strength {args.strength}):"
+            f"\n{concept.name} ({source}, {bundles[concept.name]}, every sample flagged, strength {args.strength}, "
+            f"gates {args.gates}):"
         )
         print(f"still showing the concept: {sum(r['still'] for r in drawn)} of {len(drawn)} drawn")
         for name, among in (("every prompt", rows), ("drawn", drawn)):

@@ -224,3 +224,49 @@ def test_layer_scoped_with_release_t_moves_every_layer_only_above_it(pipe):
     assert not pipe.unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in layers.values())
     assert any(t > 0.6 for t in steps) and any(t <= 0.6 for t in steps), steps
     assert read == [{"target"} if t > 0.6 else {"own"} for t in steps], (steps, read)
+
+
+def test_gates_override_what_the_heads_veto_and_are_restored(tmp_path):
+    """benchmarks/redirection_quality.py --gates: ``heads`` applies the predicted alpha and masks
+    (zero here: nothing moves), ``all`` moves every token, ``fallback`` moves every token only where
+    the mask sees no concept token; the engine's own function is back after the context.
+    ``--prompts``: a line that is not ``kind<TAB>text`` is refused by file and line."""
+    import torch
+    from redirection_quality import gated, wordings
+    from saferedir_shapes.eval_suite import ShapesEvalSuite
+
+    import saferedir_sdk.engine as engine
+    from saferedir_sdk.conditioning import Conditioning
+    from saferedir_sdk.redirector import RedirectorOutput
+
+    tokens = torch.randn(2, 4, 8)
+    weak, strong = torch.zeros(4), torch.tensor([0.0, 0.9, 0.0, 0.0])
+    out = RedirectorOutput(
+        logit=torch.ones(2),
+        directions=(torch.randn(2, 4, 8),),
+        masks=(torch.stack([weak, strong]),),
+        alpha=torch.zeros(2),
+    )
+    cond = Conditioning((tokens,), None)
+    before = engine.redirection
+    moved = {}
+    for mode in ("heads", "alpha", "fallback", "all"):
+        with gated(mode):
+            delta = engine.redirection(cond, out, 1.0).tokens[0]
+        moved[mode] = (delta.abs().sum(-1) > 0).tolist()
+    assert engine.redirection is before
+    assert moved["heads"] == [[False] * 4, [False] * 4]
+    assert moved["alpha"] == [[False] * 4, [False, True, False, False]]
+    assert moved["fallback"] == [[True] * 4, [False, True, False, False]]
+    assert moved["all"] == [[True] * 4, [True] * 4]
+    with pytest.raises(ValueError, match="--gates"):
+        with gated("none"):
+            pass
+    red = ShapesEvalSuite.build(n=1).concepts[0]
+    good = tmp_path / "w.tsv"
+    good.write_text("# comment\nsynonym\ta garnet square\n", encoding="utf-8")
+    assert [(p.kind, p.text) for p in wordings(red, good).sets["forget"]] == [("synonym", "a garnet square")]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a garnet square\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.tsv:1"):
+        wordings(red, bad)

@@ -284,6 +284,13 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
     generated = [ShapesEvalSuite.build(), ShapesEvalSuite.build(seed=DEV_SEED).sized(DEV_DRAWS)]
     training = [p for c in fresh.concepts for p in c.training_prompts]
     pattern = training_template_pattern()
+    dev_wordings = {
+        line.partition("\t")[2]
+        for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "prompts").glob("*.tsv")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if not line.startswith("#")
+    }
+    assert dev_wordings
     known = {w for table in TABLES.values() for pools in table.values() for pool in pools for w in pool}
     known |= {
         e for families in world.WORDINGS.values() for pools in families.values() for p in pools for e in p
@@ -304,13 +311,14 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
         texts = [r[2] for r in rows]
         assert len(set(texts)) == 72 and texts == [p.text for ps in concept.sets.values() for p in ps]
         assert not set(texts) & set(training) and not [t for t in texts if pattern.match(t)]
+        assert not set(texts) & dev_wordings, concept.name  # benchmarks/prompts/: for choosing settings
         for suite in generated:
             (same,) = [c for c in suite.concepts if c.name == concept.name]
             assert not set(texts) & {p.text for ps in same.sets.values() for p in ps}, concept.name
+        labelled = {p.text: p.labels[concept.attribute] for ps in concept.sets.values() for p in ps}
         for set_name, kind, text, expression, *_ in rows:
             assert expression in text, text
-            wanted = set_name != "retain"
-            assert (concept.sets[set_name][0].labels[concept.attribute] == concept.value) == wanted
+            assert (labelled[text] == concept.value) == (set_name != "retain"), text
             if kind in NAMED_ON_PURPOSE:
                 continue
             assert expression not in known, (concept.name, expression)
