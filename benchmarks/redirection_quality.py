@@ -280,32 +280,26 @@ def measure(
                 aligned, embeds = local_swap(adapter, texts, swapped)
                 local_still = shows(runner._call(texts, seed, cond=embeds))
                 local_judged = dict(judged)
-            scoped = {}  # the target prompt read by some cross-attention layers only, same seed
-            if layer_groups and any(x is not None for x in swapped):
-                full = [x or t for x, t in zip(swapped, texts)]
-                target_cond, own_cond = adapter.encode_prompts(full)[0], adapter.encode_prompts(texts)[0]
-                for group in layer_groups:
-                    with layer_scoped(
-                        adapter.denoiser, group.split(","), own_cond.tokens[0], target_cond.tokens[0]
-                    ):
-                        scoped_still = shows(runner._call(full, seed))
-                    scoped[group] = (scoped_still, dict(judged))
-            timed = {}  # the target prompt read while the timestep is above T only, same seed
-            if release_ts and any(x is not None for x in swapped):
+            # the target prompt read by some cross-attention layers only (key "layers"), or while the
+            # timestep is above T only (key "times"), same seed
+            variants: dict[str, dict[Any, tuple[np.ndarray, dict[str, list[str]]]]] = {}
+            runs = [("layers", g, g.split(","), None) for g in layer_groups]
+            runs += [("times", t, None, t) for t in release_ts]
+            if runs and any(x is not None for x in swapped):
                 full = [x or t for x, t in zip(swapped, texts)]
                 target_cond, own_cond = adapter.encode_prompts(full)[0], adapter.encode_prompts(texts)[0]
                 train_steps = int(adapter.pipe.scheduler.config.get("num_train_timesteps", 1000))
-                for release in release_ts:
+                for key, variant, prefixes, release in runs:
                     with layer_scoped(
                         adapter.denoiser,
-                        None,
+                        prefixes,
                         own_cond.tokens[0],
                         target_cond.tokens[0],
                         release,
                         train_steps,
                     ):
-                        timed_still = shows(runner._call(full, seed))
-                    timed[release] = (timed_still, dict(judged))
+                        still_here = shows(runner._call(full, seed))
+                    variants.setdefault(key, {})[variant] = (still_here, dict(judged))
             moved = record_trajectories(
                 adapter,
                 texts,
@@ -339,21 +333,32 @@ def measure(
                         "still": bool(local_still[j]),
                         "lost": [a for a in others if local_judged[a][j] != before[a][j]],
                     }
-                if swap and swapped[j] is not None and scoped:
-                    row["layers"] = {
-                        group: {"still": bool(st[j]), "lost": [a for a in others if jd[a][j] != before[a][j]]}
-                        for group, (st, jd) in scoped.items()
-                    }
-                if swap and swapped[j] is not None and timed:
-                    row["times"] = {
-                        release: {
-                            "still": bool(st[j]),
-                            "lost": [a for a in others if jd[a][j] != before[a][j]],
+                for key, by_variant in variants.items():
+                    if swap and swapped[j] is not None:
+                        row[key] = {
+                            variant: {
+                                "still": bool(st[j]),
+                                "lost": [a for a in others if jd[a][j] != before[a][j]],
+                            }
+                            for variant, (st, jd) in by_variant.items()
                         }
-                        for release, (st, jd) in timed.items()
-                    }
                 rows.append(row)
     return rows
+
+
+def print_variants(rows: list[dict[str, Any]], key: str, variants: Sequence[Any], header: str) -> None:
+    """The table of one family of target-prompt variants (``--layer-swap``, ``--time-swap``) over the
+    prompts that name the concept in a word: per variant, drawn images still showing it and other
+    attributes changed."""
+    named = [r for r in rows if key in r]
+    print(f"\non the {len(named)} prompts that name it in a word:")
+    print(f"| {header} | still / drawn | other attributes changed |\n|---|---|---|")
+    for variant in variants:
+        print(
+            f"| {variant} | {sum(r[key][variant]['still'] for r in named if r['drawn'])}/"
+            f"{sum(r['drawn'] for r in named)} | {sum(len(r[key][variant]['lost']) for r in named)} of "
+            f"{sum(r['attributes'] for r in named)} |"
+        )
 
 
 def main() -> None:
@@ -472,32 +477,12 @@ def main() -> None:
                 f"{sum(len(r['swapped']['lost']) for r in local)}; the redirection "
                 f"{sum(r['still'] for r in local if r['drawn'])} and {sum(len(r['lost']) for r in local)}"
             )
-        if args.layer_swap:
-            named = [r for r in rows if "layers" in r]
-            print(
-                f"\non the {len(named)} prompts that name it in a word, the target prompt read by some layers only:"
-            )
-            print(
-                "| cross-attention layers reading the target | still / drawn | other attributes changed |\n|---|---|---|"
-            )
-            for group in args.layer_swap:
-                print(
-                    f"| {group} | {sum(r['layers'][group]['still'] for r in named if r['drawn'])}/"
-                    f"{sum(r['drawn'] for r in named)} | {sum(len(r['layers'][group]['lost']) for r in named)} of "
-                    f"{sum(r['attributes'] for r in named)} |"
-                )
-        if args.time_swap:
-            named = [r for r in rows if "times" in r]
-            print(
-                f"\non the {len(named)} prompts that name it in a word, the target prompt read above T only:"
-            )
-            print("| target read while t > T | still / drawn | other attributes changed |\n|---|---|---|")
-            for release in args.time_swap:
-                print(
-                    f"| {release} | {sum(r['times'][release]['still'] for r in named if r['drawn'])}/"
-                    f"{sum(r['drawn'] for r in named)} | {sum(len(r['times'][release]['lost']) for r in named)} of "
-                    f"{sum(r['attributes'] for r in named)} |"
-                )
+        for key, variants, header in (
+            ("layers", args.layer_swap, "cross-attention layers reading the target"),
+            ("times", args.time_swap, "target read while t > T"),
+        ):
+            if variants:
+                print_variants(rows, key, variants, header)
         print()
         print("| set / kind | still / drawn |\n|---|---|")
         kinds: dict[str, list[int]] = {}
