@@ -176,6 +176,9 @@ def layer_scoped(
             h.remove()
 
 
+GATES = ("heads", "alpha", "fallback", "all")
+
+
 @contextmanager
 def gated(mode: str) -> Iterator[None]:
     """While open, the engine applies the heads' ``alpha`` and masks as ``mode`` says (``--gates``)."""
@@ -202,9 +205,6 @@ def gated(mode: str) -> Iterator[None]:
         yield
     finally:
         engine.redirection = applied
-
-
-GATES = ("heads", "alpha", "fallback", "all")
 
 
 def wordings(concept: Any, path: Path) -> Any:
