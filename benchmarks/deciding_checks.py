@@ -215,7 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: score this bundle instead")
     parser.add_argument("--concepts", nargs="+", default=None)
-    parser.add_argument("--split", default="dev", choices=("dev", "eval", "fresh"))
+    parser.add_argument("--split", default="dev", choices=("dev", "eval", "fresh", "fresh2"))
     parser.add_argument("--replace-steps", type=int, default=1, help="checks every replace_steps + 1 steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)

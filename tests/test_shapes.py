@@ -264,23 +264,28 @@ def test_eval_prompts_never_appear_in_training_data():
             assert not [t for t in texts if pattern.search(t)], expression
 
 
-def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
-    """``saferedir eval --split fresh``: 72 hand-written prompts a concept (12 / 12 / 24 / 24), each
-    carrying its expression verbatim; no text is a training prompt, a training template's output, or
-    a prompt of the generated splits (dev up to its 192 draws, eval); outside the kinds that name a
-    value with a training word on purpose, no expression is a word of the suite's tables, wording
-    families, negations or descriptions, nor occurs in any concept's training prompt."""
+@pytest.mark.parametrize("split", ["fresh", "fresh2"])
+def test_a_fresh_split_is_new_wording_nothing_was_chosen_on(split):
+    """``saferedir eval --split fresh`` / ``fresh2``: 72 hand-written prompts a concept (12 / 12 / 24 /
+    24), each carrying its expression verbatim; no text is a training prompt, a training template's
+    output, a prompt of the generated splits (dev up to its 192 draws, eval) or a dev wording of
+    ``benchmarks/prompts/``; outside the kinds that name a value with a training word on purpose, no
+    expression is a word of the suite's tables, wording families, negations or descriptions, nor
+    occurs in any concept's training prompt. ``fresh2``, written after ``fresh`` was looked at, also
+    shares no text with it, and outside those kinds no expression."""
     from saferedir_shapes.eval_suite import (
         DESCRIPTIONS,
         DEV_DRAWS,
         DEV_SEED,
         TABLES,
         ShapesEvalSuite,
+        fresh_table,
         training_template_pattern,
     )
-    from saferedir_shapes.fresh_prompts import FRESH, NAMED_ON_PURPOSE
+    from saferedir_shapes.fresh_prompts import NAMED_ON_PURPOSE
 
-    fresh = ShapesEvalSuite.build(fresh=True)
+    table = fresh_table(split)
+    fresh = ShapesEvalSuite.build(fresh=split)
     generated = [ShapesEvalSuite.build(), ShapesEvalSuite.build(seed=DEV_SEED).sized(DEV_DRAWS)]
     training = [p for c in fresh.concepts for p in c.training_prompts]
     pattern = training_template_pattern()
@@ -296,12 +301,14 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
         e for families in world.WORDINGS.values() for pools in families.values() for p in pools for e in p
     }
     known |= {n for pool in world.NEGATIONS for n in pool} | {d for ds in DESCRIPTIONS.values() for d in ds}
+    earlier = [] if split == "fresh" else [r for rows in fresh_table("fresh").values() for r in rows]
+    known |= {r[3] for r in earlier if r[1] not in NAMED_ON_PURPOSE}
     assert (
-        fresh.fresh
+        fresh.fresh == split
         and [p.text for p in fresh.sized(4).concepts[0].sets["retain"]]
-        == [r[2] for r in FRESH["red"] if r[0] == "retain"][:4]
+        == [r[2] for r in table["red"] if r[0] == "retain"][:4]
     )
-    for concept, rows in zip(fresh.concepts, FRESH.values()):
+    for concept, rows in zip(fresh.concepts, table.values()):
         assert {k: len(v) for k, v in concept.sets.items()} == {
             "forget": 12,
             "paraphrase": 12,
@@ -312,6 +319,7 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
         assert len(set(texts)) == 72 and texts == [p.text for ps in concept.sets.values() for p in ps]
         assert not set(texts) & set(training) and not [t for t in texts if pattern.match(t)]
         assert not set(texts) & dev_wordings, concept.name  # benchmarks/prompts/: for choosing settings
+        assert not set(texts) & {r[2] for r in earlier}, concept.name
         for suite in generated:
             (same,) = [c for c in suite.concepts if c.name == concept.name]
             assert not set(texts) & {p.text for ps in same.sets.values() for p in ps}, concept.name
@@ -324,6 +332,7 @@ def test_the_fresh_split_is_new_wording_nothing_was_chosen_on():
             assert expression not in known, (concept.name, expression)
             bounded = re.compile(rf"(?<![\w-]){re.escape(expression)}(?![\w-])")
             assert not [t for t in training if bounded.search(t)], (concept.name, expression)
+            assert not [t for t in dev_wordings if bounded.search(t)], (concept.name, expression)
 
 
 def test_a_sized_suite_keeps_every_prompt_of_a_smaller_one():

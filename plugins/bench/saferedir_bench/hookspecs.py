@@ -18,7 +18,8 @@ def saferedir_eval_suite(backbone: str, split: str) -> EvalSuite | None:
     :class:`~saferedir_bench.evaluation.EvalSuite` (prompt sets per concept, a judge, what each
     alternative needs, a default policy) for a backbone this plugin can judge, else None.
     ``split``: ``"eval"`` (the reported figures) or ``"dev"`` (prompts drawn the same way with
-    other draws, for choosing settings: never tune on ``"eval"``) or ``"fresh"`` (a hand-written
-    set in other wordings, run once; an implementation without one returns None for it); an
+    other draws, for choosing settings: never tune on ``"eval"``) or ``"fresh"`` / ``"fresh2"``
+    (hand-written sets in other wordings, each run once; an implementation without one returns None
+    for it); an
     implementation that has no dev split may leave the argument out and is then not asked for one.
     """

@@ -93,10 +93,10 @@ def saferedir_add_commands(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument(
         "--split",
-        choices=["eval", "dev", "fresh"],
+        choices=["eval", "dev", "fresh", "fresh2"],
         default="eval",
         help="eval: the suite's reported prompt sets; dev: other draws of the same sets, to choose settings on; "
-        "fresh: a suite's hand-written set in other wordings, where it has one",
+        "fresh, fresh2: a suite's hand-written sets in other wordings, where it has them",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_eval)

@@ -242,13 +242,28 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
     return sets
 
 
-def fresh_sets(concept: str, n: int = 0) -> dict[str, list[EvalPrompt]]:
-    """The hand-written ``fresh`` split's prompts for ``concept``
-    (:data:`~saferedir_shapes.fresh_prompts.FRESH`), the first ``n`` per set (0: all)."""
-    from .fresh_prompts import FRESH
+def fresh_table(split: str) -> dict[str, list[tuple[str, str, str, str, str, str, str]]]:
+    """The rows of a hand-written split: ``fresh`` (:data:`~saferedir_shapes.fresh_prompts.FRESH`)
+    or ``fresh2`` (:data:`~saferedir_shapes.fresh2_prompts.FRESH_2`)."""
+    if split == "fresh":
+        from .fresh_prompts import FRESH
 
+        return FRESH
+    if split == "fresh2":
+        from .fresh2_prompts import FRESH_2
+
+        return FRESH_2
+    raise ValueError(f"hand-written split: expected one of {FRESH_SPLITS}, got {split!r}")
+
+
+FRESH_SPLITS = ("fresh", "fresh2")
+
+
+def fresh_sets(concept: str, n: int = 0, split: str = "fresh") -> dict[str, list[EvalPrompt]]:
+    """The hand-written split ``split``'s prompts for ``concept`` (:func:`fresh_table`), the first
+    ``n`` per set (0: all)."""
     sets: dict[str, list[EvalPrompt]] = {name: [] for name in SETS}
-    for set_name, kind, text, _expression, colour, shape, texture in FRESH[concept]:
+    for set_name, kind, text, _expression, colour, shape, texture in fresh_table(split)[concept]:
         if not n or len(sets[set_name]) < n:
             sets[set_name].append(
                 EvalPrompt(text, {"colour": colour, "shape": shape, "texture": texture}, kind)
@@ -283,10 +298,10 @@ class ShapesEvalSuite:
     guidance_scale: float = DEFAULT_GUIDANCE
     policy: str = "shapes:demo"
     seed: int = 0  # the prompt generator's seed: the split
-    fresh: bool = False  # the hand-written split instead (fresh_prompts.py; seed unused)
+    fresh: str = ""  # a hand-written split instead ("fresh", "fresh2": fresh_table; seed unused)
 
     @classmethod
-    def build(cls, n: int = 48, seed: int = 0, fresh: bool = False) -> ShapesEvalSuite:
+    def build(cls, n: int = 48, seed: int = 0, fresh: str = "") -> ShapesEvalSuite:
         concepts = []
         for name, (attribute, value, _, _) in CONCEPT_SWAPS.items():
             pairs, pool = cached_recipe(name)
@@ -295,7 +310,7 @@ class ShapesEvalSuite:
                     name=name,
                     attribute=attribute,
                     value=value,
-                    sets=fresh_sets(name) if fresh else prompt_sets(name, n, seed),
+                    sets=fresh_sets(name, 0, fresh) if fresh else prompt_sets(name, n, seed),
                     blocklist=list(TABLES[attribute][value][0]),
                     negative_prompt=value,
                     safety_concept=value,
@@ -312,7 +327,12 @@ class ShapesEvalSuite:
         return replace(
             self,
             concepts=[
-                replace(c, sets=fresh_sets(c.name, n) if self.fresh else prompt_sets(c.name, n, self.seed))
+                replace(
+                    c,
+                    sets=fresh_sets(c.name, n, self.fresh)
+                    if self.fresh
+                    else prompt_sets(c.name, n, self.seed),
+                )
                 for c in self.concepts
             ],
         )

@@ -106,12 +106,14 @@ def saferedir_eval_suite(backbone: str, split: str) -> Any:
     the same prompt sets and judge on either backbone, each with its own policy. ``split="dev"``:
     the prompt generator's seed 1 instead of 0 (same templates and wording pools, other draws; the
     eval split repeats none of the dev split's first 192 draws per set). ``split="fresh"``: the
-    216 hand-written prompts of ``fresh_prompts.py``, run once after every setting was fixed."""
+    216 hand-written prompts of ``fresh_prompts.py``, run once after every setting was fixed;
+    ``split="fresh2"``: the 216 of ``fresh2_prompts.py``, written after ``fresh`` was looked at."""
     if backbone not in BACKBONES:
         return None
     from dataclasses import replace
 
-    from .eval_suite import DEV_SEED, ShapesEvalSuite
+    from .eval_suite import DEV_SEED, FRESH_SPLITS, ShapesEvalSuite
 
-    suite = ShapesEvalSuite.build(seed=DEV_SEED if split == "dev" else 0, fresh=split == "fresh")
+    fresh = split if split in FRESH_SPLITS else ""
+    suite = ShapesEvalSuite.build(seed=DEV_SEED if split == "dev" else 0, fresh=fresh)
     return replace(suite, backbone=backbone, policy=SUITE_POLICIES[backbone])
