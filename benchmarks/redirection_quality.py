@@ -32,8 +32,9 @@ concept is settled early and a redirection released for the late steps keeps mor
 ``--gates MODE``: how the heads' scale ``alpha`` and token mask ``m`` (both read the prompt) are
 applied once a sample is flagged: ``heads`` as predicted (the shipped rule), ``alpha`` with
 ``alpha`` 1, ``fallback`` with ``alpha`` 1 and ``m`` 1 on every token where the mask's largest value
-is under 0.5 (it sees no concept token), ``all`` with both 1 on every token: whether the words veto
-a move the latent classifier asked for. ``--prompts FILE`` (one concept): instead of the split's
+is under 0.5 (it sees no concept token), ``all`` with both 1 on every token, ``yield`` the rule's
+``gates: yield`` (read at the first step: if shut there, each gate under 0.5 opened for the whole
+call): whether the words veto a move the latent classifier asked for. ``--prompts FILE`` (one concept): instead of the split's
 sets, the forget-type wordings of FILE, one ``kind<TAB>text`` a line (``benchmarks/prompts/``).
 
     python benchmarks/redirection_quality.py --concepts red --prompts benchmarks/prompts/red_dev_wordings.tsv --gates all
@@ -176,7 +177,7 @@ def layer_scoped(
             h.remove()
 
 
-GATES = ("heads", "alpha", "fallback", "all")
+GATES = ("heads", "alpha", "fallback", "all", "yield")
 
 
 @contextmanager
@@ -189,7 +190,7 @@ def gated(mode: str) -> Iterator[None]:
     applied = engine.redirection
 
     def redirection(cond: Any, out: Any, strength: Any) -> Any:
-        if mode == "heads":
+        if mode in ("heads", "yield"):  # yield: the rule's own ``gates: yield`` (measure)
             return applied(cond, out, strength)
         masks = out.masks
         if mode == "fallback":
@@ -233,6 +234,7 @@ def measure(
     local: bool = False,
     layer_groups: Sequence[str] = (),
     release_ts: Sequence[float] = (),
+    gates: str = "heads",
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
@@ -249,6 +251,7 @@ def measure(
         redirector=RedirectorRef(path=str(bundle)),
         strength=strength,
         escalate=1.0,
+        gates="yield" if gates == "yield" else "heads",
     )
     engine = RedirectionEngine([EngineConcept(rule, redirector)])
     runner = Runner(adapter, suite)  # the eval's batches and seeds
@@ -365,7 +368,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs="+", default=None)
     parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: measure this bundle instead")
-    parser.add_argument("--split", default="dev", choices=("dev", "eval", "fresh"))
+    parser.add_argument("--split", default="dev", choices=("dev", "eval", "fresh", "fresh2"))
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--other-long", action="store_true", help="also the long subjects in other framings")
     parser.add_argument(
@@ -443,6 +446,7 @@ def main() -> None:
                 args.local_swap,
                 args.layer_swap,
                 args.time_swap,
+                args.gates,
             )
         drawn = [r for r in rows if r["drawn"]]
         source = args.prompts or f"{args.split} split"

@@ -31,6 +31,10 @@ first step at or below the rule's ``redirect_at_t``, 1 by default: from the firs
 ``rewind`` rule acts only on samples it confirmed (``confirm_checks`` hits in a row): the second run
 replays the first run's trajectory for the samples it did not flag, so an unconfirmed hit there must
 not move them (their images would depend on whether a batch mate was flagged).
+A ``gates: yield`` rule reads the heads' gates (``alpha``, the token masks, the pooled gate: they
+read the prompt) once per sample, at the first check at which it moves the sample; if they shut the
+move out there, it opens them (:func:`~saferedir_sdk.redirector.opened`) for the rest of the call,
+so the classifier's decision is not vetoed by words the heads do not know (``gates_opened``).
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
@@ -50,7 +54,7 @@ import torch
 from .conditioning import Conditioning
 from .errors import TensorShapeError
 from .policy import ConceptRule
-from .redirector import Redirector, RedirectorConfig, redirection
+from .redirector import Redirector, RedirectorConfig, opened, redirection, shut_gates
 from .stacked import StackedRedirectors
 
 
@@ -100,6 +104,13 @@ class EngineState:
             already moving the sample (0 after a deciding check that did not).
         timestep: the normalised timestep of the step last run (() or (B,) on the device; None
             before the first): a rule moves a sample only at or below its ``redirect_at_t``.
+        gates_read: (B, K) bool, a ``gates: yield`` rule has read the heads' gates of the sample:
+            at the first check at which it was moving it (triggered; in a second run, from the first
+            check).
+        opening: (B, K) bool, the gates were shut there, so the rule opens them for the rest of the
+            call (every check's delta with its gates under 0.5 opened).
+        opened: (B, K) bool, a move from opened gates reached the sample's conditioning at some
+            step (the audit's ``gates_opened``).
 
     The (B, K) tensors' columns are in the engine's group order: concept ``k``'s is
     :meth:`RedirectionEngine.column` ``(k)``.
@@ -117,6 +128,9 @@ class EngineState:
     rewound: torch.Tensor
     deciding: torch.Tensor
     persist: torch.Tensor
+    gates_read: torch.Tensor
+    opening: torch.Tensor
+    opened: torch.Tensor
     deltas: list[Conditioning]
     checks: list[int] = field(default_factory=list)
     token_shapes: list[tuple[int, ...]] = field(default_factory=list)
@@ -142,6 +156,7 @@ class ConceptDecision:
     nonfinite: bool = False  # a check gave a NaN/inf score or delta (an enforcement failure)
     rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
     deciding_checks: int = 0  # checks at or below the rule's decide_at_t (that could trigger)
+    gates_opened: bool = False  # under gates: yield, a move reached it through gates the heads had shut
     # its last confirm_checks deciding checks all saw the concept while the rule was moving it; None
     # where that cannot be told (not a redirect rule, or a classifier that reads the prompt too)
     unresolved: bool | None = None
@@ -178,8 +193,15 @@ class _Settings:
     redirect: torch.Tensor
     apply_to_uncond: torch.Tensor
     move_pooled: torch.Tensor
+    gates_yield: torch.Tensor
     block: torch.Tensor
     rewind: torch.Tensor
+
+
+def moves_on(p: _Settings, state: EngineState) -> torch.Tensor:
+    """(K_g,) whether the group's rules move what they trigger in this run (a ``redirect`` rule, and
+    not a ``rewind`` rule in a rehearsal)."""
+    return p.redirect & ~(p.rewind & state.rehearsal)
 
 
 def judges_unresolved(rule: ConceptRule, config: RedirectorConfig) -> bool:
@@ -207,6 +229,7 @@ class _Group:
         self.blocks = any(r.action == "block" for r in rules)
         self.rewinds = any(r.rewind for r in rules)
         self.moves_late = any(r.redirect_at_t < 1.0 for r in rules)
+        self.gates_yield = any(r.gates == "yield" for r in rules)
         self._settings: dict[torch.device, _Settings] = {}
         self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
@@ -247,6 +270,7 @@ class _Group:
                     [r.action == "redirect" and r.apply_to_uncond for r in rules], torch.bool
                 ),
                 move_pooled=column([r.move_pooled for r in rules], torch.bool),
+                gates_yield=column([r.gates == "yield" for r in rules], torch.bool),
                 block=column([r.action == "block" for r in rules], torch.bool),
                 rewind=column([r.rewind for r in rules], torch.bool),
             )
@@ -316,6 +340,9 @@ class RedirectionEngine:
             rewound=stuck.clone(),
             deciding=torch.zeros(b, k, dtype=torch.int64, device=device),
             persist=torch.zeros(b, k, dtype=torch.int64, device=device),
+            gates_read=torch.zeros(b, k, dtype=torch.bool, device=device),
+            opening=torch.zeros(b, k, dtype=torch.bool, device=device),
+            opened=torch.zeros(b, k, dtype=torch.bool, device=device),
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
@@ -408,7 +435,7 @@ class RedirectionEngine:
         was_on = state.triggered[:, cols].clone()
         # the rule was already moving the sample when this check looked (a rehearsal moves nothing
         # for a rewind rule): a hit now says the redirection has not cleared the concept so far
-        moving = was_on & p.redirect & ~(p.rewind & state.rehearsal)
+        moving = was_on & moves_on(p, state)
         persist = state.persist[:, cols]
         state.persist[:, cols] = torch.where(decides, torch.where(hit & moving, persist + 1, 0), persist)
         hits, stuck = state.hits[:, cols], state.stuck[:, cols]
@@ -432,6 +459,14 @@ class RedirectionEngine:
         bad = ~finite
         if group.redirects:
             strength = (p.strength * torch.where(p.escalating, boost, 1.0)).T  # (K_g, B)
+            if group.gates_yield:
+                # the heads' gates are read once, at the first check at which the rule moves the
+                # sample (its words, on a latent that shows little yet): shut there, the rule opens
+                # them for the rest of the call; open there, they keep the heads' own schedule
+                reads = state.triggered[:, cols] & ~state.gates_read[:, cols] & moves_on(p, state)
+                state.opening[:, cols] |= reads & shut_gates(out).T & p.gates_yield
+                state.gates_read[:, cols] |= reads
+                out = opened(out, state.opening[:, cols].T)
             delta = redirection(cond, out, strength)
             if delta.pooled is not None:
                 delta = Conditioning(
@@ -469,6 +504,8 @@ class RedirectionEngine:
                 on = on & ~(state.timestep.float().reshape(-1, 1) > p.redirect_at_t)
             if not uncond_side:
                 state.applied[:, group.columns] = state.applied[:, group.columns] | on
+                if group.gates_yield:
+                    state.opened[:, group.columns] |= on & state.opening[:, group.columns]
             contribution = _masked_sum(state.deltas[g], on.T)
             total = contribution if total is None else total.zip_with(contribution, torch.add)
             moved = on.any(dim=1) if moved is None else moved | on.any(dim=1)
@@ -530,10 +567,11 @@ class RedirectionEngine:
                 state.rewound.to(torch.float64),
                 state.deciding.to(torch.float64),
                 self.unresolved(state).to(torch.float64),
+                state.opened.to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad, moved, rewound, deciding, unresolved = (
-            packed[i].tolist() for i in range(9)
+        first, score, on, boost, bad, moved, rewound, deciding, unresolved, opened = (
+            packed[i].tolist() for i in range(10)
         )
         judged = [judges_unresolved(c.rule, c.redirector.config) for c in self.concepts]
         result = []
@@ -554,6 +592,7 @@ class RedirectionEngine:
                         rewound=rewound[i][j] > 0,
                         deciding_checks=int(deciding[i][j]),
                         unresolved=unresolved[i][j] > 0 if judged[k] else None,
+                        gates_opened=opened[i][j] > 0,
                     )
                 )
             result.append(row)

@@ -143,6 +143,17 @@ class RuleSettings(_Strict):
         description="On a backbone with a pooled text embedding (SDXL's text_embeds): move it with the "
         "tokens when the bundle has a pooled head. False: the classifier still reads it, only the tokens move.",
     )
+    gates: Literal["heads", "yield"] = Field(
+        "heads",
+        description="How the redirector's scale alpha and token mask m, heads that read the prompt, apply to a "
+        "sample the rule moves. heads: as predicted at every check. yield: the gates are read at the first "
+        "check at which the rule moves the sample (in a rewind rule's second run, its first check); if they "
+        "shut the move out there (alpha under 0.5, a token stream whose mask is under 0.5 on every token, or "
+        "a pooled gate under 0.5), every such gate opens to 1 for the rest of the call, so a wording the heads "
+        "do not know cannot veto a move the classifier asked for (the record says gates_opened); if they are "
+        "open there, the heads' own values apply throughout, their schedule over the steps included. Meant "
+        "for a bundle whose classifier reads the latent alone (classifier_reads: latent).",
+    )
     encoder_mismatch: Literal["error", "warn"] = Field(
         "error",
         description="A pipeline whose text encoder weights differ from the bundle's (an edited, "

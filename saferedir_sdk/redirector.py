@@ -196,6 +196,42 @@ def redirection(cond: Conditioning, out: RedirectorOutput, strength: float | tor
     return Conditioning(tokens, pooled)
 
 
+GATE_LEVEL = 0.5  # a gate under this shuts a move out (:func:`shut_gates`)
+
+
+def shut_gates(out: RedirectorOutput) -> torch.Tensor:
+    """Where the heads shut the move out, shaped like ``alpha`` ((B,), or (K, B) stacked): ``alpha``
+    under :data:`GATE_LEVEL`, or a token stream whose mask is under it on every token (the heads see
+    no concept token), or a pooled gate under it."""
+    shut = out.alpha < GATE_LEVEL
+    for m in out.masks:
+        shut = shut | (m < GATE_LEVEL).all(dim=-1)
+    if out.pooled_mask is not None:
+        shut = shut | (out.pooled_mask < GATE_LEVEL)
+    return shut
+
+
+def opened(out: RedirectorOutput, where: torch.Tensor) -> RedirectorOutput:
+    """``out`` with its gates under :data:`GATE_LEVEL` opened to 1 where ``where`` (a bool tensor
+    shaped like ``alpha``): ``alpha``, every token of a stream whose mask is under the level on every
+    token, and the pooled gate. Gates at or above the level are kept as predicted.
+
+    A rule's ``gates: yield``: the gates read the prompt, and a classifier that reads the latent
+    alone has already judged the sample unsafe, so a prompt whose words the heads do not know cannot
+    veto the move it asked for."""
+
+    def lift(gate: torch.Tensor, shut: torch.Tensor) -> torch.Tensor:
+        lead = where.reshape(*where.shape, *(1,) * (gate.ndim - where.ndim))
+        return torch.where(lead & shut, torch.ones_like(gate), gate)
+
+    pooled = out.pooled_mask
+    return out._replace(
+        alpha=lift(out.alpha, out.alpha < GATE_LEVEL),
+        masks=tuple(lift(m, (m < GATE_LEVEL).all(dim=-1, keepdim=True)) for m in out.masks),
+        pooled_mask=None if pooled is None else lift(pooled, pooled < GATE_LEVEL),
+    )
+
+
 def member_prefixes(capacity: Capacity) -> tuple[str, ...]:
     """The name prefix of each classifier member's modules (``classifier_encoder`` "own"): "" for
     the first (the names a one-classifier bundle has), ``member{j}_`` for the j-th after it."""

@@ -403,3 +403,71 @@ def test_a_flagged_sample_moves_only_at_or_below_redirect_at_t_per_sample(record
     assert torch.equal(moved.tokens[0][0], two.cond.tokens[0][0])
     assert not torch.equal(moved.tokens[0][1], two.cond.tokens[0][1])
     assert state.applied.tolist() == [[False], [True]]
+
+
+def test_opened_lifts_only_the_gates_that_shut_a_move_out():
+    from saferedir_sdk.redirector import RedirectorOutput, opened, shut_gates
+
+    masks = torch.tensor([[[0.1, 0.2, 0.4], [0.1, 0.9, 0.0]], [[0.3, 0.3, 0.3], [0.0, 0.0, 0.0]]])
+    out = RedirectorOutput(
+        logit=torch.zeros(2, 2),
+        directions=(torch.ones(2, 2, 3, 4),),
+        masks=(masks,),
+        alpha=torch.tensor([[0.2, 0.8], [0.0, 0.49]]),
+        pooled_direction=torch.ones(2, 2, 4),
+        pooled_mask=torch.tensor([[0.6, 0.1], [0.1, 0.1]]),
+    )
+    # (0, 0): alpha and mask shut; (0, 1): only the pooled gate; (1, *): alpha and mask
+    assert shut_gates(out).tolist() == [[True, True], [True, True]]
+    assert shut_gates(out._replace(pooled_mask=None)).tolist() == [[True, False], [True, True]]
+    where = torch.tensor([[True, True], [False, False]])  # K = 2 stacked: only the first opens
+    y = opened(out, where)
+    assert torch.allclose(y.alpha, torch.tensor([[1.0, 0.8], [0.0, 0.49]]))
+    assert torch.allclose(y.masks[0][0], torch.tensor([[1.0, 1.0, 1.0], [0.1, 0.9, 0.0]]))
+    assert torch.equal(y.masks[0][1], masks[1]), "where it does not open, the gates are kept"
+    assert torch.allclose(y.pooled_mask, torch.tensor([[0.6, 1.0], [0.1, 0.1]]))
+    assert torch.equal(opened(out, torch.zeros(2, 2, dtype=torch.bool)).alpha, out.alpha)
+
+
+def test_gates_yield_opens_the_gates_the_heads_shut_at_the_first_move_for_the_call(recorded):
+    """A scale head that says 0 vetoes the move under ``gates: heads``; under ``yield`` the gates are
+    read at the first check that moves the sample: shut there, the flagged sample moves by
+    s * m * normalize(D) * |E| (alpha 1) from then on, and its record says ``gates_opened``; a second
+    rule in the same group that keeps ``heads`` still gets nothing. Gates read open keep the heads'
+    own values later, shut or not; a rehearsal reads nothing; the second run reads at its first check."""
+    import copy
+
+    forget, _, red, _, _ = recorded
+    f = forget.select(torch.tensor([0, 1]))
+    shut = copy.deepcopy(red.redirector)
+    with torch.no_grad():
+        shut.scale_head[-1].bias.fill_(-40.0)  # alpha ~ 4e-18
+    always = dict(threshold=1e-6, replace_steps=0, strength=1.0)
+
+    def moved(*gates: str, read_open: bool = False) -> list[float]:
+        concepts = [EngineConcept(rule(f"c{i}", gates=g, **always), shut) for i, g in enumerate(gates)]
+        engine = RedirectionEngine(concepts)
+        state = engine.init_state(f.cond)
+        state.gates_read[:] = read_open
+        out, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+        audit = [[d.gates_opened for d in row] for row in engine.decisions(state)]
+        assert audit == [[g == "yield" and not read_open for g in gates]] * 2, audit
+        return [float((out.tokens[0][i] - f.cond.tokens[0][i]).norm()) for i in range(2)]
+
+    assert max(moved("heads")) < 1e-6
+    lifted = moved("yield")
+    assert min(lifted) > 0.1
+    assert moved("yield", "heads") == pytest.approx(lifted, rel=1e-5)
+    assert max(moved("yield", read_open=True)) < 1e-6, "read open at the first move: the heads' gates"
+    assert rule().gates == "heads", "heads by default"
+    with pytest.raises(ValueError, match="gates"):
+        rule(gates="open")
+
+    engine = RedirectionEngine([EngineConcept(rule(gates="yield", rewind=True, **always), shut)])
+    state = engine.init_state(f.cond, rehearsal=True)
+    _, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    assert not state.gates_read.any(), "a rehearsal moves nothing, so it reads no gates"
+    state = engine.init_state(f.cond, engine.flagged(state))
+    out, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
+    assert state.gates_read.all() and state.opening.all()
+    assert float((out.tokens[0] - f.cond.tokens[0]).norm()) > 0.1

@@ -42,6 +42,7 @@ class ConceptReport:
     # rule was moving the sample, still saw the concept (None: cannot be told, see engine)
     unresolved: bool | None = None
     withheld: bool = False  # unresolved under a rule whose `unresolved` is block: the image is withheld
+    gates_opened: bool = False  # under gates: yield, the move went through gates the heads had shut
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def build_report(
                 rewound=d.rewound,
                 unresolved=d.unresolved,
                 withheld=bool(d.unresolved) and by_name[d.concept].unresolved == "block",
+                gates_opened=d.gates_opened,
             )
             for d in row
         ]
