@@ -33,7 +33,7 @@ replays the first run's trajectory for the samples it did not flag, so an unconf
 not move them (their images would depend on whether a batch mate was flagged).
 A ``gates: yield`` rule reads the heads' gates (``alpha``, the token masks, the pooled gate: they
 read the prompt) once per sample, at the first check at which it moves the sample; if they shut the
-move out there, it opens them (:func:`~saferedir_sdk.redirector.opened`) for the rest of the call,
+move out there, it opens them (:func:`~saferedir_sdk.redirector.open_gates`) for the rest of the call,
 so the classifier's decision is not vetoed by words the heads do not know (``gates_opened``).
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
@@ -54,7 +54,7 @@ import torch
 from .conditioning import Conditioning
 from .errors import TensorShapeError
 from .policy import ConceptRule
-from .redirector import Redirector, RedirectorConfig, opened, redirection, shut_gates
+from .redirector import Redirector, RedirectorConfig, open_gates, redirection, shut_gates
 from .stacked import StackedRedirectors
 
 
@@ -466,7 +466,7 @@ class RedirectionEngine:
                 reads = state.triggered[:, cols] & ~state.gates_read[:, cols] & moves_on(p, state)
                 state.opening[:, cols] |= reads & shut_gates(out).T & p.gates_yield
                 state.gates_read[:, cols] |= reads
-                out = opened(out, state.opening[:, cols].T)
+                out = open_gates(out, state.opening[:, cols].T)
             delta = redirection(cond, out, strength)
             if delta.pooled is not None:
                 delta = Conditioning(

@@ -211,7 +211,7 @@ def shut_gates(out: RedirectorOutput) -> torch.Tensor:
     return shut
 
 
-def opened(out: RedirectorOutput, where: torch.Tensor) -> RedirectorOutput:
+def open_gates(out: RedirectorOutput, where: torch.Tensor) -> RedirectorOutput:
     """``out`` with its gates under :data:`GATE_LEVEL` opened to 1 where ``where`` (a bool tensor
     shaped like ``alpha``): ``alpha``, every token of a stream whose mask is under the level on every
     token, and the pooled gate. Gates at or above the level are kept as predicted.

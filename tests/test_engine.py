@@ -59,12 +59,13 @@ def recorded(bundles):
     return forget, retain, load_bundle(bundles["red"]), load_bundle(bundles["star"]), star
 
 
-def test_step_makes_no_host_read(recorded):
+@pytest.mark.parametrize("gates", ["heads", "yield"])
+def test_step_makes_no_host_read(recorded, gates):
     """On the meta device a tensor has no data: any .item(), bool(tensor) or .tolist() inside a step
     would raise. The whole schedule runs there, so the loop never syncs with the host."""
     _, _, red, star, _ = recorded
     concepts = [
-        EngineConcept(rule("red"), Redirector(red.config).to("meta")),
+        EngineConcept(rule("red", gates=gates), Redirector(red.config).to("meta")),
         EngineConcept(rule("star", action="monitor", sticky=False), Redirector(star.config).to("meta")),
     ]
     engine = RedirectionEngine(concepts)
@@ -406,7 +407,7 @@ def test_a_flagged_sample_moves_only_at_or_below_redirect_at_t_per_sample(record
 
 
 def test_opened_lifts_only_the_gates_that_shut_a_move_out():
-    from saferedir_sdk.redirector import RedirectorOutput, opened, shut_gates
+    from saferedir_sdk.redirector import RedirectorOutput, open_gates, shut_gates
 
     masks = torch.tensor([[[0.1, 0.2, 0.4], [0.1, 0.9, 0.0]], [[0.3, 0.3, 0.3], [0.0, 0.0, 0.0]]])
     out = RedirectorOutput(
@@ -421,12 +422,12 @@ def test_opened_lifts_only_the_gates_that_shut_a_move_out():
     assert shut_gates(out).tolist() == [[True, True], [True, True]]
     assert shut_gates(out._replace(pooled_mask=None)).tolist() == [[True, False], [True, True]]
     where = torch.tensor([[True, True], [False, False]])  # K = 2 stacked: only the first opens
-    y = opened(out, where)
+    y = open_gates(out, where)
     assert torch.allclose(y.alpha, torch.tensor([[1.0, 0.8], [0.0, 0.49]]))
     assert torch.allclose(y.masks[0][0], torch.tensor([[1.0, 1.0, 1.0], [0.1, 0.9, 0.0]]))
     assert torch.equal(y.masks[0][1], masks[1]), "where it does not open, the gates are kept"
     assert torch.allclose(y.pooled_mask, torch.tensor([[0.6, 1.0], [0.1, 0.1]]))
-    assert torch.equal(opened(out, torch.zeros(2, 2, dtype=torch.bool)).alpha, out.alpha)
+    assert torch.equal(open_gates(out, torch.zeros(2, 2, dtype=torch.bool)).alpha, out.alpha)
 
 
 def test_gates_yield_opens_the_gates_the_heads_shut_at_the_first_move_for_the_call(recorded):

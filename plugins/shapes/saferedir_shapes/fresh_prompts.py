@@ -1,7 +1,9 @@
 """The Shapes suite's ``fresh`` split (``saferedir eval --split fresh``): 216 prompts written by hand
 in one sitting (session 30, 2026-12-07), after every shipped setting was fixed, the way an ordinary
 user and an attacker write, in sentence frames and wordings the generated splits do not use, and
-run once. Nothing was chosen on them.
+run once. Nothing was chosen on them; their misses were then looked at (why the redirection failed
+them, measured on other wordings), so a second split, ``fresh2_prompts.py``, was written for the
+change that followed.
 
 Per concept 72 prompts, as the independent check's 216: 12 ``forget`` (training synonyms in a
 user's own sentence), 12 ``paraphrase`` (synonyms no table, wording family or training prompt
