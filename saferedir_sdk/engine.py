@@ -32,7 +32,8 @@ first step at or below the rule's ``redirect_at_t``, 1 by default: from the firs
 replays the first run's trajectory for the samples it did not flag, so an unconfirmed hit there must
 not move them (their images would depend on whether a batch mate was flagged).
 A ``gates: yield`` rule reads the heads' gates (``alpha``, the token masks, the pooled gate: they
-read the prompt) once per sample, at the first check at which it moves the sample; if they shut the
+read the prompt) once per sample, at the first check at which the sample is triggered in a run where
+the rule moves it (a ``rewind`` rule's second run: its first check); if they shut the
 move out there, it opens them (:func:`~saferedir_sdk.redirector.open_gates`) for the rest of the call,
 so the classifier's decision is not vetoed by words the heads do not know (``gates_opened``).
 Several concepts combine deterministically: each delta is computed from the same unredirected
@@ -460,9 +461,10 @@ class RedirectionEngine:
         if group.redirects:
             strength = (p.strength * torch.where(p.escalating, boost, 1.0)).T  # (K_g, B)
             if group.gates_yield:
-                # the heads' gates are read once, at the first check at which the rule moves the
-                # sample (its words, on a latent that shows little yet): shut there, the rule opens
-                # them for the rest of the call; open there, they keep the heads' own schedule
+                # the heads' gates are read once, at the first check at which the sample is
+                # triggered in a run where the rule moves it (its words, on a latent that shows
+                # little yet): shut there, the rule opens them for the rest of the call; open
+                # there, they keep the heads' own schedule
                 reads = state.triggered[:, cols] & ~state.gates_read[:, cols] & moves_on(p, state)
                 state.opening[:, cols] |= reads & shut_gates(out).T & p.gates_yield
                 state.gates_read[:, cols] |= reads

@@ -147,7 +147,8 @@ class RuleSettings(_Strict):
         "heads",
         description="How the redirector's scale alpha and token mask m, heads that read the prompt, apply to a "
         "sample the rule moves. heads: as predicted at every check. yield: the gates are read at the first "
-        "check at which the rule moves the sample (in a rewind rule's second run, its first check); if they "
+        "check at which the sample is triggered in a run where the rule moves it (in a rewind rule's second "
+        "run, its first check, also where redirect_at_t delays the move); if they "
         "shut the move out there (alpha under 0.5, a token stream whose mask is under 0.5 on every token, or "
         "a pooled gate under 0.5), every such gate opens to 1 for the rest of the call, so a wording the heads "
         "do not know cannot veto a move the classifier asked for (the record says gates_opened); if they are "
