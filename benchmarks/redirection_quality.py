@@ -34,8 +34,9 @@ applied once a sample is flagged: ``heads`` as predicted (the shipped rule), ``a
 ``alpha`` 1, ``fallback`` with ``alpha`` 1 and ``m`` 1 on every token where the mask's largest value
 is under 0.5 (it sees no concept token), ``all`` with both 1 on every token, ``yield`` the rule's
 ``gates: yield`` (read at the first step: if shut there, each gate under 0.5 opened for the whole
-call): whether the words veto a move the latent classifier asked for. ``--prompts FILE`` (one concept): instead of the split's
-sets, the forget-type wordings of FILE, one ``kind<TAB>text`` a line (``benchmarks/prompts/``).
+call): whether the words veto a move the latent classifier asked for. ``--prompts FILE`` (one
+concept): instead of the split's sets, the forget-type wordings of FILE, one ``kind<TAB>text`` a
+line (``benchmarks/prompts/``).
 
     python benchmarks/redirection_quality.py --concepts red --prompts benchmarks/prompts/red_dev_wordings.tsv --gates all
 """

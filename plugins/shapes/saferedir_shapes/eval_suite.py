@@ -242,6 +242,9 @@ def prompt_sets(concept: str, n: int, seed: int = 0, tokenizer: Any = None) -> d
     return sets
 
 
+FRESH_SPLITS = ("fresh", "fresh2")  # the hand-written splits (fresh_table)
+
+
 def fresh_table(split: str) -> dict[str, list[tuple[str, str, str, str, str, str, str]]]:
     """The rows of a hand-written split: ``fresh`` (:data:`~saferedir_shapes.fresh_prompts.FRESH`)
     or ``fresh2`` (:data:`~saferedir_shapes.fresh2_prompts.FRESH_2`)."""
@@ -254,9 +257,6 @@ def fresh_table(split: str) -> dict[str, list[tuple[str, str, str, str, str, str
 
         return FRESH_2
     raise ValueError(f"hand-written split: expected one of {FRESH_SPLITS}, got {split!r}")
-
-
-FRESH_SPLITS = ("fresh", "fresh2")
 
 
 def fresh_sets(concept: str, n: int = 0, split: str = "fresh") -> dict[str, list[EvalPrompt]]:
