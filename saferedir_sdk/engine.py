@@ -436,7 +436,8 @@ class RedirectionEngine:
         was_on = state.triggered[:, cols].clone()
         # the rule was already moving the sample when this check looked (a rehearsal moves nothing
         # for a rewind rule): a hit now says the redirection has not cleared the concept so far
-        moving = was_on & moves_on(p, state)
+        moves = moves_on(p, state)  # (K_g,): this run moves what the rule triggers
+        moving = was_on & moves
         persist = state.persist[:, cols]
         state.persist[:, cols] = torch.where(decides, torch.where(hit & moving, persist + 1, 0), persist)
         hits, stuck = state.hits[:, cols], state.stuck[:, cols]
@@ -465,7 +466,7 @@ class RedirectionEngine:
                 # triggered in a run where the rule moves it (its words, on a latent that shows
                 # little yet): shut there, the rule opens them for the rest of the call; open
                 # there, they keep the heads' own schedule
-                reads = state.triggered[:, cols] & ~state.gates_read[:, cols] & moves_on(p, state)
+                reads = state.triggered[:, cols] & ~state.gates_read[:, cols] & moves
                 state.opening[:, cols] |= reads & shut_gates(out).T & p.gates_yield
                 state.gates_read[:, cols] |= reads
                 out = open_gates(out, state.opening[:, cols].T)
