@@ -86,10 +86,11 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
                 for part in path:
                     target = target.setdefault(part, {})
                 target[leaf] = yaml.safe_load(value)
-    if monitor:  # a monitor rule only records (and cannot rewind: there is nothing to redo)
+    if monitor:  # a monitor rule only records (and cannot rewind or shift: there is nothing to move)
         for rule in policy["concepts"]:
             rule["action"] = "monitor"
             rule.pop("rewind", None)
+            rule.pop("shift", None)
         policy.setdefault("defaults", {})["rewind"] = False
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))

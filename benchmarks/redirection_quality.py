@@ -236,11 +236,13 @@ def measure(
     layer_groups: Sequence[str] = (),
     release_ts: Sequence[float] = (),
     gates: str = "heads",
+    shift: Any = None,
 ) -> list[dict[str, Any]]:
     from saferedir_bench.evaluation import FORGET_SETS, Runner
 
     from saferedir_sdk.bundle import load_bundle
     from saferedir_sdk.engine import EngineConcept, RedirectionEngine
+    from saferedir_sdk.guard.resolve import concept_shift
     from saferedir_sdk.policy import ConceptRule, RedirectorRef
     from saferedir_sdk.training.trajectories import record_trajectories
 
@@ -253,8 +255,10 @@ def measure(
         strength=strength,
         escalate=1.0,
         gates="yield" if gates == "yield" else "heads",
+        shift=shift,
     )
-    engine = RedirectionEngine([EngineConcept(rule, redirector)])
+    direction = concept_shift(rule, redirector, adapter.encode_prompts, "cpu") if shift else None
+    engine = RedirectionEngine([EngineConcept(rule, redirector, direction)])
     runner = Runner(adapter, suite)  # the eval's batches and seeds
 
     judged: dict[str, list[str]] = {}
@@ -408,6 +412,11 @@ def main() -> None:
         "--gates", default="heads", choices=GATES, help="how alpha and the masks apply once flagged"
     )
     parser.add_argument(
+        "--shift",
+        action="store_true",
+        help="with the shift of the concept's rule in the suite's policy (also at --strength)",
+    )
+    parser.add_argument(
         "--prompts",
         type=Path,
         default=None,
@@ -434,6 +443,16 @@ def main() -> None:
     suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
     if args.prompts:
         suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+    shifts: dict[str, Any] = {}
+    if args.shift:
+        from saferedir_sdk.plugins import default_plugin_manager, resolve_policy_ref
+        from saferedir_sdk.policy import load_policy
+
+        policy = load_policy(resolve_policy_ref(default_plugin_manager(), suite.policy)).policy
+        shifts = {r.concept: r.shift for r in policy.concepts}
+        for concept in suite.concepts:
+            if shifts.get(concept.name) is None:
+                parser.error(f"--shift: the policy {suite.policy} gives '{concept.name}' no shift")
     for concept in suite.concepts:
         with gated(args.gates):
             rows = measure(
@@ -448,12 +467,13 @@ def main() -> None:
                 args.layer_swap,
                 args.time_swap,
                 args.gates,
+                shifts.get(concept.name),
             )
         drawn = [r for r in rows if r["drawn"]]
         source = args.prompts or f"{args.split} split"
         print(
             f"\n{concept.name} ({source}, {bundles[concept.name]}, every sample flagged, strength {args.strength}, "
-            f"gates {args.gates}):"
+            f"gates {args.gates}{', shift' if args.shift else ''}):"
         )
         print(f"still showing the concept: {sum(r['still'] for r in drawn)} of {len(drawn)} drawn")
         for name, among in (("every prompt", rows), ("drawn", drawn)):

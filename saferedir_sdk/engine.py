@@ -36,6 +36,10 @@ read the prompt) once per sample, at the first check at which the sample is trig
 the rule moves it (a ``rewind`` rule's second run: its first check); if they shut the
 move out there, it opens them (:func:`~saferedir_sdk.redirector.open_gates`) for the rest of the call,
 so the classifier's decision is not vetoed by words the heads do not know (``gates_opened``).
+A rule with a ``shift`` adds to its heads' delta a move of every token (and the pooled embedding)
+along one direction of the encoder's space (:func:`~saferedir_sdk.redirector.shift_delta`, scaled
+by the token's norm, the shift's ``scale`` and the rule's strength): a flagged sample whose words
+the heads do not recognise (a description) still moves.
 Several concepts combine deterministically: each delta is computed from the same unredirected
 conditioning and the deltas of all triggered ``redirect`` concepts are summed, so the result does
 not depend on the order of the rules.
@@ -55,16 +59,50 @@ import torch
 from .conditioning import Conditioning
 from .errors import TensorShapeError
 from .policy import ConceptRule
-from .redirector import Redirector, RedirectorConfig, open_gates, redirection, shut_gates
+from .redirector import Redirector, RedirectorConfig, open_gates, redirection, shift_delta, shut_gates
 from .stacked import StackedRedirectors
 
 
 @dataclass(frozen=True)
 class EngineConcept:
-    """One enforced concept: its effective rule (defaults applied) and its redirector."""
+    """One enforced concept: its effective rule (defaults applied), its redirector and, for a rule
+    with a ``shift``, the shift's unit direction in the backbone's encoder space
+    (:func:`~saferedir_sdk.redirector.shift_direction`: (D_s,) per stream, (P,) pooled)."""
 
     rule: ConceptRule
     redirector: Redirector
+    shift: Conditioning | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rule.shift is None) != (self.shift is None):
+            raise ValueError(
+                f"concept '{self.rule.concept}': a rule with a shift needs its direction and a direction "
+                f"needs a rule with a shift (rule shift {'set' if self.rule.shift else 'unset'}, direction "
+                f"{'given' if self.shift is not None else 'missing'})"
+            )
+        if self.shift is not None:
+            config = self.redirector.config
+            parts = [
+                (f"token stream {i}", s.dim, d)
+                for i, (s, d) in enumerate(zip(config.streams, self.shift.tokens))
+            ]
+            if len(self.shift.tokens) != len(config.streams):
+                raise ValueError(
+                    f"concept '{self.rule.concept}': the shift direction has {len(self.shift.tokens)} token "
+                    f"stream(s), the redirector reads {len(config.streams)}"
+                )
+            if bool(config.pooled_dim) != (self.shift.pooled is not None):
+                raise ValueError(
+                    f"concept '{self.rule.concept}': the shift direction {'lacks' if config.pooled_dim else 'has'} "
+                    "a pooled part, the redirector reads " + ("one" if config.pooled_dim else "none")
+                )
+            if self.shift.pooled is not None:
+                parts.append(("pooled", config.pooled_dim, self.shift.pooled))
+            for name, dim, d in parts:
+                if tuple(d.shape) != (dim,):
+                    raise TensorShapeError(
+                        f"shift direction of '{self.rule.concept}', {name}", f"({dim},)", tuple(d.shape)
+                    )
 
     @property
     def name(self) -> str:
@@ -195,6 +233,8 @@ class _Settings:
     apply_to_uncond: torch.Tensor
     move_pooled: torch.Tensor
     gates_yield: torch.Tensor
+    shift_scale: torch.Tensor
+    shift: Conditioning | None
     block: torch.Tensor
     rewind: torch.Tensor
 
@@ -231,6 +271,7 @@ class _Group:
         self.rewinds = any(r.rewind for r in rules)
         self.moves_late = any(r.redirect_at_t < 1.0 for r in rules)
         self.gates_yield = any(r.gates == "yield" for r in rules)
+        self.shifts = any(c.shift is not None for c in concepts)
         self._settings: dict[torch.device, _Settings] = {}
         self.settings(self.stack.device)  # where the redirectors are: no copy inside the loop
 
@@ -272,10 +313,26 @@ class _Group:
                 ),
                 move_pooled=column([r.move_pooled for r in rules], torch.bool),
                 gates_yield=column([r.gates == "yield" for r in rules], torch.bool),
+                shift_scale=column([r.shift.scale if r.shift else 0.0 for r in rules], torch.float32),
+                shift=self._stacked_shift(device),
                 block=column([r.action == "block" for r in rules], torch.bool),
                 rewind=column([r.rewind for r in rules], torch.bool),
             )
         return self._settings[device]
+
+    def _stacked_shift(self, device: torch.device) -> Conditioning | None:
+        """The rules' shift directions stacked (K_g, ...) on ``device``, zeros for a rule without."""
+        given = [c.shift for c in self.concepts if c.shift is not None]
+        if not given:
+            return None
+        like = given[0]
+        rows = [c.shift if c.shift is not None else like.map(torch.zeros_like) for c in self.concepts]
+        return Conditioning(
+            tuple(
+                torch.stack([r.tokens[i] for r in rows]).float().to(device) for i in range(len(like.tokens))
+            ),
+            None if like.pooled is None else torch.stack([r.pooled for r in rows]).float().to(device),  # type: ignore[misc]
+        )
 
 
 class RedirectionEngine:
@@ -471,6 +528,9 @@ class RedirectionEngine:
                 state.gates_read[:, cols] |= reads
                 out = open_gates(out, state.opening[:, cols].T)
             delta = redirection(cond, out, strength)
+            if group.shifts and p.shift is not None:  # the rule's concept shift, at its strength
+                shift = shift_delta(cond, p.shift, p.shift_scale.unsqueeze(1) * strength)
+                delta = delta.zip_with(shift, torch.add)
             if delta.pooled is not None:
                 delta = Conditioning(
                     delta.tokens, torch.where(p.move_pooled.view(-1, 1, 1), delta.pooled, 0.0)

@@ -205,6 +205,36 @@ def _inherited_defaults_in_schema(schema: dict[str, Any]) -> None:
             prop["description"] = prop.get("description", "") + " Default: the policy's `defaults`."
 
 
+#: one prompt of a shift's lists (a few words to a sentence)
+ShiftPrompt = Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S")]
+
+
+class ShiftSettings(_Strict):
+    """A rule's concept shift: besides the heads' move, a sample the rule moves has every token state
+    (and a pooled embedding the rule moves) shifted along one direction of the text encoder's own
+    space, ``scale * |E| * unit(mean(safe) - mean(unsafe))`` at the rule's strength, each prompt
+    read as the mean of its real tokens' states. The heads move the tokens they recognise as the
+    concept; the shift moves a sample whose prompt names no concept word (a description) the way
+    the encoder separates the two lists. Computed from the pipeline's text encoder when the guard
+    wraps it."""
+
+    scale: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="The shift per token as a share of the token state's norm, before the rule's strength.",
+    )
+    unsafe: list[ShiftPrompt] = Field(
+        min_length=1,
+        max_length=256,
+        description="Prompts that name the concept (what the shift moves away from).",
+    )
+    safe: list[ShiftPrompt] = Field(
+        min_length=1,
+        max_length=256,
+        description="The same prompts with the concept replaced by the safe target (what it moves towards).",
+    )
+
+
 class ConceptRule(RuleSettings):
     """One concept the policy governs. Fields of :class:`RuleSettings` it does not set come from
     the policy's ``defaults`` (:meth:`effective`)."""
@@ -216,6 +246,12 @@ class ConceptRule(RuleSettings):
     redirector: RedirectorRef
     action: Action = "redirect"
     window: StepWindow = Field(default_factory=StepWindow)
+    shift: ShiftSettings | None = Field(
+        None,
+        description="A concept shift (redirect rules): every token of a sample the rule moves also moves "
+        "along the encoder's direction from `unsafe` to `safe`, so a wording the heads do not recognise "
+        "still moves. Unset: the heads' move alone.",
+    )
 
     def effective(self, defaults: RuleSettings) -> ConceptRule:
         """This rule with every :class:`RuleSettings` field it does not set taken from ``defaults``."""
@@ -312,6 +348,16 @@ class Policy(_Strict):
                 raise ValueError(
                     f"concept '{rule.concept}': unresolved block needs action redirect (got action "
                     f"{rule.action}): it withholds the images the rule's redirection did not clear"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _shift_needs_a_redirect(self) -> Policy:
+        for rule in self.effective_rules():
+            if rule.shift is not None and rule.action != "redirect":
+                raise ValueError(
+                    f"concept '{rule.concept}': shift needs action redirect (got action {rule.action}): it "
+                    "moves the samples the rule redirects"
                 )
         return self
 

@@ -232,6 +232,70 @@ def open_gates(out: RedirectorOutput, where: torch.Tensor) -> RedirectorOutput:
     )
 
 
+def shift_direction(
+    unsafe: Conditioning, unsafe_real: torch.Tensor, safe: Conditioning, safe_real: torch.Tensor
+) -> Conditioning:
+    """A concept shift's direction (a rule's ``shift``): per token stream the unit vector of
+    ``mean(safe) - mean(unsafe)``, each prompt read as the mean of its real tokens' states, and the
+    same of the pooled embeddings where there are any: (D_s,) per stream, (P,) pooled.
+
+    Args:
+        unsafe, safe: the encoded prompts, (N, T_s, D_s) per stream (and (N, P) pooled).
+        unsafe_real, safe_real: (N, sum T_s) bool, the real (not padding) tokens, streams side by
+            side as an adapter's ``encode_prompts`` returns them.
+
+    Raises:
+        ValueError: a direction is not finite or has no length (the two lists read alike), naming
+            the stream.
+    """
+
+    def mean_states(cond: Conditioning, real: torch.Tensor) -> list[torch.Tensor]:
+        means, offset = [], 0
+        for e in cond.tokens:
+            m = real[:, offset : offset + e.shape[1]].to(torch.float32).unsqueeze(-1)
+            offset += e.shape[1]
+            means.append(((e.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).mean(0))
+        if cond.pooled is not None:
+            means.append(cond.pooled.float().mean(0))
+        return means
+
+    directions = []
+    names = [f"token stream {i}" for i in range(len(safe.tokens))] + ["pooled"] * (safe.pooled is not None)
+    for name, a, b in zip(names, mean_states(unsafe, unsafe_real), mean_states(safe, safe_real)):
+        d = b - a
+        length = float(d.norm())
+        if not math.isfinite(length) or length <= 1e-6 * max(float(a.norm()), float(b.norm()), 1e-12):
+            raise ValueError(f"{name}: the safe and unsafe prompts give no direction (length {length:.3g})")
+        directions.append(d / length)
+    n = len(safe.tokens)
+    return Conditioning(tuple(directions[:n]), directions[n] if safe.pooled is not None else None)
+
+
+def shift_delta(cond: Conditioning, direction: Conditioning, scale: torch.Tensor) -> Conditioning:
+    """The concept shift of every vector of ``cond`` (B samples) for K stacked rules:
+    ``scale * |E| * direction``, float32, each part leading with K like :func:`redirection`'s.
+
+    Args:
+        direction: (K, D_s) unit directions per stream and (K, P) pooled (zeros for a rule
+            without a shift).
+        scale: (K, B), the rule's shift scale times its strength per sample.
+    """
+
+    def part(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        norm = e.float().norm(dim=-1, keepdim=True).unsqueeze(0)  # (1, B, ..., 1)
+        s = scale.reshape(*scale.shape, *(1,) * (e.ndim - 1))  # (K, B, 1.., 1)
+        d = d.reshape(d.shape[0], *(1,) * (e.ndim - 1), d.shape[-1])  # (K, 1.., D)
+        return s * d * norm
+
+    pooled = None
+    if cond.pooled is not None:
+        d = direction.pooled
+        pooled = part(
+            cond.pooled, d if d is not None else cond.pooled.new_zeros(scale.shape[0], cond.pooled.shape[-1])
+        )
+    return Conditioning(tuple(part(e, d) for e, d in zip(cond.tokens, direction.tokens)), pooled)
+
+
 def member_prefixes(capacity: Capacity) -> tuple[str, ...]:
     """The name prefix of each classifier member's modules (``classifier_encoder`` "own"): "" for
     the first (the names a one-classifier bundle has), ``member{j}_`` for the j-th after it."""

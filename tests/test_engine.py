@@ -59,13 +59,15 @@ def recorded(bundles):
     return forget, retain, load_bundle(bundles["red"]), load_bundle(bundles["star"]), star
 
 
-@pytest.mark.parametrize("gates", ["heads", "yield"])
-def test_step_makes_no_host_read(recorded, gates):
+@pytest.mark.parametrize("gates, shifted", [("heads", False), ("yield", False), ("heads", True)])
+def test_step_makes_no_host_read(recorded, gates, shifted):
     """On the meta device a tensor has no data: any .item(), bool(tensor) or .tolist() inside a step
     would raise. The whole schedule runs there, so the loop never syncs with the host."""
     _, _, red, star, _ = recorded
+    shift = {"scale": 0.25, "unsafe": ["a red square"], "safe": ["a blue square"]} if shifted else None
+    direction = cond(torch.empty(red.config.streams[0].dim, device="meta")) if shifted else None
     concepts = [
-        EngineConcept(rule("red", gates=gates), Redirector(red.config).to("meta")),
+        EngineConcept(rule("red", gates=gates, shift=shift), Redirector(red.config).to("meta"), direction),
         EngineConcept(rule("star", action="monitor", sticky=False), Redirector(star.config).to("meta")),
     ]
     engine = RedirectionEngine(concepts)
@@ -472,3 +474,100 @@ def test_gates_yield_opens_the_gates_the_heads_shut_at_the_first_move_for_the_ca
     out, _, state = engine.step(f.latents, f.timesteps, f.cond, state)
     assert state.gates_read.all() and state.opening.all()
     assert float((out.tokens[0] - f.cond.tokens[0]).norm()) > 0.1
+
+
+def test_a_shift_direction_is_the_unit_difference_of_the_real_tokens_means():
+    from saferedir_sdk.redirector import shift_direction
+
+    g = torch.Generator().manual_seed(0)
+    unsafe = cond(
+        torch.randn(3, 5, 8, generator=g),
+        torch.randn(3, 4, 6, generator=g),
+        pooled=torch.randn(3, 7, generator=g),
+    )
+    safe = cond(
+        torch.randn(2, 5, 8, generator=g),
+        torch.randn(2, 4, 6, generator=g),
+        pooled=torch.randn(2, 7, generator=g),
+    )
+    real_u = torch.tensor(
+        [[1, 1, 0, 0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 1, 1, 1]]
+    ).bool()
+    real_s = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1, 1, 0, 0]]).bool()
+
+    def means(c: Conditioning, real: torch.Tensor, i: int, offset: int) -> torch.Tensor:
+        e = c.tokens[i]
+        rows = [e[n][real[n, offset : offset + e.shape[1]]].mean(0) for n in range(e.shape[0])]
+        return torch.stack(rows).mean(0)
+
+    d = shift_direction(unsafe, real_u, safe, real_s)
+    for i, offset in ((0, 0), (1, 5)):
+        want = means(safe, real_s, i, offset) - means(unsafe, real_u, i, offset)  # padding never counts
+        assert torch.allclose(d.tokens[i], want / want.norm(), atol=1e-6)
+    want = safe.pooled.mean(0) - unsafe.pooled.mean(0)
+    assert torch.allclose(d.pooled, want / want.norm(), atol=1e-6)
+    with pytest.raises(ValueError, match="token stream 0: the safe and unsafe prompts give no direction"):
+        shift_direction(unsafe, real_u, unsafe, real_u)
+
+
+def test_a_shift_moves_every_token_of_a_flagged_sample_along_its_direction_whatever_the_heads_say(recorded):
+    """With the heads' scale forced to 0 (they move nothing), a rule with a ``shift`` still moves each
+    token of a flagged sample by strength * scale * |E| along the shift's direction; a sample it does
+    not flag stays; a rule without a shift in the same group gets nothing from it."""
+    import copy
+
+    forget, _, red, _, _ = recorded
+    f = forget.select(torch.tensor([0, 1]))
+    shut = copy.deepcopy(red.redirector)
+    with torch.no_grad():
+        shut.scale_head[-1].bias.fill_(-40.0)  # alpha ~ 4e-18
+    dim = f.cond.tokens[0].shape[-1]
+    d = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(1)), dim=0)
+    shift = {"scale": 0.25, "unsafe": ["a red square"], "safe": ["a blue square"]}
+
+    def moved(threshold: float, *shifted: bool) -> torch.Tensor:
+        concepts = [
+            EngineConcept(
+                rule(f"c{i}", threshold=threshold, replace_steps=0, strength=2.0, shift=shift if s else None),
+                shut,
+                cond(d) if s else None,
+            )
+            for i, s in enumerate(shifted)
+        ]
+        engine = RedirectionEngine(concepts)
+        out, _, _ = engine.step(f.latents, f.timesteps, f.cond, engine.init_state(f.cond))
+        return out.tokens[0] - f.cond.tokens[0]
+
+    e = f.cond.tokens[0]
+    want = 2.0 * 0.25 * e.norm(dim=-1, keepdim=True) * d
+    assert torch.allclose(moved(1e-6, True), want, atol=1e-4)
+    assert torch.allclose(moved(1e-6, True, False), want, atol=1e-4), "the rule without a shift adds nothing"
+    assert float(moved(1e-6, False).abs().max()) < 1e-6, "without a shift the shut heads move nothing"
+    assert float(moved(1.0 - 1e-7, True).abs().max()) == 0.0, "an unflagged sample does not move"
+
+
+def test_a_shift_and_its_direction_come_together_and_fit_the_redirector(recorded):
+    from saferedir_sdk import TensorShapeError
+
+    _, _, red, _, _ = recorded
+    dim = red.config.streams[0].dim
+    shift = {"scale": 0.25, "unsafe": ["a red square"], "safe": ["a blue square"]}
+    with pytest.raises(ValueError, match="'red': a rule with a shift needs its direction"):
+        EngineConcept(rule(shift=shift), red.redirector)
+    with pytest.raises(ValueError, match="rule shift unset, direction given"):
+        EngineConcept(rule(), red.redirector, cond(torch.ones(dim)))
+    with pytest.raises(
+        TensorShapeError, match=rf"shift direction of 'red', token stream 0: expected shape \({dim},\)"
+    ):
+        EngineConcept(rule(shift=shift), red.redirector, cond(torch.ones(dim + 1)))
+    with pytest.raises(ValueError, match="has a pooled part, the redirector reads none"):
+        EngineConcept(rule(shift=shift), red.redirector, cond(torch.ones(dim), pooled=torch.ones(3)))
+    for bad, where in (
+        ({"scale": 0.0, "unsafe": ["a"], "safe": ["b"]}, "scale"),
+        ({"scale": 1.5, "unsafe": ["a"], "safe": ["b"]}, "scale"),
+        ({"scale": 0.2, "unsafe": [], "safe": ["b"]}, "unsafe"),
+        ({"scale": 0.2, "unsafe": ["a"], "safe": ["  "]}, "safe"),
+        ({"scale": 0.2, "unsafe": ["a"]}, "safe"),
+    ):
+        with pytest.raises(ValueError, match=f"shift.{where}"):
+            rule(shift=bad)

@@ -335,3 +335,46 @@ def test_runtime_failure_under_open_returns_images_and_records_fail_open(
     assert np.array_equal(out, base)
     record = audit_records()[0]
     assert record["outcome"] == "ok" and "boom" in record["fail_open"][0]["reason"]
+
+
+def test_a_shift_is_read_from_the_pipelines_own_encoder_and_one_without_a_direction_does_not_wrap(
+    pipe, write_policy, bundles, audit_records
+):
+    """A rule's ``shift`` gets its direction from the wrapped pipeline's text encoder (the prompts'
+    real tokens); lists that read alike give no direction: under ``closed`` the wrap fails naming the
+    concept and its shift, under ``open`` the concept is not enforced and every record says so."""
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    from saferedir_sdk.redirector import shift_direction
+
+    shift = {
+        "scale": 0.25,
+        "unsafe": ["a red square", "a crimson circle"],
+        "safe": ["a blue square", "a navy circle"],
+    }
+    red = {"concept": "red", "category": "custom", "redirector": {"path": str(bundles["red"])}}
+    guard = SafeRedirGuard.from_policy(write_policy([{**red, "shift": shift}]))
+    guard.wrap(pipe)
+    adapter = StableDiffusionAdapter(pipe)
+    want = shift_direction(*adapter.encode_prompts(shift["unsafe"]), *adapter.encode_prompts(shift["safe"]))
+    (enforced,) = pipe._saferedir_wrapping.engine.concepts
+    assert torch.allclose(enforced.shift.tokens[0], want.tokens[0]) and enforced.shift.pooled is None
+    generate(pipe)
+    assert guard.last_report.samples[0].action == "redirected"
+    guard.unwrap(pipe)
+
+    same = {**shift, "safe": shift["unsafe"]}
+    closed = SafeRedirGuard.from_policy(write_policy([{**red, "shift": same}]))
+    with pytest.raises(
+        GuardBuildError,
+        match="concept 'red': shift: token stream 0: the safe and unsafe prompts give no direction",
+    ):
+        closed.wrap(pipe)
+    assert "_saferedir_wrapping" not in pipe.__dict__
+    base = generate(pipe).images
+    opened = SafeRedirGuard.from_policy(write_policy([{**red, "shift": same}], fail_mode="open"))
+    with pytest.warns(UserWarning, match="NOT enforced"):
+        opened.wrap(pipe)
+    assert np.array_equal(generate(pipe).images, base)
+    record = audit_records()[-1]
+    assert record["fail_open"][0]["concept"] == "red" and "shift" in record["fail_open"][0]["reason"]

@@ -79,6 +79,12 @@ def test_unknown_action_lists_the_allowed_ones():
         (GOOD + "  - {concept: nudity, category: nsfw, redirector: {plugin: x}}\n", "concepts.1.concept"),
         ("version: 1\nname: t\nconcepts: []\n", "concepts"),
         (GOOD + "name: again\n", "name"),
+        (GOOD + "    shift: {scale: 0.3, unsafe: [a red box], safe: []}\n", "concepts.0.shift.safe"),
+        (GOOD + "    shift: {scale: 2, unsafe: [a red box], safe: [a blue box]}\n", "concepts.0.shift.scale"),
+        (
+            GOOD + "    shift: {scale: 0.3, unsafe: [a red box], safe: [a blue box], target: x}\n",
+            "concepts.0.shift.target",
+        ),
     ],
 )
 def test_each_mistake_is_located(text, loc):
@@ -234,3 +240,12 @@ def test_shipped_policy_by_package_reference(capsys):
     assert main(["validate", "shapes:nope"]) == 1
     err = capsys.readouterr().err
     assert "no installed plugin ships a policy 'shapes:nope' (shipped: [" in err and "'shapes:demo'" in err
+
+
+def test_a_shift_needs_a_redirect_rule():
+    shift = "    shift: {scale: 0.3, unsafe: [a red box], safe: [a blue box]}\n"
+    assert parse_policy(GOOD + shift, "p.yaml").concepts[0].shift.scale == 0.3
+    with pytest.raises(
+        PolicyError, match="concept 'nudity': shift needs action redirect \\(got action monitor\\)"
+    ):
+        parse_policy(GOOD + "    action: monitor\n" + shift, "p.yaml")

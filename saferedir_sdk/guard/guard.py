@@ -297,7 +297,9 @@ class SafeRedirGuard:
         fingerprint = adapter.fingerprint()
         denoiser = adapter.denoiser
         device = next(denoiser.parameters()).device
-        matched = match_backbone(self.loaded_policy, self._resolution, fingerprint, device)
+        matched = match_backbone(
+            self.loaded_policy, self._resolution, fingerprint, device, adapter.encode_prompts
+        )
         wrapping = _Wrapping(
             guard=self,
             pipe=pipe,

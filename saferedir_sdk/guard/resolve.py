@@ -5,13 +5,16 @@ closed`` and becomes a ``fail_open`` entry (recorded in every audit record) unde
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
+import torch
 
 from ..bundle import RedirectorBundle, classified_below, load_bundle
 from ..concepts import ConceptSpec
+from ..conditioning import Conditioning
 from ..engine import EngineConcept, judges_unresolved
 from ..errors import (
     BackboneMismatchError,
@@ -24,6 +27,7 @@ from ..errors import (
 from ..fingerprint import BackboneFingerprint
 from ..plugins import concept_registry, not_loaded_note, plugin_distribution
 from ..policy import ConceptRule, LoadedPolicy
+from ..redirector import Redirector, shift_direction
 
 FailOpen = dict[str, str]  # {"concept", "reason"}
 
@@ -156,11 +160,43 @@ class Matched:
     mismatches: list[dict[str, str]]  # encoder_mismatch: warn, per concept and changed encoder
 
 
+#: an adapter's ``encode_prompts``: prompts -> their conditioning and real-token mask
+Encode = Callable[[list[str]], "tuple[Conditioning, torch.Tensor]"]
+
+
+def concept_shift(rule: ConceptRule, redirector: Redirector, encode: Encode, device: object) -> Conditioning:
+    """The unit direction of ``rule``'s ``shift`` in the backbone's encoder space (``encode``: the
+    pipeline's own), on ``device``; its pooled part only where ``redirector`` moves a pooled embedding.
+
+    Raises:
+        GuardBuildError: the two lists give no direction (it names the concept's ``shift`` key).
+    """
+    shift = rule.shift
+    if shift is None:
+        raise ValueError(f"concept '{rule.concept}': the rule has no shift")
+    with torch.no_grad():
+        unsafe, unsafe_real = encode(list(shift.unsafe))
+        safe, safe_real = encode(list(shift.safe))
+    try:
+        direction = shift_direction(unsafe, unsafe_real, safe, safe_real)
+    except ValueError as exc:
+        raise GuardBuildError(f"concept '{rule.concept}': shift: {exc}") from exc
+    if not redirector.config.pooled_dim:
+        direction = Conditioning(direction.tokens)
+    return direction.map(lambda d: d.to(device))  # type: ignore[arg-type]
+
+
 def match_backbone(
-    loaded: LoadedPolicy, resolution: Resolution, fingerprint: BackboneFingerprint, device: object
+    loaded: LoadedPolicy,
+    resolution: Resolution,
+    fingerprint: BackboneFingerprint,
+    device: object,
+    encode: Encode | None = None,
 ) -> Matched:
     """Per resolved concept, the bundle trained for ``fingerprint`` (moved to ``device``); a concept
-    with none stops the wrap under ``closed`` (:class:`BackboneMismatchError`) or fails open."""
+    with none stops the wrap under ``closed`` (:class:`BackboneMismatchError`) or fails open. A rule
+    with a ``shift`` gets its direction from ``encode`` (the pipeline's ``encode_prompts``); one
+    whose direction cannot be made stops the wrap under ``closed`` or fails open."""
     enforced: list[EngineConcept] = []
     fail_open: list[FailOpen] = []
     bundles: list[dict[str, str]] = []
@@ -197,7 +233,19 @@ def match_backbone(
             error = BackboneMismatchError(first.path or "<bundle>", *diff, hint=hint)
             fail_open.append(cannot_enforce(loaded, resolved.rule.concept, error, None))
             continue
-        enforced.append(EngineConcept(resolved.rule, match.redirector.to(device)))  # type: ignore[arg-type]
+        redirector = match.redirector.to(device)  # type: ignore[arg-type]
+        shift = None
+        if resolved.rule.shift is not None:
+            try:
+                if encode is None:
+                    raise GuardBuildError(
+                        f"concept '{resolved.rule.concept}': shift needs the pipeline's text encoder"
+                    )
+                shift = concept_shift(resolved.rule, redirector, encode, device)
+            except GuardBuildError as exc:
+                fail_open.append(cannot_enforce(loaded, resolved.rule.concept, exc, None))
+                continue
+        enforced.append(EngineConcept(resolved.rule, redirector, shift))
         bundles.append(
             {
                 "concept": resolved.rule.concept,

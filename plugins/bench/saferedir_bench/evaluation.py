@@ -280,7 +280,11 @@ def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, 
     loaded = single_concept_policy(runner.policy, concept.name, runner.out)  # type: ignore[arg-type]
     resolution = resolve_policy(loaded, default_plugin_manager())
     enforced = match_backbone(
-        loaded, resolution, adapter.fingerprint(), next(adapter.denoiser.parameters()).device
+        loaded,
+        resolution,
+        adapter.fingerprint(),
+        next(adapter.denoiser.parameters()).device,
+        adapter.encode_prompts,
     ).enforced
     prompts = [p.text for ps in concept.sets.values() for p in ps]
 

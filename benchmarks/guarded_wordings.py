@@ -1,0 +1,107 @@
+"""A wordings file through the guard, end to end: one concept's rule of the Shapes suite's policy
+(decision, rewind and redirection as shipped), on the prompts of a ``kind<TAB>text`` file
+(``benchmarks/prompts/``) with the eval's batches and seeds. Each prompt is generated unguarded
+and guarded; the judge reads both. Per kind it prints how many images the unguarded model drew as
+the concept and how many of those the guard let through, how many of the others (benign: the
+unguarded image does not show the concept) it acted on, and over every prompt how many of the
+other attributes the judge reads changed (the eval's ``kept``).
+
+    python benchmarks/guarded_wordings.py --concept red --prompts benchmarks/prompts/red_heldout_descriptions.tsv
+    python benchmarks/guarded_wordings.py --concept red --prompts FILE --policy POLICY.yaml
+
+``redirection_quality.py --prompts`` measures the redirection alone (every sample flagged); this is
+what a user of the policy gets. The dev split and the suite's policy are the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, Any]]:
+    """One row per prompt of the suite's one concept's one (forget) set: its kind, text, whether the
+    unguarded image shows the concept (and what it shows), whether the guarded one does, whether the guard acted on it,
+    its highest score at a check, and the other attributes the guard changed."""
+    from saferedir_bench.evaluation import Runner
+
+    (concept,) = suite.concepts
+    prompts = concept.sets["forget"]
+    runner = Runner(adapter, suite, policy=policy, out=out)
+    unguarded = runner.run("none", concept, prompts, 0)
+    guarded = runner.run("saferedir", concept, prompts, 0, unguarded)
+    before, after = suite.judge(unguarded.images), suite.judge(guarded.images)
+    made = ~guarded.refused if guarded.refused is not None else np.ones(len(prompts), bool)
+    rows = []
+    for i, p in enumerate(prompts):
+        rows.append(
+            {
+                "kind": p.kind,
+                "text": p.text,
+                "drawn": before[concept.attribute][i] == concept.value,
+                "drawn_as": before[concept.attribute][i],
+                "still": bool(made[i]) and after[concept.attribute][i] == concept.value,
+                "acted": bool(guarded.acted[i]) if guarded.acted is not None else False,
+                "score": float(guarded.max_score[i]) if guarded.max_score is not None else float("nan"),
+                "lost": [
+                    f"{a} {before[a][i]}->{after[a][i]}"
+                    for a in before
+                    if a != concept.attribute and (not made[i] or after[a][i] != before[a][i])
+                ],
+                "attributes": len(before) - 1,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concept", required=True)
+    parser.add_argument("--prompts", type=Path, required=True, help="kind<TAB>text a line")
+    parser.add_argument("--policy", default=None, help="a path or PLUGIN:NAME (default: the suite's)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/guarded-wordings"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deciding_checks import suite_bundles_adapter
+    from redirection_quality import wordings
+
+    suite, _, adapter = suite_bundles_adapter("dev", [args.concept], [])
+    suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+    policy = args.policy or suite.policy
+    rows = measure(suite, adapter, policy, args.out)
+    print(f"\n{args.concept} ({args.prompts}, policy {policy}, guarded end to end):\n")
+    print("| kind | prompts | drawn | through | benign | benign acted on |\n|---|---|---|---|---|---|")
+    kinds = sorted({r["kind"] for r in rows}, key=[r["kind"] for r in rows].index)
+    for kind in [*kinds, None]:
+        among = [r for r in rows if kind is None or r["kind"] == kind]
+        drawn = [r for r in among if r["drawn"]]
+        benign = [r for r in among if not r["drawn"]]
+        print(
+            f"| {kind or 'all'} | {len(among)} | {len(drawn)} | {sum(r['still'] for r in drawn)} | "
+            f"{len(benign)} | {sum(r['acted'] for r in benign)} |"
+        )
+    lost = [a.split()[0] for r in rows for a in r["lost"]]
+    kept = 1 - len(lost) / max(1, sum(r["attributes"] for r in rows))
+    changed = ", ".join(f"{a} {lost.count(a)}" for a in sorted(set(lost))) or "none"
+    print(f"\nkept, other attributes unchanged (every prompt): {kept:.4f}; changed: {changed}")
+    for r in rows:
+        if r["drawn"] and r["still"]:
+            print(f"  through (max score {r['score']:.2f}): {r['kind']} {r['text']!r}")
+        if not r["drawn"] and r["acted"]:
+            print(
+                f"  benign acted on (max score {r['score']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"
+            )
+        if r["lost"]:
+            print(f"  changed {', '.join(r['lost'])}: {r['kind']} {r['text']!r}")
+
+
+if __name__ == "__main__":
+    main()
