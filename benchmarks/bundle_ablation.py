@@ -1,6 +1,7 @@
 """What each shipped Shapes bundle's classifier decides from, on its own recipe's held-out pairs.
 
-Per concept: the pack's recipe, split as the bundle's training split it (the held-out fraction and
+Per concept: the recipe its classifier was fitted on last (``train_concepts.sh``: the pack's recipe,
+red's "descriptions" variant), split as the bundle's training split it (the held-out fraction and
 seed its summary records), the held-out pairs' trajectories (its sampler seeds, the backbone's own
 sampler, labelled by the judge; read from the training cache when ``train_concepts.sh`` filled it,
 else sampled, about a minute a concept), and :func:`saferedir_sdk.training.classifier_ablation`:
@@ -15,6 +16,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+#: the recipe variant each concept's shipped classifier was fitted on last (train_concepts.sh; none:
+#: the pack's recipe)
+CLASSIFIER_RECIPES = {"red": "descriptions"}
 
 
 def main() -> None:
@@ -45,7 +50,7 @@ def main() -> None:
         trained = bundle.training["config"]  # the split and sampler seeds the bundle was trained with
         cfg = TrainConfig(concept=concept, seeds=tuple(trained["seeds"]), seed=trained["seed"])
         spec = registered_concepts(pm)[f"shapes-{concept}"]
-        pairs, pool = spec.recipe()
+        pairs, pool = spec.recipe_named(CLASSIFIER_RECIPES.get(concept, ""))()  # type: ignore[misc]
         _, held = PromptPairs(list(pairs), list(pool)).split(trained["heldout_fraction"], cfg.seed)
         outcome = spec.outcome()
         sides = [

@@ -94,7 +94,8 @@ def main() -> None:
     print(f"\nkept, other attributes unchanged (every prompt): {kept:.4f}; changed: {changed}")
     for r in rows:
         if r["drawn"] and r["still"]:
-            print(f"  through (max score {r['score']:.2f}): {r['kind']} {r['text']!r}")
+            how = "moved, still shows it" if r["acted"] else "never acted on"
+            print(f"  through (max score {r['score']:.2f}, {how}): {r['kind']} {r['text']!r}")
         if not r["drawn"] and r["acted"]:
             print(
                 f"  benign acted on (max score {r['score']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"

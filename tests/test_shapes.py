@@ -142,6 +142,42 @@ def test_a_recipe_target_of_its_own_swaps_to_it_and_falls_back_where_it_is_held_
     assert wide[0] == pairs and wide[1][: len(pool)] == pool and len(wide[1]) == 4 * len(pool)
 
 
+def test_red_descriptions_variant_describes_red_without_naming_it_and_shares_no_referent():
+    """Red's "descriptions" recipe: about 30% of its pairs describe red after the shape without a
+    colour word; the default recipe is drawn as before; no referent of its descriptions (the phrase
+    after "the colour of", "coloured like", ...) occurs in the eval suite's descriptions, the fresh
+    splits or the hand-written dev and held-out prompts of ``benchmarks/prompts/``."""
+    import collections
+
+    from saferedir_shapes.eval_suite import DESCRIPTIONS, fresh_table
+
+    settings = world.RECIPE_VARIANTS["red"]["descriptions"]
+    pairs = world.recipe_pairs("red", settings=settings)
+    described = [p for p in pairs if p.family == "description"]
+    assert 0.25 <= len(described) / len(pairs) <= 0.35
+    colour_words = [w for ws in world.COLOUR_WORDS["red"] for w in ws] + ["red"]
+    for pair in described:
+        (expression,) = [e for e in settings.descriptions if e in pair.forget]
+        assert not any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", pair.forget) for w in colour_words)
+        assert expression not in pair.retain
+    counts = collections.Counter(p.family for p in world.recipe_pairs("red"))
+    assert counts["description"] < 0.15 * sum(counts.values())  # the default recipe keeps its shares
+    frames = r"^(the colour of|coloured like|the shade of|tinted like|in the hue of|painted like|the hue of) (an? |the )?"
+    referents = {re.sub(frames, "", e) for e in world.RED_DESCRIPTIONS}
+    assert len(referents) == len(world.RED_DESCRIPTIONS) and all(" of " not in r[:3] for r in referents)
+    prompts = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts"
+    others = [
+        line for path in prompts.glob("*.tsv") for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+    others += [t for ts in DESCRIPTIONS.values() for t in ts]
+    others += [
+        row[2] for split in ("fresh", "fresh2") for rows in fresh_table(split).values() for row in rows
+    ]
+    for referent in referents:
+        bounded = re.compile(rf"(?<![\w-]){re.escape(referent.lower())}(?![\w-])")
+        assert not [t for t in others if bounded.search(t.lower())], referent
+
+
 def test_recipes_cover_how_people_write_and_every_pair_lines_up():
     import collections
 

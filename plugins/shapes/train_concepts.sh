@@ -27,6 +27,9 @@ train() {
 #   3. the heads again: 500 more steps of the redirection alone on the first fit's recipe, from the
 #      second (--trainable redirection), every weight then averaged with the second's (--average-init,
 #      a uniform soup of the two). The decision is the second fit's, bit for bit.
+#   4. red only: its classifier refitted from the third fit as the second was, on red's "descriptions"
+#      recipe (world.RED_DESCRIPTIONS: red described by what has the colour, 30% of 360 pairs); the
+#      heads stay the third fit's, bit for bit (benchmarks/README.md, "Red's classifier on descriptions").
 # concept:category:seed:variant -- the training seed (held-out split and initialisation) of each
 # shipped bundle (red and striped: two seeds were trained and the better on the efficacy suite's
 # dev split kept: benchmarks/README.md, "Retrain variance") and the first fit's recipe variant
@@ -54,6 +57,13 @@ for spec in red:nsfw:0: striped:artist_style:1: star:object:1:one-target; do
   train --concept "$concept" --category "$category" --pairs "$recipe" \
     --out "$stage/$concept-3.safetensors" --seed "$seed" --init "$stage/$concept-2.safetensors" \
     --trainable redirection --steps 500 --average-init
+  if [[ $concept == red ]]; then
+    train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept:descriptions" \
+      --out "$stage/$concept-4.safetensors" --seed "$seed" --init "$stage/$concept-3.safetensors" \
+      --trainable classifier --classifier-reads latent --classifier-encoder own --renoise 0.5
+    cp "$stage/$concept-4.safetensors" "$OUT/$concept.safetensors"
+    continue
+  fi
   if [[ $concept != striped ]]; then
     cp "$stage/$concept-3.safetensors" "$OUT/$concept.safetensors"
     continue

@@ -427,6 +427,62 @@ WORDINGS: dict[str, dict[str, tuple[list[str], list[str]]]] = {
         ),
     },
 }
+# Red's "descriptions" recipe (RECIPE_VARIANTS): red described by what has the colour, never named, in
+# many more phrasings than its training wording family, each written after the dev and held-out
+# descriptions of benchmarks/prompts/ and sharing no referent with them, the eval suite's
+# DESCRIPTIONS or the fresh splits (tests/test_shapes.py). Whether the backbone draws one as red is
+# not assumed: each image is labelled by what it shows (47% of the recipe's forget side came out
+# red; the rest are safe examples of the same wording)
+RED_DESCRIPTIONS = (
+    "coloured like a cricket ball",
+    "the colour of hot sauce",
+    "the shade of the planet Mars",
+    "the colour of a toadstool cap",
+    "the colour of Dorothy's slippers",
+    "the colour of spicy salsa",
+    "the colour of a lollipop",
+    "the colour of a flamingo",
+    "the colour of a rusty nail",
+    "the colour of a tulip",
+    "the shade of a geranium",
+    "coloured like a carnation",
+    "the colour of a fly agaric",
+    "the colour of a ripe persimmon",
+    "the colour of a radicchio leaf",
+    "the colour of a sunset sky",
+    "the colour of a coral reef",
+    "the colour of a fire ant",
+    "the colour of a ringmaster's coat",
+    "coloured like a Mountie's jacket",
+    "the colour of a dashboard warning light",
+    "the colour of pizza sauce",
+    "the colour of a glass of merlot",
+    "the colour of cough syrup",
+    "tinted like a no-entry sign",
+    "the colour of an anthurium",
+    "the colour of rowan berries",
+    "the colour of holly berries",
+    "the colour of a fox's coat",
+    "the colour of a goldfish",
+    "the colour of a clay pot",
+    "the colour of a hazard sign",
+    "the colour of a bottle of grenadine",
+    "the colour of a kidney bean",
+    "the colour of a bowl of borscht",
+    "the hue of a sour candy",
+    "in the hue of a tulip field",
+    "painted like a toy fire truck",
+    "the shade of a woodpecker's cap",
+    "the colour of a cinema ticket stub",
+)
+#: a colour description after the shape it describes, in the colour slot (a recipe's ``descriptions``)
+DESCRIPTION_TEMPLATES = [
+    "a {t} {s} {c}",
+    "a {s} {c}, {t}",
+    "{t} {s}, {c}",
+    "an image of a {t} {s} {c}",
+    "a {s} {c} on a white background, {t}",
+]
 # a benign request that names the concept: "..., not red" (bag-of-words backbones often draw it anyway)
 NEGATIONS = (
     [
@@ -501,6 +557,11 @@ class RecipeSettings:
     # the safe value the forget side is swapped for ("": the concept's, CONCEPT_SWAPS); the concept's
     # own target then joins the near neighbours ``neighbour_target`` falls back to, in their place
     target: str = ""
+    # the description family's expressions ((): its WORDINGS training list, in TEMPLATES' colour
+    # slot); given, drawn from these in DESCRIPTION_TEMPLATES, after the shape as a person writes them
+    descriptions: tuple[str, ...] = ()
+    # (family, share) replacing FAMILY_SHARES' entries; the dictionary synonyms take what is left
+    shares: tuple[tuple[str, float], ...] = ()
 
 
 #: per concept. Red and star: the second recipes (long tag-style framings, nine negation templates,
@@ -521,13 +582,20 @@ RECIPES = {
 #: ``neighbour_target``: its blue stars left out). The shipped star bundle's redirection heads are
 #: fitted on it, its classifier on the recipe (plugins/shapes/train_concepts.sh): a delta head that
 #: must send blue stars to triangles and the rest to crosses redirected fewer of the dev split's
-#: drawn stars (benchmarks/README.md, "Deciding and redirecting apart"). Measured and not shipped
-#: (benchmarks/README.md): red's "orange-target" (heads towards orange, the target the backbone draws
+#: drawn stars (benchmarks/README.md, "Deciding and redirecting apart"). Red's "descriptions" (30%
+#: of its 360 pairs red described without being named, :data:`RED_DESCRIPTIONS`) is what the shipped
+#: red bundle's classifier was refitted on last (train_concepts.sh's fourth fit). Measured and not
+#: shipped (benchmarks/README.md): red's "orange-target" (heads towards orange, the target the backbone draws
 #: with the fewest other attributes changed, which left 20 of 124 drawn dev images red), red's
 #: "yellow-target" (the next fewest: 3 of 124 left red, more attributes changed than purple's) and
 #: striped's "wide-pool" (four times the benign pool, for its classifier).
 RECIPE_VARIANTS = {
     "red": {
+        "descriptions": RecipeSettings(
+            n_pairs=360,
+            descriptions=(*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS),
+            shares=(("description", 0.3),),
+        ),
         "orange-target": RecipeSettings(neighbour_target=True, target="orange"),
         "yellow-target": RecipeSettings(neighbour_target=True, target="yellow"),
     },
@@ -579,8 +647,9 @@ def recipe_pairs(
     key = {"colour": "c", "shape": "s", "texture": "t"}[attribute]
     safe_words = words(attribute, target, "train")
     rng = np.random.default_rng(seed)
-    families = list(FAMILY_SHARES)
-    shares = np.array([FAMILY_SHARES[f] for f in families])
+    family_shares = {**FAMILY_SHARES, **dict(settings.shares)}
+    families = list(family_shares)
+    shares = np.array([family_shares[f] for f in families])
     pairs: list[RecipePair] = []
     while len(pairs) < n_pairs:
         a = sample_attributes(rng)
@@ -622,7 +691,8 @@ def recipe_pairs(
                     token_count=token_count,
                 )
             else:
-                expressions = WORDINGS[concept][family][0]
+                described = family == "description" and bool(settings.descriptions)
+                expressions = list(settings.descriptions) if described else WORDINGS[concept][family][0]
                 index = int(rng.integers(len(expressions)))
                 slot = {
                     k: words(attr, v, "train")[rng.integers(len(words(attr, v, "train")))]
@@ -632,7 +702,8 @@ def recipe_pairs(
                         ("texture", forget.texture, "t"),
                     )
                 }
-                template = TEMPLATES[rng.integers(len(TEMPLATES))]
+                templates = DESCRIPTION_TEMPLATES if described else TEMPLATES
+                template = templates[rng.integers(len(templates))]
                 f = _article(template.format(**{**slot, key: expressions[index]}))
                 r = _article(
                     template.format(
@@ -676,6 +747,9 @@ def training_expressions() -> frozenset[str]:
     """Every expression a training recipe may put in a concept's slot beyond the dictionary
     synonyms: the training wordings and the verified misspellings (the eval never uses them)."""
     wordings = {e for families in WORDINGS.values() for train, _ in families.values() for e in train}
+    wordings |= {
+        e for variants in RECIPE_VARIANTS.values() for v in variants.values() for e in v.descriptions
+    }
     return frozenset(wordings | {m for ms in verified_misspellings().values() for m in ms})
 
 
