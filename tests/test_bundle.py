@@ -276,7 +276,8 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     redirection (star's on its one-target recipe) with a classifier reading latent, timestep and
     prompt; a latent-only classifier with an encoder of its own, renoised, nothing else trainable;
     the redirection heads refitted and averaged with the second fit; striped's joined by two more
-    classifier fits (wide-pool recipe, below t 0.5, seeds 0 1 and 0 1 2 3)."""
+    classifier fits (wide-pool recipe, below t 0.5, seeds 0 1 and 0 1 2 3); red's classifier fitted
+    a fourth time as the second was, on its 360-pair "descriptions" recipe."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
@@ -293,13 +294,28 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
         concept, category, seed, _variant = spec.split(":")
         bundle = load_bundle(bundle_path(concept, "sd"))
         assert bundle.concept.category == category
-        third = bundle.training["config"]
-        second = bundle.training["init"]["training_config"]
-        first = bundle.training["init"]["init"]["training_config"]
-        assert "init" not in bundle.training["init"]["init"], concept
+        fits, node = [bundle.training["config"]], bundle.training["init"]
+        while node:  # each fit's config, the last first
+            fits.append(node["training_config"])
+            node = node.get("init")
+        if concept == "red":  # its classifier fitted again, on the descriptions recipe
+            fourth = fits.pop(0)
+            recorded = (
+                fourth["seed"],
+                fourth["steps"],
+                fourth["seeds"],
+                fourth["renoise"],
+                fourth["trainable"],
+            )
+            assert recorded == (int(seed), 1200, [0, 1], 0.5, "classifier")
+            assert bundle.training["data"]["train_pairs"] + bundle.training["data"]["heldout_pairs"] == 360
+            assert '--pairs "plugin:shapes-$concept:descriptions"' in script
+        else:
+            assert "fitted_heldout" in bundle.training["average_init"], concept
+        assert len(fits) == 3, concept
+        third, second, first = fits
         recorded = (third["seed"], third["steps"], third["seeds"], third["trainable"], third["average_init"])
         assert recorded == (int(seed), 500, [0, 1], "redirection", True), concept
-        assert "fitted_heldout" in bundle.training["average_init"], concept
         recorded = (second["seed"], second["steps"], second["seeds"], second["renoise"], second["trainable"])
         assert recorded == (int(seed), 1200, [0, 1], 0.5, "classifier"), concept
         capacity = bundle.config.capacity
