@@ -160,11 +160,22 @@ def _guarded_class(cls: type) -> type:
         wrapping: _Wrapping = self.__dict__[_WRAPPING_ATTR]
         return wrapping.guard._guarded_call(wrapping, super(guarded, self).__call__, args, kwargs)
 
+    def _refuse_copy(self: Any, *_: Any) -> Any:
+        # a copy would carry the original's wrapping, and its modules the hooks bound to it (or to
+        # nothing, once the original is unwrapped): refuse instead of copying a half-guarded pipeline
+        raise GuardBuildError(
+            f"this {cls.__name__} is wrapped by a guard and cannot be copied or pickled: unwrap it "
+            "(guard.unwrap(pipe)), copy it, then wrap the original and the copy each"
+        )
+
     guarded = type(
         cls.__name__,
         (cls,),
         {
             "__call__": __call__,
+            "__copy__": _refuse_copy,
+            "__deepcopy__": _refuse_copy,
+            "__reduce_ex__": _refuse_copy,
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__,
@@ -300,6 +311,7 @@ class SafeRedirGuard:
         matched = match_backbone(
             self.loaded_policy, self._resolution, fingerprint, device, adapter.encode_prompts
         )
+        hooked = _hooked(adapter)
         wrapping = _Wrapping(
             guard=self,
             pipe=pipe,
@@ -309,10 +321,10 @@ class SafeRedirGuard:
             fail_open=matched.fail_open,
             bundles=matched.bundles,
             mismatches=matched.mismatches,
-            component_hashes={name: module_sha256(m) for name, m in _hooked(adapter).items()},
-            probes={name: WeightsProbe.read(m) for name, m in _hooked(adapter).items()},
+            component_hashes={name: module_sha256(m) for name, m in hooked.items()},
+            probes={name: WeightsProbe.read(m) for name, m in hooked.items()},
             original_class=type(pipe),
-            components=_hooked(adapter),
+            components=hooked,
             tokenizers={name: (tok, len(tok)) for name, tok in adapter.tokenizers().items()},
         )
         wrapping.handles = [

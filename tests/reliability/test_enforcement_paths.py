@@ -3,7 +3,9 @@ refused, or recorded; never a silent pass."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import threading
 import warnings
 
@@ -376,3 +378,27 @@ def test_wrapping_leaves_the_images_of_a_non_firing_guard_bit_identical(pipe, wr
     guard = SafeRedirGuard.from_policy(write_policy())
     guard.wrap(pipe)
     assert np.array_equal(generate(pipe, prompts=[RETAIN, RETAIN]).images, base)
+
+
+def test_a_wrapped_pipeline_refuses_to_be_copied_or_pickled_and_copies_once_unwrapped(
+    pipe, write_policy, audit_records
+):
+    """A copy of a wrapped pipeline would share the original's wrapping and carry hooks bound to it:
+    copy, deepcopy and pickle raise GuardBuildError saying what to do, and the original stays
+    wrapped and guarded; unwrapped, it copies, and the copy is wrapped on its own."""
+    guard = SafeRedirGuard.from_policy(write_policy())
+    guard.wrap(pipe)
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(GuardBuildError, match=r"cannot be copied or pickled: unwrap it"):
+            attempt(pipe)
+    assert "_saferedir_wrapping" in pipe.__dict__
+    generate(pipe)  # still guarded: the call is audited
+    assert len(audit_records()) == 1
+    guard.unwrap(pipe)
+    twin = copy.deepcopy(pipe)
+    assert type(twin) is type(pipe) and "_saferedir_wrapping" not in twin.__dict__
+    guard.wrap(pipe)
+    guard.wrap(twin)
+    assert twin.unet is not pipe.unet and twin.__dict__["_saferedir_wrapping"].pipe is twin
+    generate(twin)
+    assert len(audit_records()) == 2
