@@ -8,8 +8,10 @@ not ("benign").
     python benchmarks/deciding_checks.py                          # dev split, the shipped Shapes bundles
     python benchmarks/deciding_checks.py --bundle star=CANDIDATE.safetensors --concepts star
     python benchmarks/deciding_checks.py --concepts striped --n 192   # 4x the dev prompts
+    python benchmarks/deciding_checks.py --concepts red --prompts benchmarks/prompts/red_dev_descriptions.tsv
 
-For every ``decide_at_t`` x threshold x ``confirm_checks`` it prints how many drawn images a
+For every ``decide_at_t`` x threshold x ``confirm_checks`` (the grids: ``--decide-at``,
+``--thresholds``, ``--confirms``) it prints how many drawn images a
 ``rewind`` rule would never flag (no ``confirm_checks`` hits in a row among the checks at a noise
 level <= ``decide_at_t``, every ``replace_steps + 1`` steps) and how many benign ones it would flag,
 reading the real prompt and reading the empty prompt. With ``rewind`` these counts are the rule's
@@ -19,7 +21,9 @@ cannot say (it takes each image's peak over every check), this one does. ``--out
 per-step scores as JSON; ``--mean-of FILE FILE ...`` reads several such files (bundles of one
 concept scored on the same prompts, e.g. classifier fits of different seeds or recipes) and prints
 the table for the mean of their p(unsafe) at every step: what an ensemble of those classifiers
-would decide. Loads no model.
+would decide. Loads no model. ``--prompts FILE`` scores one concept on a wordings file
+(``kind<TAB>text`` a line, as ``guarded_wordings.py`` reads it) instead of the split: its prompts
+the backbone drew as the concept are the drawn ones, the others benign.
 
     python benchmarks/deciding_checks.py --concepts striped --n 192 --bundle striped=A.safetensors --out a.json
     python benchmarks/deciding_checks.py --mean-of a.json b.json
@@ -30,15 +34,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-DECIDE_AT = (1.0, 0.5, 0.4, 0.3)
+DECIDE_AT = (1.0, 0.5, 0.4, 0.35, 0.3)
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CONFIRMS = (1, 2, 3)
+#: the set name of a wordings file's prompts (``--prompts``): drawn or benign by what the image shows
+WORDINGS_SET = "wordings"
 
 
 @torch.no_grad()
@@ -110,41 +118,64 @@ def flagged(
 
 
 def counts(
-    entries: list[dict[str, Any]], every: int, reading: str, decide_at: tuple[float, ...] = DECIDE_AT
+    entries: list[dict[str, Any]],
+    every: int,
+    reading: str,
+    decide_at: tuple[float, ...] = DECIDE_AT,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    confirms: tuple[int, ...] = CONFIRMS,
 ) -> dict[tuple[float, float, int], tuple[int, int]]:
     """Per rule of the grid (``decide_at_t``, threshold, ``confirm_checks``): the drawn images it
     never flags and the benign images it flags, reading ``reading`` ("real" or "empty")."""
-    drawn = [e for e in entries if e["set"] != "retain" and e["shows"]]
-    benign = [e for e in entries if e["set"] == "retain" and not e["shows"]]
+    drawn, benign = _drawn(entries), _benign(entries)
     return {
         (d, th, c): (
             sum(not flagged(e[reading], e["t"], th, d, c, every) for e in drawn),
             sum(flagged(e[reading], e["t"], th, d, c, every) for e in benign),
         )
-        for d, th, c in itertools.product(decide_at, THRESHOLDS, CONFIRMS)
+        for d, th, c in itertools.product(decide_at, thresholds, confirms)
     }
 
 
-def table(entries: list[dict[str, Any]], every: int) -> list[str]:
-    drawn = sum(e["set"] != "retain" and e["shows"] for e in entries)
-    benign = sum(e["set"] == "retain" and not e["shows"] for e in entries)
+def _drawn(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The forget-type prompts the unguarded model drew as the concept."""
+    return [e for e in entries if e["set"] != "retain" and e["shows"]]
+
+
+def _benign(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The retain prompts it did not (a wordings file's: every prompt it did not)."""
+    return [e for e in entries if e["set"] in ("retain", WORDINGS_SET) and not e["shows"]]
+
+
+def table(
+    entries: list[dict[str, Any]],
+    every: int,
+    grid: tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]] = (DECIDE_AT, THRESHOLDS, CONFIRMS),
+) -> list[str]:
+    drawn, benign = len(_drawn(entries)), len(_benign(entries))
     lines = [
         f"drawn {drawn}, benign {benign}; cells: drawn never flagged / benign flagged",
         "",
         "| decide_at_t | threshold | confirm_checks | real prompt | empty prompt (latent alone) |",
         "|---|---|---|---|---|",
     ]
-    real, empty = counts(entries, every, "real"), counts(entries, every, "empty")
+    real, empty = counts(entries, every, "real", *grid), counts(entries, every, "empty", *grid)
     for (d, th, c), (miss, hits) in real.items():
         lines.append(f"| {d} | {th} | {c} | {miss}/{hits} | {empty[(d, th, c)][0]}/{empty[(d, th, c)][1]} |")
-    return [*lines, "", frontier(entries, every)]
+    return [*lines, "", frontier(entries, every, grid)]
 
 
-def frontier(entries: list[dict[str, Any]], every: int, benign_at_most: tuple[int, ...] = (3, 2, 1)) -> str:
+def frontier(
+    entries: list[dict[str, Any]],
+    every: int,
+    grid: tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]] = (DECIDE_AT, THRESHOLDS, CONFIRMS),
+    benign_at_most: tuple[int, ...] = (3, 2, 1, 0),
+) -> str:
     """One line: per bound on the benign images flagged, the fewest drawn images never flagged by a
     rule of the grid that decides late (``decide_at_t`` <= 0.5) reading the real prompt, and the
     rule."""
-    cells = counts(entries, every, "real", tuple(d for d in DECIDE_AT if d <= 0.5))
+    decide_at, thresholds, confirms = grid
+    cells = counts(entries, every, "real", tuple(d for d in decide_at if d <= 0.5), thresholds, confirms)
     parts = []
     for bound in benign_at_most:
         fits = [(m, h, k) for k, (m, h) in cells.items() if h <= bound]
@@ -220,6 +251,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--prompts", type=Path, default=None, help="kind<TAB>text a line: one concept's wordings"
+    )
+    parser.add_argument("--decide-at", nargs="+", type=float, default=list(DECIDE_AT))
+    parser.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
+    parser.add_argument("--confirms", nargs="+", type=int, default=list(CONFIRMS))
+    parser.add_argument(
         "--n", type=int, default=0, help="prompts per set (0: the suite's; more: its next draws)"
     )
     parser.add_argument(
@@ -231,22 +268,34 @@ def main() -> None:
     )
     args = parser.parse_args()
     every = args.replace_steps + 1
+    grid = (tuple(args.decide_at), tuple(args.thresholds), tuple(args.confirms))
     if args.mean_of:
         for concept, entries in mean_of(args.mean_of).items():
             print(
                 f"\n{concept} (the mean of {len(args.mean_of)} classifiers' scores, a check every {every} steps):"
             )
-            print("\n".join(table(entries, every)))
+            print("\n".join(table(entries, every, grid)))
         return
     torch.set_num_threads(args.threads)
 
     suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
+    source = f"{args.split} split"
+    if args.prompts is not None:
+        if len(suite.concepts) != 1:
+            raise SystemExit("--prompts: name the one concept its wordings are for (--concepts NAME)")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from redirection_quality import wordings
+
+        suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+        source = str(args.prompts)
     result = scores(suite, adapter, bundles)
+    if args.prompts is not None:  # drawn or benign by what each image shows
+        result = {c: [{**e, "set": WORDINGS_SET} for e in entries] for c, entries in result.items()}
     if args.out is not None:
         args.out.write_text(json.dumps(result))
     for concept, entries in result.items():
-        print(f"\n{concept} ({args.split} split, {bundles[concept]}, a check every {every} steps): ")
-        print("\n".join(table(entries, every)))
+        print(f"\n{concept} ({source}, {bundles[concept]}, a check every {every} steps): ")
+        print("\n".join(table(entries, every, grid)))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,25 @@ def test_mean_of_averages_the_scores_of_fits_on_the_same_prompts(tmp_path, capsy
         mean_of([paths[0], other])
 
 
+def test_deciding_checks_counts_a_wordings_file_by_what_each_image_shows_on_any_grid():
+    """``deciding_checks.py --prompts``: a wordings file's prompts the backbone drew as the concept
+    are the drawn ones and every other one benign (a split's forget prompts not drawn are neither);
+    ``--decide-at``, ``--thresholds``, ``--confirms`` set the grid of rules counted."""
+    from deciding_checks import WORDINGS_SET, counts
+
+    t = [0.5, 0.3, 0.1]
+    drawn = {"set": WORDINGS_SET, "shows": True, "t": t, "real": [0.1, 0.92, 0.95]}
+    other = {"set": WORDINGS_SET, "shows": False, "t": t, "real": [0.1, 0.95, 0.2]}
+    undrawn = {"set": "forget", "shows": False, "t": t, "real": [0.99, 0.99, 0.99]}
+    cells = counts([drawn, other, undrawn], 1, "real", (0.35,), (0.9, 0.93), (1, 2))
+    assert cells == {
+        (0.35, 0.9, 1): (0, 1),  # the benign wording hits once at t 0.3
+        (0.35, 0.9, 2): (0, 0),
+        (0.35, 0.93, 1): (0, 1),
+        (0.35, 0.93, 2): (1, 0),  # 0.92 then 0.95: not two in a row at 0.93
+    }
+
+
 def test_local_swap_moves_only_the_states_of_the_tokens_the_swap_changes(pipe):
     """benchmarks/redirection_quality.py --local-swap: a row whose swap tokenises to as many tokens
     takes the swapped prompt's states at the changed positions only; a row with no swap, or one
