@@ -7,10 +7,10 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 9; 8 had no ``gates_opened``, 7 had no ``side_conditioning``, 6 had no
-``unresolved`` and ``withheld``, 5 had no ``rehearsed_steps`` and ``rewound``, 4 did not say
-whether a later released trigger had moved a sample, 3 did not name the bundles, 2 had no start
-records and no chain, 1 a flat fingerprint)::
+Events (``schema_version`` 10; 9 had no ``shift``, 8 had no ``gates_opened``, 7 had no
+``side_conditioning``, 6 had no ``unresolved`` and ``withheld``, 5 had no ``rehearsed_steps`` and
+``rewound``, 4 did not say whether a later released trigger had moved a sample, 3 did not name the
+bundles, 2 had no start records and no chain, 1 a flat fingerprint)::
 
     saferedir.call_started   before a guarded call generates: request_id, time, adapter,
                              batch_size, fail_mode (a call killed mid-way leaves this one alone;
@@ -49,12 +49,15 @@ records and no chain, 1 a flat fingerprint)::
                        "concepts": [{"concept", "category", "rule_action", "checks",
                                      "max_score", "triggered", "first_step", "escalation",
                                      "applied", "rewound", "unresolved", "withheld",
-                                     "gates_opened"}]}]
+                                     "gates_opened", "shift"}]}]
                      unresolved: the redirection did not clear the concept (its last checks while
                      redirected still saw it); withheld: so the image was blocked (rule
                      ``unresolved: block``); gates_opened: under ``gates: yield``, the move
                      went through gates the heads had shut (the prompt's words did not show the
-                     concept to the heads; the latent classifier's decision prevailed)
+                     concept to the heads; the latent classifier's decision prevailed);
+                     shift: a rule with a concept ``shift`` that moved the sample, the share of
+                     each token state's norm it moved it by (scale x strength x escalation
+                     reached), else null
     latency_ms       wall time of the call
     outcome          "ok" | "redirected" | "blocked" | "error"
     error            {"type", "message"} when outcome is "error", else null (prompt text is
@@ -96,7 +99,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 9
+AUDIT_SCHEMA_VERSION = 10
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

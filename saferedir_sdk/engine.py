@@ -196,6 +196,9 @@ class ConceptDecision:
     rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
     deciding_checks: int = 0  # checks at or below the rule's decide_at_t (that could trigger)
     gates_opened: bool = False  # under gates: yield, a move reached it through gates the heads had shut
+    # a rule with a shift that moved the sample: the share of each token state's norm the shift moved
+    # it by at its final strength (scale x strength x escalation); None where no shift moved it
+    shift: float | None = None
     # its last confirm_checks deciding checks all saw the concept while the rule was moving it; None
     # where that cannot be told (not a redirect rule, or a classifier that reads the prompt too)
     unresolved: bool | None = None
@@ -656,6 +659,11 @@ class RedirectionEngine:
                         deciding_checks=int(deciding[i][j]),
                         unresolved=unresolved[i][j] > 0 if judged[k] else None,
                         gates_opened=opened[i][j] > 0,
+                        shift=(
+                            round(concept.rule.shift.scale * concept.rule.strength * boost[i][j], 4)
+                            if concept.rule.shift is not None and moved[i][j] > 0
+                            else None
+                        ),
                     )
                 )
             result.append(row)

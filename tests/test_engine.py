@@ -513,7 +513,8 @@ def test_a_shift_direction_is_the_unit_difference_of_the_real_tokens_means():
 def test_a_shift_moves_every_token_of_a_flagged_sample_along_its_direction_whatever_the_heads_say(recorded):
     """With the heads' scale forced to 0 (they move nothing), a rule with a ``shift`` still moves each
     token of a flagged sample by strength * scale * |E| along the shift's direction; a sample it does
-    not flag stays; a rule without a shift in the same group gets nothing from it."""
+    not flag stays; a rule without a shift in the same group gets nothing from it. The decision
+    records how far the shift moved each sample (strength * scale), None where none moved it."""
     import copy
 
     forget, _, red, _, _ = recorded
@@ -535,15 +536,21 @@ def test_a_shift_moves_every_token_of_a_flagged_sample_along_its_direction_whate
             for i, s in enumerate(shifted)
         ]
         engine = RedirectionEngine(concepts)
-        out, _, _ = engine.step(f.latents, f.timesteps, f.cond, engine.init_state(f.cond))
+        out, _, state = engine.step(f.latents, f.timesteps, f.cond, engine.init_state(f.cond))
+        recorded_shifts[:] = [[d.shift for d in row] for row in engine.decisions(state)]
         return out.tokens[0] - f.cond.tokens[0]
+
+    recorded_shifts: list[list[float | None]] = []
 
     e = f.cond.tokens[0]
     want = 2.0 * 0.25 * e.norm(dim=-1, keepdim=True) * d
     assert torch.allclose(moved(1e-6, True), want, atol=1e-4)
     assert torch.allclose(moved(1e-6, True, False), want, atol=1e-4), "the rule without a shift adds nothing"
+    assert recorded_shifts == [[0.5, None], [0.5, None]]
     assert float(moved(1e-6, False).abs().max()) < 1e-6, "without a shift the shut heads move nothing"
+    assert recorded_shifts == [[None], [None]]
     assert float(moved(1.0 - 1e-7, True).abs().max()) == 0.0, "an unflagged sample does not move"
+    assert recorded_shifts == [[None], [None]]
 
 
 def test_a_shift_and_its_direction_come_together_and_fit_the_redirector(recorded):

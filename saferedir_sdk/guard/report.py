@@ -43,6 +43,9 @@ class ConceptReport:
     unresolved: bool | None = None
     withheld: bool = False  # unresolved under a rule whose `unresolved` is block: the image is withheld
     gates_opened: bool = False  # under gates: yield, the move went through gates the heads had shut
+    # the concept shift that moved it: the share of each token state's norm at its final strength
+    # (the rule's shift scale x strength x escalation); None where no shift moved it
+    shift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,7 @@ def build_report(
                 unresolved=d.unresolved,
                 withheld=bool(d.unresolved) and by_name[d.concept].unresolved == "block",
                 gates_opened=d.gates_opened,
+                shift=d.shift,
             )
             for d in row
         ]
