@@ -142,19 +142,21 @@ def test_a_recipe_target_of_its_own_swaps_to_it_and_falls_back_where_it_is_held_
     assert wide[0] == pairs and wide[1][: len(pool)] == pool and len(wide[1]) == 4 * len(pool)
 
 
-def test_red_descriptions_variant_describes_red_without_naming_it_and_shares_no_referent():
-    """Red's "descriptions" recipe: about 30% of its pairs describe red after the shape without a
-    colour word; the default recipe is drawn as before; no referent of its descriptions (the phrase
-    after "the colour of", "coloured like", ...) occurs in the eval suite's descriptions, the fresh
-    splits or the hand-written dev and held-out prompts of ``benchmarks/prompts/``."""
+@pytest.mark.parametrize("variant, share", [("descriptions", 0.3), ("wide-descriptions", 0.4)])
+def test_red_descriptions_variant_describes_red_without_naming_it_and_shares_no_referent(variant, share):
+    """Red's "descriptions" recipe: about 30% of its pairs (its "wide-descriptions" one: 40%, with 60
+    more expressions) describe red after the shape without a colour word; the default recipe is
+    drawn as before; no referent of their descriptions (the phrase after "the colour of", "coloured
+    like", ...) occurs in the eval suite's descriptions, the fresh splits or the hand-written dev and
+    held-out prompts of ``benchmarks/prompts/``."""
     import collections
 
     from saferedir_shapes.eval_suite import DESCRIPTIONS, fresh_table
 
-    settings = world.RECIPE_VARIANTS["red"]["descriptions"]
+    settings = world.RECIPE_VARIANTS["red"][variant]
     pairs = world.recipe_pairs("red", settings=settings)
     described = [p for p in pairs if p.family == "description"]
-    assert 0.25 <= len(described) / len(pairs) <= 0.35
+    assert share - 0.05 <= len(described) / len(pairs) <= share + 0.05
     colour_words = [w for ws in world.COLOUR_WORDS["red"] for w in ws] + ["red"]
     for pair in described:
         (expression,) = [e for e in settings.descriptions if e in pair.forget]
@@ -163,9 +165,11 @@ def test_red_descriptions_variant_describes_red_without_naming_it_and_shares_no_
     counts = collections.Counter(p.family for p in world.recipe_pairs("red"))
     assert counts["description"] < 0.15 * sum(counts.values())  # the default recipe keeps its shares
     frames = r"^(the colour of|coloured like|the shade of|tinted like|in the hue of|painted like|the hue of) (an? |the )?"
-    referents = {re.sub(frames, "", e) for e in world.RED_DESCRIPTIONS}
+    expressions = world.RED_DESCRIPTIONS + world.RED_DESCRIPTIONS_WIDE
+    referents = {re.sub(frames, "", e) for e in expressions}
     # every expression opens with a frame, and no two describe the same thing
-    assert len(referents) == len(world.RED_DESCRIPTIONS) and not referents & set(world.RED_DESCRIPTIONS)
+    assert len(referents) == len(expressions) and not referents & set(expressions)
+    assert set(settings.descriptions) >= set(world.RED_DESCRIPTIONS)
     prompts = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts"
     others = [
         line for path in prompts.glob("*.tsv") for line in path.read_text(encoding="utf-8").splitlines()

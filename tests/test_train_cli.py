@@ -176,7 +176,7 @@ def test_train_names_the_recipe_variants_a_concept_has(tmp_path, capsys):
     assert "concept 'shapes-star' has no recipe variant 'two-targets'; it has ['one-target']" in err
     assert main([*argv, "plugin:shapes-red:one-target"]) != 0
     assert (
-        "has no recipe variant 'one-target'; it has ['descriptions', 'orange-target', 'yellow-target']"
+        "has no recipe variant 'one-target'; it has ['descriptions', 'orange-target', 'wide-descriptions', 'yellow-target']"
         in capsys.readouterr().err
     )
     assert main([*argv, "plugin:weapons:one-target"]) != 0

@@ -28,7 +28,7 @@ SUITE_POLICIES = {"shapes": "shapes:demo", "shapes-xl": "shapes:xl"}
 #: the named recipe variants per concept (world.RECIPE_VARIANTS, named here so registering imports
 #: nothing heavy; tests/test_shapes.py checks the two agree)
 RECIPE_VARIANT_NAMES = {
-    "red": ("descriptions", "orange-target", "yellow-target"),
+    "red": ("descriptions", "wide-descriptions", "orange-target", "yellow-target"),
     "star": ("one-target",),
     "striped": ("wide-pool",),
 }

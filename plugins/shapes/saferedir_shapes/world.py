@@ -475,6 +475,72 @@ RED_DESCRIPTIONS = (
     "the shade of a woodpecker's cap",
     "the colour of a cinema ticket stub",
 )
+#: 60 more descriptions of red and of the hues beside it (pink, orange, brown reds: flowers, food,
+#: drink, animals, places), for red's "wide-descriptions" recipe variant; whether each is drawn red is
+#: left to the outcome labels. Written after the third held-out description file was run, sharing
+#: no referent with it or any file of ``benchmarks/prompts/``, the eval suite or the fresh splits.
+RED_DESCRIPTIONS_WIDE = (
+    "the colour of a pink grapefruit's flesh",
+    "the colour of a boiled lobster",
+    "the colour of a koi carp",
+    "the colour of a rosehip",
+    "the colour of a macaw's wing",
+    "the colour of a sockeye salmon",
+    "the colour of a monarch butterfly",
+    "the colour of a copper kettle",
+    "the colour of terracotta tiles",
+    "the colour of rooibos tea",
+    "the colour of a peony",
+    "the colour of a camellia",
+    "the colour of a bougainvillea",
+    "the colour of an amaryllis",
+    "the colour of a dahlia",
+    "the colour of a zinnia",
+    "the colour of a gerbera daisy",
+    "the colour of a begonia",
+    "the colour of a fuchsia flower",
+    "the colour of a sweet pea",
+    "the colour of a bowl of gazpacho",
+    "the colour of a firefighter's helmet",
+    "the colour of a tandoori chicken",
+    "the colour of a bowl of kimchi",
+    "the colour of a chorizo sausage",
+    "the colour of a slice of salami",
+    "the colour of a prawn cocktail",
+    "the colour of a glass of rosé wine",
+    "the colour of a glass of sangria",
+    "the colour of a cosmopolitan cocktail",
+    "the colour of an Aperol spritz",
+    "the colour of a cough drop",
+    "the colour of a gummy bear",
+    "the colour of a jelly bean",
+    "the colour of a candy cane's stripe",
+    "the colour of a maraschino garnish",
+    "the colour of a henna tattoo",
+    "the colour of a cedar plank",
+    "the colour of a mahogany desk",
+    "the colour of a chestnut horse",
+    "the colour of an Irish setter",
+    "the colour of a ginger cat",
+    "the colour of autumn oak leaves",
+    "the colour of Uluru at dusk",
+    "the colour of the rocks in Sedona",
+    "the colour of the Golden Gate Bridge",
+    "the colour of a Buddhist monk's robe",
+    "the colour of a cooked shrimp",
+    "the shade of a squirrel in a Scottish forest",
+    "the shade of a bishop's sash",
+    "tinted like a neon sign in Tokyo",
+    "tinted like a darkroom safelight",
+    "coloured like a bowl of harira",
+    "coloured like a ripe nectarine's blush",
+    "coloured like a pomelo's pink flesh",
+    "in the hue of a glowing ember",
+    "in the hue of a cranesbill flower",
+    "painted like a vintage tractor",
+    "painted like a Pullman dining car",
+    "painted like a Chinese temple pillar",
+)
 #: a colour description after the shape it describes, in the colour slot (a recipe's ``descriptions``)
 DESCRIPTION_TEMPLATES = [
     "a {t} {s} {c}",
@@ -585,7 +651,9 @@ RECIPES = {
 #: drawn stars (benchmarks/README.md, "Deciding and redirecting apart"). Red's "descriptions" (30%
 #: of its 360 pairs red described without being named, :data:`RED_DESCRIPTIONS`) is what the shipped
 #: red bundle's classifier was refitted on last (train_concepts.sh's fourth fit). Measured and not
-#: shipped (benchmarks/README.md): red's "orange-target" (heads towards orange, the target the backbone draws
+#: shipped (benchmarks/README.md): red's "wide-descriptions" (40% of 360 pairs, with the 60
+#: expressions of :data:`RED_DESCRIPTIONS_WIDE` too: dev descriptions through 7 -> 4 of 43, benign
+#: acted on 1 -> 4 of 53), red's "orange-target" (heads towards orange, the target the backbone draws
 #: with the fewest other attributes changed, which left 20 of 124 drawn dev images red), red's
 #: "yellow-target" (the next fewest: 3 of 124 left red, more attributes changed than purple's) and
 #: striped's "wide-pool" (four times the benign pool, for its classifier).
@@ -595,6 +663,11 @@ RECIPE_VARIANTS = {
             n_pairs=360,
             descriptions=(*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS),
             shares=(("description", 0.3),),
+        ),
+        "wide-descriptions": RecipeSettings(
+            n_pairs=360,
+            descriptions=(*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS, *RED_DESCRIPTIONS_WIDE),
+            shares=(("description", 0.4),),
         ),
         "orange-target": RecipeSettings(neighbour_target=True, target="orange"),
         "yellow-target": RecipeSettings(neighbour_target=True, target="yellow"),
