@@ -657,16 +657,16 @@ RECIPES = {
 #: with the fewest other attributes changed, which left 20 of 124 drawn dev images red), red's
 #: "yellow-target" (the next fewest: 3 of 124 left red, more attributes changed than purple's) and
 #: striped's "wide-pool" (four times the benign pool, for its classifier).
+# red's descriptions recipes: its training description wordings and RED_DESCRIPTIONS
+_RED_DESCRIBED = (*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS)
 RECIPE_VARIANTS = {
     "red": {
         "descriptions": RecipeSettings(
-            n_pairs=360,
-            descriptions=(*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS),
-            shares=(("description", 0.3),),
+            n_pairs=360, descriptions=_RED_DESCRIBED, shares=(("description", 0.3),)
         ),
         "wide-descriptions": RecipeSettings(
             n_pairs=360,
-            descriptions=(*WORDINGS["red"]["description"][0], *RED_DESCRIPTIONS, *RED_DESCRIPTIONS_WIDE),
+            descriptions=(*_RED_DESCRIBED, *RED_DESCRIPTIONS_WIDE),
             shares=(("description", 0.4),),
         ),
         "orange-target": RecipeSettings(neighbour_target=True, target="orange"),
