@@ -270,10 +270,10 @@ def main() -> None:
     every = args.replace_steps + 1
     grid = (tuple(args.decide_at), tuple(args.thresholds), tuple(args.confirms))
     if args.mean_of:
+        n = len(args.mean_of)
+        whose = f"the mean of {n} classifiers' scores" if n > 1 else "one classifier's scores"
         for concept, entries in mean_of(args.mean_of).items():
-            print(
-                f"\n{concept} (the mean of {len(args.mean_of)} classifiers' scores, a check every {every} steps):"
-            )
+            print(f"\n{concept} ({whose}, a check every {every} steps):")
             print("\n".join(table(entries, every, grid)))
         return
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
     unguarded image shows the concept (and what it shows), whether the guarded one does, whether the guard acted on it,
     its highest score at a check, and the other attributes the guard changed."""
     from saferedir_bench.evaluation import Runner
+    from saferedir_shapes.world import shape_colour
 
     (concept,) = suite.concepts
     prompts = concept.sets["forget"]
@@ -55,6 +56,10 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
                     if a != concept.attribute and (not made[i] or after[a][i] != before[a][i])
                 ],
                 "attributes": len(before) - 1,
+                # a colour concept: the guarded image's shape colour, measured without the judge
+                "measured": shape_colour(np.asarray(guarded.images[i]))
+                if concept.attribute == "colour"
+                else None,
             }
         )
     return rows
@@ -92,10 +97,21 @@ def main() -> None:
     kept = 1 - len(lost) / max(1, sum(r["attributes"] for r in rows))
     changed = ", ".join(f"{a} {lost.count(a)}" for a in sorted(set(lost))) or "none"
     print(f"\nkept, other attributes unchanged (every prompt): {kept:.4f}; changed: {changed}")
+    through = [r for r in rows if r["drawn"] and r["still"]]
+    if through and through[0]["measured"] is not None:
+        near = sum(r["measured"][1] == suite.concepts[0].value for r in through)
+        print(
+            f"through whose shape's colour, measured (world.shape_colour), is nearest the palette's "
+            f"{suite.concepts[0].value}: {near} of {len(through)}"
+        )
     for r in rows:
         if r["drawn"] and r["still"]:
             how = "moved, still shows it" if r["acted"] else "never acted on"
-            print(f"  through (max score {r['score']:.2f}, {how}): {r['kind']} {r['text']!r}")
+            measured = ""
+            if r["measured"] is not None:
+                rgb, nearest = r["measured"]
+                measured = f"; its shape's colour {rgb}, nearest the palette's {nearest}"
+            print(f"  through (max score {r['score']:.2f}, {how}{measured}): {r['kind']} {r['text']!r}")
         if not r["drawn"] and r["acted"]:
             print(
                 f"  benign acted on (max score {r['score']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"

@@ -12,7 +12,8 @@ Three kinds of facts pass through it:
 * **One pipeline call** -- :meth:`Adapter.call_info` (prompts, images per prompt, batch size,
   output type, from the call's own arguments), :meth:`Adapter.generate` (drive the pipeline:
   training and the benchmark never call ``pipe(...)`` with backbone-specific arguments),
-  :meth:`Adapter.encode_prompts`, :meth:`Adapter.replace_samples` (``block``'s placeholders).
+  :meth:`Adapter.encode_prompts`, :meth:`Adapter.replace_samples` (``block``'s placeholders),
+  :meth:`Adapter.decode_latents` (optional: training's blends label a mixed last latent by its image).
 * **One denoiser call** -- :meth:`Adapter.split` cuts its arguments into a :class:`DenoiserInputs`
   (the latent view, the normalised timestep, the conditional and unconditional
   :class:`~saferedir_sdk.conditioning.Conditioning`), :meth:`Adapter.merge` puts a (redirected)
@@ -181,6 +182,14 @@ class Adapter(ABC):
     def output_images(self, output: Any) -> Any:
         """The images (or latents) of a pipeline output: a list of PIL images, an (N, H, W, 3)
         array or an (N, C, H, W) tensor, as the call's ``output_type`` asked."""
+
+    def decode_latents(self, latents: torch.Tensor) -> Any:
+        """(N, H, W, 3) uint8 images of (N, ...) latent views as a generation's last step leaves
+        them (what the pipeline would decode). Training's blends need it (``TrainConfig.blends``);
+        an adapter that cannot decode says so."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot decode latents (blends need an adapter that does)"
+        )
 
     @abstractmethod
     def replace_samples(

@@ -262,6 +262,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         classify_below=args.classify_below,
         refine_steps=args.refine_steps,
         refine_below=args.refine_below,
+        blends=args.blends,
+        blend_weights=tuple(args.blend_weights),
         trainable=args.trainable,
         average_init=args.average_init,
         pooled=not args.no_pooled,
@@ -560,6 +562,24 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=0.5,
         help="the redirected rows --refine-steps classifies: those at normalised timesteps below this "
         "(earlier, a redirected latent has not moved away from its unredirected twin)",
+    )
+    p.add_argument(
+        "--blends",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N blends per forget generation: its recorded path mixed step by step with a retain-side "
+        "generation's that started from the same noise (its pair's or the pool's) at a weight drawn from "
+        "--blend-weights, labelled by the concept's judge on the decoded mix and classified: images on "
+        "the boundary between the concept and what is not (needs the concept's outcome judge; 0: off)",
+    )
+    p.add_argument(
+        "--blend-weights",
+        type=float,
+        nargs=2,
+        default=(0.2, 0.8),
+        metavar=("LOW", "HIGH"),
+        help="the range a blend's partner weight is drawn from, uniformly (default 0.2 0.8)",
     )
     p.add_argument(
         "--init",

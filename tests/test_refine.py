@@ -74,12 +74,12 @@ def test_redirected_rows_are_classified_only_and_must_be_labelled(pipe):
     red = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), Capacity(hidden_dim=32, rank=4)))
     plain = redirector_losses(red, f.batch("cpu", 1.0), r.batch("cpu", 0.0))
     rows = f.batch("cpu", 0.0)  # the forget rows, now labelled "the redirected image is clean"
-    both = redirector_losses(red, f.batch("cpu", 1.0), r.batch("cpu", 0.0), redirected=rows)
-    assert float(plain["redirected"]) == 0.0 < float(both["redirected"].detach())
+    both = redirector_losses(red, f.batch("cpu", 1.0), r.batch("cpu", 0.0), classified=rows)
+    assert float(plain["classified"]) == 0.0 < float(both["classified"].detach())
     for key in ("classification", "redirection", "mask", "scale", "preservation"):
         assert torch.equal(plain[key], both[key]), key  # nothing but the new term moved
     gap = float((both["total"] - plain["total"]).detach())
-    assert gap == pytest.approx(float(both["redirected"].detach()), rel=1e-5)
+    assert gap == pytest.approx(float(both["classified"].detach()), rel=1e-5)
     with pytest.raises(ValueError, match="redirected: trajectories the guard redirected need outcome labels"):
         fit_redirector(red, f, r, redirected=f, steps=1)
 

@@ -230,6 +230,32 @@ def test_renders_have_light_clean_backgrounds():
         assert world.background_brightness(img) > 0.9
 
 
+def test_shape_colour_measures_the_palette_colour_a_shape_is_drawn_in():
+    rng = np.random.default_rng(7)
+    hits = n = 0
+    for colour in world.COLOURS:
+        for shape in world.SHAPES:
+            for texture in world.TEXTURES:
+                image = world.render(world.Attributes(colour, shape, texture), rng)
+                rgb, nearest = world.shape_colour(image)
+                hits += nearest == colour
+                n += 1
+                # the fill itself, not the texture's light tint or the background
+                assert np.abs(np.array(rgb) - np.array(world.RGB[colour])).max() <= 40, (
+                    colour,
+                    shape,
+                    texture,
+                    rgb,
+                )
+    assert hits == n
+    # a vermilion square between the palette's red and orange, measured as drawn
+    square = world.render(world.Attributes("red", "square", "plain"), rng)
+    vermilion = np.where(
+        square.astype(int).sum(axis=-1, keepdims=True) < 600, np.array([230, 95, 28]), square
+    )
+    assert world.shape_colour(vermilion.astype(np.uint8))[0] == (230, 95, 28)
+
+
 def test_judge_is_accurate_on_fresh_renders_with_artefacts():
     accuracy = evaluate(load_judge(), n=600, seed=4242)
     assert min(accuracy.values()) >= 0.98, accuracy
@@ -251,6 +277,20 @@ def test_backbone_draws_the_named_colour_far_above_chance(shapes_pipe):
     colour = np.mean([p.split()[1] == c for p, c in zip(prompts, seen["colour"])])
     shape = np.mean([p.split()[2] == s for p, s in zip(prompts, seen["shape"])])
     assert colour >= 0.9 and shape >= 0.9, (colour, shape)
+
+
+def test_the_shapes_adapter_decodes_latents_to_what_the_pipeline_returns(shapes_pipe):
+    from saferedir_adapters.sd import StableDiffusionAdapter
+
+    adapter = StableDiffusionAdapter(shapes_pipe)
+    kw = {"seed": 0, "num_inference_steps": 3, "guidance_scale": 1.5}
+    latents = adapter.output_images(
+        adapter.generate(["a red circle", "a blue star"], output_type="latent", **kw)
+    )
+    images = np.asarray(adapter.output_images(adapter.generate(["a red circle", "a blue star"], **kw)))
+    decoded = adapter.decode_latents(latents)
+    assert decoded.dtype == np.uint8 and decoded.shape == (2, 32, 32, 3)
+    assert np.array_equal(decoded, (images * 255).round().astype(np.uint8))
 
 
 def test_demo_policy_erases_red_and_keeps_the_rest(shapes_pipe):

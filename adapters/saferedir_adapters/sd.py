@@ -195,6 +195,23 @@ class StableDiffusionAdapter(Adapter):
     def output_images(self, output: Any) -> Any:
         return output[0] if isinstance(output, tuple) else output.images
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> Any:
+        """Through the pipeline's VAE at its scaling factor and its image processor, as the
+        pipeline's own ``output_type="np"`` ends; a pipeline without a VAE through its own
+        ``decode_latents`` ((N, H, W, 3) floats in [0, 1], as diffusers' Stable Diffusion pipelines
+        have it)."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None:
+            z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+            image = vae.decode(z, return_dict=False)[0]
+            images = self.pipe.image_processor.postprocess(image, output_type="np")
+        elif callable(getattr(self.pipe, "decode_latents", None)):
+            images = self.pipe.decode_latents(latents)
+        else:
+            return super().decode_latents(latents)
+        return (np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+
     def replace_samples(
         self, output: Any, indices: list[int], color: tuple[int, int, int], info: CallInfo
     ) -> Any:

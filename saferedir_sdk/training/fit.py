@@ -25,6 +25,10 @@ lake" / "a girl by the lake") at the same seed and step. The pair supervises eve
   (a negation it never saw, "... anything but asterisk", kept p(unsafe) = 1.00 to the last check
   over a triangle). Off by default: on the Shapes bundles it made the late decision follow the
   image and cost erasure (benchmarks/README.md, "Retrain variance").
+* **classified** (BCE, optional): labelled rows that are classified and nothing else: trajectories
+  the guard redirected (a refit's ``refine_steps``) and blends (``TrainConfig.blends``, blends.py: a
+  forget generation's path mixed with a retain-side one's from the same noise, images on the boundary
+  between the concept and what is not), each labelled by what its image became.
 
 An optional unpaired **retain pool** (``negatives``: benign prompts unrelated to the concept, like
 the IGMU Church set's retain list) adds classification (label 0) and preservation terms, so the
@@ -122,7 +126,7 @@ def redirector_losses(
     mask_tau: float = 0.05,
     augment: Callable[[Batch], Batch] | None = None,
     swap: torch.Tensor | None = None,
-    redirected: Batch | None = None,
+    classified: Batch | None = None,
 ) -> dict[str, torch.Tensor]:
     """All losses for a batch of pairs. ``forget``, ``retain`` and the optional unpaired
     ``negatives`` are (latents, timesteps, cond, labels): row ``i`` of ``forget`` and ``retain`` is a
@@ -131,10 +135,11 @@ def redirector_losses(
     every safe row of any group is kept still (preservation). ``augment`` perturbs a copy of every
     group for the classification loss only: the redirection targets stay the clean pair. ``swap``
     (B,) bool picks the pairs that are also classified with their prompts exchanged (the
-    counterfactual term: each latent keeps its own label). ``redirected``: labelled rows of
-    trajectories the guard redirected (:func:`~saferedir_sdk.training.trajectories.record_trajectories`
-    with an engine), classified only (the ``redirected`` term): redirection still runs on them, so
-    they teach neither redirection nor preservation."""
+    counterfactual term: each latent keeps its own label). ``classified``: labelled rows classified
+    only (the ``classified`` term): of trajectories the guard redirected
+    (:func:`~saferedir_sdk.training.trajectories.record_trajectories` with an engine), where
+    redirection already ran, or blends (:func:`~saferedir_sdk.training.blends.blend_trajectories`),
+    whose conditioning is no prompt's: they teach neither redirection nor preservation."""
     groups = [forget, retain] + ([negatives] if negatives is not None else [])
     if augment is not None:
         groups += [augment(g) for g in groups]
@@ -145,8 +150,8 @@ def redirector_losses(
                 (latent_side[0][swap], latent_side[1][swap], prompt_side[2].rows(swap), latent_side[3][swap])
             )
     n_counter = len(groups)
-    if redirected is not None:
-        groups.append(redirected)
+    if classified is not None:
+        groups.append(classified)
     sizes = [g[0].shape[0] for g in groups]
     # one forward over all groups (one pass under DistributedDataParallel, and faster)
     cond = Conditioning(
@@ -160,7 +165,7 @@ def redirector_losses(
     classification = sum(bce[:n_plain]) / (2 if augment is not None else 1)
     zero = torch.zeros((), device=out.logit.device)
     counterfactual = sum(bce[n_plain:n_counter]) / 2 if n_counter > n_plain else zero
-    on_redirected = bce[n_counter] if redirected is not None else zero
+    on_classified = bce[n_counter] if classified is not None else zero
 
     pooled = out.pooled_direction is not None  # (the module may be wrapped: DistributedDataParallel)
     e_f, e_r = forget[2], retain[2]
@@ -192,7 +197,7 @@ def redirector_losses(
         ((1.0 - g[3]) * (p.alpha.unsqueeze(-1) * _masks(p)).mean(dim=1)).mean()
         for p, g in zip(parts[: n_plain // (2 if augment is not None else 1)], groups)
     )
-    total = classification + counterfactual + on_redirected + redirection + mask + scale + preservation
+    total = classification + counterfactual + on_classified + redirection + mask + scale + preservation
     accuracy = 0.5 * (
         ((out_f.logit > 0).float() == y_f).float().mean() + ((out_r.logit > 0).float() == y_r).float().mean()
     )
@@ -202,7 +207,7 @@ def redirector_losses(
         "total": total,
         "classification": classification,
         "counterfactual": counterfactual,
-        "redirected": on_redirected,
+        "classified": on_classified,
         "redirection": redirection,
         "mask": mask,
         "scale": scale,
@@ -358,12 +363,14 @@ def evaluate_redirector(
     batch_size: int = 256,
     neutral: Conditioning | None = None,
     redirected: Trajectories | None = None,
+    blended: Trajectories | None = None,
 ) -> dict[str, Any]:
     """Held-out figures: losses, classifier accuracy (overall and per timestep quarter) against each
     row's label (its outcome label, or 1 / 0 by side), the redirection cosine to the paired retain
     embedding on the tokens the pair changes, and :func:`classifier_ablation` (``heldout_ablation``).
     ``redirected`` (labelled held-out rows of redirected trajectories) join the classifier's rows,
-    and their own accuracy per quarter is ``heldout_redirected_accuracy_by_t``."""
+    and their own accuracy per quarter is ``heldout_redirected_accuracy_by_t``; likewise ``blended``
+    (labelled held-out rows of blends, ``TrainConfig.blends``) and ``heldout_blended_accuracy_by_t``."""
     was_training = redirector.training
     redirector.eval()
     device = next(redirector.parameters()).device
@@ -377,13 +384,14 @@ def evaluate_redirector(
             sums[key] = sums.get(key, 0.0) + float(value) * len(index)
     both = Trajectories.concat([forget.labelled(1.0), retain.labelled(0.0)])
     result: dict[str, Any] = {
-        f"heldout_{k}": round(v / n, 5) for k, v in sums.items() if k not in ("counterfactual", "redirected")
+        f"heldout_{k}": round(v / n, 5) for k, v in sums.items() if k not in ("counterfactual", "classified")
     }
-    if redirected is not None:
-        both = Trajectories.concat([both, redirected])
-        result["heldout_redirected_accuracy_by_t"] = classifier_ablation(
-            redirector, redirected, batch_size=batch_size
-        )["real"]
+    for name, rows in (("redirected", redirected), ("blended", blended)):
+        if rows is not None and len(rows):
+            both = Trajectories.concat([both, rows])
+            result[f"heldout_{name}_accuracy_by_t"] = classifier_ablation(
+                redirector, rows, batch_size=batch_size
+            )["real"]
     ablation = classifier_ablation(redirector, both, neutral=neutral, batch_size=batch_size)
     quarters = timestep_quarter(both.timesteps)
     weights = torch.bincount(quarters, minlength=4).float()
@@ -459,6 +467,8 @@ def fit_redirector(
     neutral: Conditioning | None = None,
     redirected: Trajectories | None = None,
     heldout_redirected: Trajectories | None = None,
+    blended: Trajectories | None = None,
+    heldout_blended: Trajectories | None = None,
     prompt_dropout: float = 0.0,
     prompt_swap: float = 0.0,
     swap_below: float = 0.5,
@@ -497,8 +507,10 @@ def fit_redirector(
     With ``heldout`` pairs it evaluates every ``eval_every`` steps, keeps the weights with the
     lowest :func:`selection_score` and, if ``patience`` > 0, stops after that many evaluations
     without improvement. ``redirected`` / ``heldout_redirected``: labelled rows of trajectories the
-    guard redirected (the ``redirected`` classification term; never renoised), and their held-out
-    counterpart for :func:`evaluate_redirector`. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
+    guard redirected (the ``classified`` term; never renoised), and their held-out
+    counterpart for :func:`evaluate_redirector`; ``blended`` / ``heldout_blended`` likewise, for
+    labelled rows of blends (``TrainConfig.blends``). The classified-only rows a batch draws come
+    from both, at normalised timesteps at or below ``classify_below``. With an ``accelerate.Accelerator`` the model and optimizer are prepared by it
     (several processes: each draws its own batches, gradients are averaged).
     ``trainable``: "all"; "redirection": the modules the unsafe logit reads
     (:meth:`~saferedir_sdk.redirector.Redirector.decision_modules`) stay as they are, so every
@@ -521,11 +533,15 @@ def fit_redirector(
         classify_below=classify_below,
     )
     check_classify_below(classify_below, trainable)
-    for name, rows in (("redirected", redirected), ("heldout_redirected", heldout_redirected)):
+    for name, rows in (
+        ("redirected", redirected),
+        ("heldout_redirected", heldout_redirected),
+        ("blended", blended),
+        ("heldout_blended", heldout_blended),
+    ):
         if rows is not None and rows.labels is None:
-            raise ValueError(
-                f"{name}: trajectories the guard redirected need outcome labels (record them with a judge)"
-            )
+            what = "trajectories the guard redirected" if "redirected" in name else "blends"
+            raise ValueError(f"{name}: {what} need outcome labels (record them with a judge)")
     sets = [forget, retain] + ([negatives] if negatives is not None and len(negatives) else [])
     renoiser = Renoiser.from_trajectories(sets) if renoise > 0 else None
     rank = accelerator.process_index if accelerator is not None else 0
@@ -561,6 +577,12 @@ def fit_redirector(
     if len(rows) == 0 or (heldout is not None and len(heldout[0]) == 0):
         raise ValueError(f"classify_below {classify_below}: no training or held-out row at or below it")
     n = len(rows)
+    extra = [r for r in (redirected, blended) if r is not None and len(r)]
+    classified = Trajectories.concat(extra) if extra else None
+    if classified is not None:
+        classified = classified.select(_rows_at_or_below(classified, classify_below))
+    if heldout_blended is not None and classify_below < 1.0:
+        heldout_blended = heldout_blended.select(_rows_at_or_below(heldout_blended, classify_below))
     for step in range(steps):
         index = rows[torch.randint(0, n, (min(batch_size, n),), generator=generator)]
         f, r = forget.select(index), retain.select(index)
@@ -579,9 +601,9 @@ def fit_redirector(
                     2, neg, neg_index, *_draws(renoiser, len(neg_index), renoise, generator)
                 )
         moved = None
-        if redirected is not None and len(redirected):
-            pick = torch.randint(0, len(redirected), (min(batch_size, len(redirected)),), generator=generator)
-            moved = redirected.select(pick).batch(device, 1.0)
+        if classified is not None and len(classified):
+            pick = torch.randint(0, len(classified), (min(batch_size, len(classified)),), generator=generator)
+            moved = classified.select(pick).batch(device, 1.0)
         augment = None
         if token_dropout > 0 or embed_noise > 0 or (prompt_dropout > 0 and neutral is not None):
 
@@ -599,7 +621,7 @@ def fit_redirector(
             strength=strength,
             augment=augment,
             swap=swap.to(device) if swap is not None else None,
-            redirected=moved,
+            classified=moved,
         )
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:
@@ -616,7 +638,12 @@ def fit_redirector(
             )
         if heldout is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
             figures = evaluate_redirector(
-                base, *heldout, strength=strength, neutral=neutral, redirected=heldout_redirected
+                base,
+                *heldout,
+                strength=strength,
+                neutral=neutral,
+                redirected=heldout_redirected,
+                blended=heldout_blended,
             )
             if figures["heldout_selection"] < best_loss:
                 best_loss, stale = figures["heldout_selection"], 0

@@ -40,6 +40,7 @@ from ..fingerprint import module_sha256
 from ..plugins import default_plugin_manager, find_adapter
 from ..policy import ConceptRule, RedirectorRef
 from ..redirector import Capacity, Redirector, RedirectorConfig
+from .blends import blend_trajectories
 from .fit import (
     FitResult,
     check_classify_below,
@@ -89,6 +90,14 @@ class TrainConfig:
     # ... of those rows only the ones at normalised timesteps below this: earlier, a redirected
     # latent has not yet moved away from its unredirected twin, whose label it would contradict
     refine_below: float = 0.5
+    # this many *blends* per forget generation (training and held-out): its recorded trajectory mixed
+    # step by step with a retain-side generation's that started from the same noise (its pair's, or
+    # the pool's at the same position) at a weight drawn uniformly from ``blend_weights``, labelled by
+    # the outcome judge on the decoded mix, and classified only (blends.py): images on the boundary
+    # between the concept and what is not, where the judge's line runs (needs an outcome judge and an
+    # adapter that decodes latents; 0: off)
+    blends: int = 0
+    blend_weights: tuple[float, float] = (0.2, 0.8)
     # "redirection": fit only the delta, mask and scale heads of the ``init`` bundle; every module the
     # unsafe logit reads stays as it was, so the bundle decides exactly as before. "classifier": fit
     # only its classifier, reading what ``capacity.classifier_reads`` and ``classifier_encoder`` say
@@ -116,10 +125,15 @@ class TrainConfig:
             self.refine_below,
             self.classify_below,
         )
-        for name in ("steps", "refine_steps"):
+        low, high = self.blend_weights
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(
+                f"blend_weights: expected (low, high) with 0 <= low <= high <= 1, got {self.blend_weights!r}"
+            )
+        for name in ("steps", "refine_steps", "blends"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a whole number of optimiser steps >= 0, got {value!r}")
+                raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
         if self.steps == 0 and self.refine_steps == 0:
             raise ValueError("steps and refine_steps are both 0: nothing to train")
         if self.trainable not in TRAINABLE:
@@ -271,6 +285,28 @@ def _redirected_rows(
     return {k: rows.select(torch.nonzero(rows.timesteps < below).flatten()) for k, rows in moved.items()}
 
 
+def _blended_rows(
+    adapter: Adapter, data: dict[str, Trajectories], cfg: TrainConfig, outcome: OutcomeJudge
+) -> dict[str, Trajectories]:
+    """``cfg.blends`` blends of every training and held-out forget generation with the same side's
+    retain and pool generations that started from its noise (:func:`blend_trajectories`), labelled
+    by ``outcome`` on the adapter's decoding of each blend's last latent."""
+    found = {}
+    for kind, retain in (("forget", "retain"), ("heldout_forget", "heldout_retain")):
+        if kind not in data:
+            continue
+        found[kind] = blend_trajectories(
+            data[kind],
+            [data[k] for k in (retain, "pool") if k in data],
+            per_generation=cfg.blends,
+            weights=cfg.blend_weights,
+            decode=adapter.decode_latents,
+            outcome=outcome.judge,
+            seed=cfg.seed,
+        )
+    return found
+
+
 def train_bundle(
     pipe: Any,
     pairs: PromptPairs,
@@ -312,6 +348,11 @@ def train_bundle(
         raise ValueError(
             "refine_steps: labelling redirected trajectories needs the concept's outcome judge "
             "(a concept plugin's judge); none was given"
+        )
+    if cfg.blends and outcome is None:
+        raise ValueError(
+            "blends: only the concept's outcome judge can say which side of the boundary a blend "
+            "ended on (a concept plugin's judge); none was given"
         )
     adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
     fingerprint = adapter.fingerprint()
@@ -356,6 +397,7 @@ def train_bundle(
             if v
         },
     )
+    blended = _blended_rows(adapter, data, cfg, outcome) if cfg.blends and outcome is not None else {}
     t_collect = time.perf_counter() - start
 
     torch.manual_seed(cfg.seed)
@@ -399,6 +441,8 @@ def train_bundle(
             accelerator=accelerator,
             progress=progress,
             trainable=cfg.trainable,
+            blended=blended.get("forget"),
+            heldout_blended=blended.get("heldout_forget"),
             **extra,
         )
 
@@ -408,7 +452,12 @@ def train_bundle(
         t_refine = time.perf_counter()
         moved = _redirected_rows(adapter, redirector, sets, cfg, cache_dir, outcome, accelerator, out)
         before = evaluate_redirector(
-            redirector, *heldout, strength=cfg.strength, neutral=neutral, redirected=moved["heldout_forget"]
+            redirector,
+            *heldout,
+            strength=cfg.strength,
+            neutral=neutral,
+            redirected=moved["heldout_forget"],
+            blended=blended.get("heldout_forget"),
         )
         refined = fit(
             cfg.refine_steps,
@@ -433,7 +482,13 @@ def train_bundle(
         fitted_state = redirector.state_dict()
         redirector.load_state_dict({k: (v + start_state[k]) / 2 for k, v in fitted_state.items()})
         averaged = {"average_init": {"fitted_heldout": held_figures}}
-        held_figures = evaluate_redirector(redirector, *heldout, strength=cfg.strength, neutral=neutral)
+        held_figures = evaluate_redirector(
+            redirector,
+            *heldout,
+            strength=cfg.strength,
+            neutral=neutral,
+            blended=blended.get("heldout_forget"),
+        )
     summary = {
         "config": asdict(cfg),
         "data": {
@@ -447,6 +502,16 @@ def train_bundle(
             "unsafe_share": {
                 k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
             },
+            **(
+                {
+                    "blends": {
+                        k: {"rows": len(t), "unsafe_share": round(float(t.labels.mean()), 4)}  # type: ignore[union-attr]
+                        for k, t in blended.items()
+                    }
+                }
+                if blended
+                else {}
+            ),
         },
         "heldout": held_figures,
         **averaged,

@@ -88,6 +88,11 @@ def unpatchify(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 4, 2, 5, 3).reshape(b, 3, h * PATCH, w * PATCH)
 
 
+def _pixels(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, 3, 32, 32) pixels in [0, 1]."""
+    return (unpatchify(latents.float()).clamp(-1, 1) + 1) / 2
+
+
 def _negatives(negative_prompt: str | list[str] | None, batch: int) -> list[str]:
     """The negative prompt of each of ``batch`` prompts (the empty one when none is given)."""
     if negative_prompt is None:
@@ -114,6 +119,11 @@ class ShapesPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self._guidance_scale = 1.0
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """(N, 32, 32, 3) floats in [0, 1]: the images of latents a generation's last step leaves
+        (what ``output_type="np"`` returns), as diffusers' Stable Diffusion pipelines have it."""
+        return _pixels(latents).permute(0, 2, 3, 1).cpu().numpy()
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -243,7 +253,7 @@ class ShapesPipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = latents
         else:
-            pixels = (unpatchify(latents.float()).clamp(-1, 1) + 1) / 2  # (N, 3, 32, 32) in [0, 1]
+            pixels = _pixels(latents)
             if output_type == "pt":
                 images = pixels
             else:

@@ -257,6 +257,19 @@ def render(a: Attributes, rng: np.random.Generator, size: int = SIZE) -> np.ndar
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
+def shape_colour(img: np.ndarray) -> tuple[tuple[int, int, int], str]:
+    """The colour an image's shape is drawn in, measured without the judge: the mean of the 5% of
+    pixels farthest from the background (the border's median colour; the shape's own fill, not its
+    texture's light tint) and the palette colour (:data:`RGB`) nearest to it. A second opinion for a
+    colour the judge, trained on the palette alone, reads off the palette (a vermilion, a mauve)."""
+    px = img.reshape(-1, 3).astype(np.float64)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(np.float64)
+    far = np.linalg.norm(px - np.median(border, axis=0), axis=1)
+    mean = px[far >= np.quantile(far, 0.95)].mean(axis=0)
+    nearest = min(RGB, key=lambda c: float(np.sum((np.array(RGB[c], dtype=np.float64) - mean) ** 2)))
+    return (int(round(mean[0])), int(round(mean[1])), int(round(mean[2]))), nearest
+
+
 def background_brightness(img: np.ndarray) -> float:
     """Mean brightness in [0, 1] of the border pixels (2 px), where no shape ever reaches."""
     f = img.astype(np.float32) / 255.0
