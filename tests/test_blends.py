@@ -146,3 +146,32 @@ def test_blends_are_refused_without_a_judge_or_with_bad_weights(tmp_path):
             tiny_sd_pipeline(0), PromptPairs(list(RED_PAIRS), []), cfg, out, cache_dir=None, progress=False
         )
     assert not out.exists()
+
+
+def test_a_classifier_fitted_where_it_decides_is_evaluated_there_on_its_classified_rows_too(pipe):
+    from saferedir_sdk import Redirector, RedirectorConfig
+    from saferedir_sdk.capacity import Capacity
+    from saferedir_sdk.training import fit_redirector
+
+    adapter, forget = _recorded(pipe, [FORGET, FORGET])
+    _, other = _recorded(pipe, [OTHER, OTHER])
+    blends = blend_trajectories(
+        forget, [other], per_generation=1, weights=(0.5, 0.5), decode=adapter.decode_latents, outcome=_redness
+    )
+    labelled = forget.labelled(1.0)
+    torch.manual_seed(0)
+    capacity = Capacity(hidden_dim=16, rank=2, classifier_reads="latent", classifier_encoder="own")
+    red = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), capacity))
+    kw = {"heldout": (forget, other), "steps": 1, "eval_every": 1, "trainable": "classifier"}
+    late = fit_redirector(
+        red, forget, other, redirected=labelled, heldout_redirected=labelled, blended=blends,
+        heldout_blended=blends, classify_below=0.5, **kw,
+    )  # fmt: skip
+    for name in (
+        "heldout_redirected_accuracy_by_t",
+        "heldout_blended_accuracy_by_t",
+        "heldout_accuracy_by_t",
+    ):
+        assert set(late.heldout[name]) <= {"t0.00-0.25", "t0.25-0.50"}, name
+    every = fit_redirector(red, forget, other, redirected=labelled, heldout_blended=blends, **kw)
+    assert "t0.75-1.00" in every.heldout["heldout_blended_accuracy_by_t"]

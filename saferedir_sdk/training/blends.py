@@ -31,13 +31,15 @@ from .trajectories import Trajectories
 
 def _generations(traj: Trajectories) -> dict[tuple[int, int], torch.Tensor]:
     """(seed, prompt id) -> the row indices of that generation, ordered by step."""
-    keys = traj.seeds * (int(traj.prompt_ids.max()) + 1 if len(traj) else 1) + traj.prompt_ids
-    order = torch.argsort(keys * (int(traj.steps.max()) + 1 if len(traj) else 1) + traj.steps)
-    out: dict[tuple[int, int], torch.Tensor] = {}
-    for key in torch.unique(keys).tolist():
-        rows = order[keys[order] == key]
-        out[(int(traj.seeds[rows[0]]), int(traj.prompt_ids[rows[0]]))] = rows
-    return out
+    if not len(traj):
+        return {}
+    keys = traj.seeds * (int(traj.prompt_ids.max()) + 1) + traj.prompt_ids
+    order = torch.argsort(keys * (int(traj.steps.max()) + 1) + traj.steps)
+    counts = torch.unique_consecutive(keys[order], return_counts=True)[1]
+    return {
+        (int(traj.seeds[rows[0]]), int(traj.prompt_ids[rows[0]])): rows
+        for rows in torch.split(order, counts.tolist())
+    }
 
 
 def blend_trajectories(

@@ -578,11 +578,12 @@ def fit_redirector(
         raise ValueError(f"classify_below {classify_below}: no training or held-out row at or below it")
     n = len(rows)
     extra = [r for r in (redirected, blended) if r is not None and len(r)]
-    classified = Trajectories.concat(extra) if extra else None
-    if classified is not None:
-        classified = classified.select(_rows_at_or_below(classified, classify_below))
-    if heldout_blended is not None and classify_below < 1.0:
-        heldout_blended = heldout_blended.select(_rows_at_or_below(heldout_blended, classify_below))
+    classified = Trajectories.concat(extra) if len(extra) > 1 else (extra[0] if extra else None)
+    if classify_below < 1.0:
+        classified, heldout_redirected, heldout_blended = (
+            None if rows_ is None else rows_.select(_rows_at_or_below(rows_, classify_below))
+            for rows_ in (classified, heldout_redirected, heldout_blended)
+        )
     for step in range(steps):
         index = rows[torch.randint(0, n, (min(batch_size, n),), generator=generator)]
         f, r = forget.select(index), retain.select(index)
