@@ -232,7 +232,10 @@ def main() -> None:
             ]
             print(f"| {v} | " + " | ".join(cols) + " |")
 
-    print("\nWhat a threshold does at the first hit (from each unguarded trajectory's peak p(unsafe)):\n")
+    print(
+        f"\nWhat a threshold does at the first hit, for the bundles of {source} (each unguarded "
+        "trajectory's peak p(unsafe) under a monitor rule; a variant's own bundle is not read here):\n"
+    )
     print("| threshold | " + " | ".join(f"{c} benign acted on, drawn never acted on" for c in peaks) + " |")
     print("|" + "---|" * (1 + len(peaks)))
     for t in THRESHOLDS:
