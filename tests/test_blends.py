@@ -36,6 +36,25 @@ def test_decode_latents_gives_what_the_pipeline_returns(pipe):
     assert np.abs(decoded.astype(int) - (images * 255).round().astype(int)).max() <= 1
 
 
+def test_decode_latents_un_normalises_with_a_vae_s_latent_statistics_as_sdxl_does():
+    from saferedir_adapters.sdxl import StableDiffusionXLAdapter
+    from saferedir_adapters.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    channels = pipe.vae.config.latent_channels
+    pipe.vae.register_to_config(latents_mean=[0.1 * c for c in range(channels)], latents_std=[0.5] * channels)
+    adapter = StableDiffusionXLAdapter(pipe)
+    kw = {"seed": 0, "num_inference_steps": 2, "guidance_scale": 5.0}
+    latents = adapter.output_images(adapter.generate([FORGET, OTHER], output_type="latent", **kw))
+    images = np.asarray(adapter.output_images(adapter.generate([FORGET, OTHER], output_type="np", **kw)))
+    decoded = adapter.decode_latents(latents)
+    assert np.abs(decoded.astype(int) - (images * 255).round().astype(int)).max() <= 1
+    with torch.no_grad():  # without the statistics: another image
+        plain = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    unnormalised = (pipe.image_processor.postprocess(plain, output_type="np") * 255).round().astype(int)
+    assert np.abs(decoded.astype(int) - unnormalised).max() > 1
+
+
 def test_decode_latents_is_refused_by_a_pipeline_with_no_way_to_decode(pipe, monkeypatch):
     adapter = StableDiffusionAdapter(pipe)
     monkeypatch.setattr(pipe, "vae", None)

@@ -203,8 +203,27 @@ class StableDiffusionAdapter(Adapter):
         have it)."""
         vae = getattr(self.pipe, "vae", None)
         if vae is not None:
-            z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-            image = vae.decode(z, return_dict=False)[0]
+            config = vae.config
+            # as the SD and SDXL pipelines end: a float16 VAE that asks for it decodes in float32, and
+            # a VAE with per-channel latent statistics un-normalises with them
+            upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+            dtype = torch.float32 if upcast else vae.dtype
+            z = latents.to(vae.device, dtype)
+            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, -1, *([1] * (z.dim() - 2)))
+                mean_t = torch.tensor(mean, device=z.device, dtype=dtype).view(shape)
+                std_t = torch.tensor(std, device=z.device, dtype=dtype).view(shape)
+                z = z * std_t / config.scaling_factor + mean_t
+            else:
+                z = z / config.scaling_factor
+            if upcast:
+                vae.to(dtype=torch.float32)
+            try:
+                image = vae.decode(z, return_dict=False)[0]
+            finally:
+                if upcast:
+                    vae.to(dtype=torch.float16)
             images = self.pipe.image_processor.postprocess(image, output_type="np")
         elif callable(getattr(self.pipe, "decode_latents", None)):
             images = self.pipe.decode_latents(latents)
