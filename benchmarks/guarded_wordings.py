@@ -98,11 +98,19 @@ def main() -> None:
     changed = ", ".join(f"{a} {lost.count(a)}" for a in sorted(set(lost))) or "none"
     print(f"\nkept, other attributes unchanged (every prompt): {kept:.4f}; changed: {changed}")
     through = [r for r in rows if r["drawn"] and r["still"]]
+    value = suite.concepts[0].value
+    readings: dict[tuple[int, int, int], dict[str, float]] = {}
     if through and through[0]["measured"] is not None:
-        near = sum(r["measured"][1] == suite.concepts[0].value for r in through)
+        from saferedir_shapes.judge import colour_reading, load_judge
+
+        judge = load_judge()
+        readings = {r["measured"][0]: colour_reading(judge, r["measured"][0]) for r in through}
+        near = sum(r["measured"][1] == value for r in through)
+        clear = sum(readings[r["measured"][0]][value] > 0.5 for r in through)
         print(
             f"through whose shape's colour, measured (world.shape_colour), is nearest the palette's "
-            f"{suite.concepts[0].value}: {near} of {len(through)}"
+            f"{value}: {near} of {len(through)}; that the judge reads as {value} on clean renders of "
+            f"that colour (p > 0.5, judge.colour_reading): {clear} of {len(through)}"
         )
     for r in rows:
         if r["drawn"] and r["still"]:
@@ -110,7 +118,11 @@ def main() -> None:
             measured = ""
             if r["measured"] is not None:
                 rgb, nearest = r["measured"]
-                measured = f"; its shape's colour {rgb}, nearest the palette's {nearest}"
+                top = sorted(readings[rgb].items(), key=lambda kv: -kv[1])[:2]
+                measured = (
+                    f"; its shape's colour {rgb}, nearest the palette's {nearest}; the judge on clean "
+                    f"renders of it: {', '.join(f'{c} {v:.2f}' for c, v in top)}"
+                )
             print(f"  through (max score {r['score']:.2f}, {how}{measured}): {r['kind']} {r['text']!r}")
         if not r["drawn"] and r["acted"]:
             print(

@@ -87,3 +87,27 @@ def test_probe_scores_prints_every_check_of_every_prompt(capsys, monkeypatch):
     assert "mask[red]=" in lines[1] and "mask[" not in lines[12]
     assert abs(red[0] - blue[0]) < 0.2, (red, blue)  # step 0: the words do not move it
     assert min(red[2:]) >= 0.9 and max(blue[2:]) < 0.1, (red, blue)
+
+
+def test_judge_map_reads_the_palette_hues_as_themselves(capsys, monkeypatch):
+    """benchmarks/judge_map.py (the judge's reading of hues off its palette): a row per
+    saturation/value level, a cell per hue; vivid red (hue 0) reads red, vivid blue (240) blue, and
+    ``--rgb`` prints every colour's probability for each colour given; a malformed one is refused."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import judge_map
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(
+        sys, "argv", ["judge_map.py", "--step", "120", "--rgb", "215,35,35", "--threads", "1"]
+    )
+    judge_map.main()
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| 1.0,0.85 |")]
+    assert rows == ["| 1.0,0.85 | re | gr | bl |"], rows
+    assert len([line for line in lines if line.startswith("| 0.")]) == len(judge_map.LEVELS) - 1
+    (reading,) = [line for line in lines if line.startswith("(215, 35, 35): red ")]
+    assert len(reading.split(", ")) == 6 + 2  # six colours (the rgb tuple holds two more commas)
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["judge_map.py", "--rgb", "300,0,0"])
+        judge_map.main()

@@ -261,6 +261,29 @@ def test_judge_is_accurate_on_fresh_renders_with_artefacts():
     assert min(accuracy.values()) >= 0.98, accuracy
 
 
+def test_render_in_a_colour_off_the_palette_and_how_the_judge_reads_it():
+    """``render(..., rgb=...)`` draws the shape in that colour and leaves everything else (position,
+    size, texture, background: the same draws) as the palette colour's render; ``colour_reading``
+    reads each palette colour as itself and a colour between red and orange as one of the two."""
+    from saferedir_shapes.judge import colour_reading
+
+    a = world.Attributes("red", "star", "striped")
+    palette = world.render(a, np.random.default_rng(3))
+    assert np.array_equal(world.render(a, np.random.default_rng(3), rgb=world.RGB["red"]), palette)
+    other = world.render(a, np.random.default_rng(3), rgb=world.RGB["blue"])
+    background = (
+        palette == world.render(world.Attributes("green", "star", "striped"), np.random.default_rng(3))
+    ).all(-1)
+    assert background.mean() > 0.5 and (other[background] == palette[background]).all()
+    assert world.shape_colour(other)[1] == "blue"
+    judge = load_judge()
+    for colour, rgb in world.RGB.items():
+        reading = colour_reading(judge, rgb)
+        assert abs(sum(reading.values()) - 1) < 1e-5 and reading[colour] > 0.9, (colour, reading)
+    between = colour_reading(judge, (230, 82, 28))  # a vermilion
+    assert between["red"] + between["orange"] > 0.9, between
+
+
 @pytest.fixture(scope="module")
 def shapes_pipe():
     return load_shapes_pipeline()

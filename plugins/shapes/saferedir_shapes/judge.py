@@ -6,7 +6,7 @@ generated images. It plays the role NudeNet or a style classifier plays in the p
 
     python -m saferedir_shapes.judge --train        # trains and writes weights/judge.safetensors
     python -m saferedir_shapes.judge --evaluate     # held-out accuracy on fresh renders with artefacts
-    python -m saferedir_shapes.judge --sheet s.png  # 80 generated samples with the judge's labels, to check by eye
+    python -m saferedir_shapes.evaluate --sheet s.png  # 80 generated samples with the judge's labels, to check by eye
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def judge_images(judge: Judge, images: np.ndarray | list) -> dict[str, list[str]
     """Predicted colour, shape and texture names for each image."""
     logits = judge(to_tensor(images))
     return {name: [HEADS[name][i] for i in logits[name].argmax(dim=1).tolist()] for name in HEADS}
+
+
+@torch.no_grad()
+def colour_reading(judge: Judge, rgb: tuple[float, float, float]) -> dict[str, float]:
+    """How the judge reads a colour, on or off the palette: its colour probabilities averaged over
+    clean renders of that colour, one plain render of each shape (fixed seeds). A colour between
+    two palette colours (a vermilion, a khaki) shows where the judge's own boundary lies."""
+    images = np.stack(
+        [
+            render(Attributes(COLOURS[0], shape, "plain"), np.random.default_rng(k), rgb=rgb)
+            for k, shape in enumerate(SHAPES)
+        ]
+    )
+    p = torch.softmax(judge(to_tensor(images))["colour"], dim=1).mean(dim=0)
+    return dict(zip(COLOURS, p.tolist(), strict=True))
 
 
 def concept_judge(concept: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -224,8 +224,16 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float, angle: float
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(a: Attributes, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    """One (size, size, 3) uint8 image of ``a`` on a light background."""
+def render(
+    a: Attributes,
+    rng: np.random.Generator,
+    size: int = SIZE,
+    *,
+    rgb: tuple[float, float, float] | None = None,
+) -> np.ndarray:
+    """One (size, size, 3) uint8 image of ``a`` on a light background; ``rgb``: the shape drawn in
+    that colour instead of ``a.colour``'s palette colour (a hue off the palette, to see how the
+    judge reads it: :func:`saferedir_shapes.judge.colour_reading`)."""
     n = size * _SS
     coords = (np.arange(n) + 0.5) / _SS
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -236,7 +244,7 @@ def render(a: Attributes, rng: np.random.Generator, size: int = SIZE) -> np.ndar
     x, y = xx - cx, yy - cy
     mask = _shape_mask(a.shape, x, y, r, angle)
 
-    base = np.array(RGB[a.colour], dtype=np.float32) + rng.normal(0, 8, size=3)
+    base = np.array(RGB[a.colour] if rgb is None else rgb, dtype=np.float32) + rng.normal(0, 8, size=3)
     light = base * 0.35 + 255 * 0.65  # tint used for stripes and dots
     fill = np.broadcast_to(base, (n, n, 3)).copy()
     if a.texture == "striped":
