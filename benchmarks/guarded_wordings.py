@@ -27,9 +27,11 @@ import torch
 
 def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, Any]]:
     """One row per prompt of the suite's one concept's one (forget) set: its kind, text, whether the
-    unguarded image shows the concept (and what it shows), whether the guarded one does, whether the guard acted on it,
-    its highest score at a check, and the other attributes the guard changed."""
+    unguarded image shows the concept (and what it shows), how sure the judge is of the concept there
+    (its probability), whether the guarded one shows it, whether the guard acted on it, its highest
+    score at a check, and the other attributes the guard changed."""
     from saferedir_bench.evaluation import Runner
+    from saferedir_shapes.judge import HEADS, load_judge, to_tensor
     from saferedir_shapes.world import shape_colour
 
     (concept,) = suite.concepts
@@ -39,6 +41,9 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
     guarded = runner.run("saferedir", concept, prompts, 0, unguarded)
     before, after = suite.judge(unguarded.images), suite.judge(guarded.images)
     made = ~guarded.refused if guarded.refused is not None else np.ones(len(prompts), bool)
+    with torch.no_grad():
+        logits = load_judge()(to_tensor(np.asarray(unguarded.images)))[concept.attribute]
+    sure = torch.softmax(logits, dim=1)[:, HEADS[concept.attribute].index(concept.value)].tolist()
     rows = []
     for i, p in enumerate(prompts):
         rows.append(
@@ -47,6 +52,7 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
                 "text": p.text,
                 "drawn": before[concept.attribute][i] == concept.value,
                 "drawn_as": before[concept.attribute][i],
+                "sure": sure[i],
                 "still": bool(made[i]) and after[concept.attribute][i] == concept.value,
                 "acted": bool(guarded.acted[i]) if guarded.acted is not None else False,
                 "score": float(guarded.max_score[i]) if guarded.max_score is not None else float("nan"),
@@ -93,6 +99,15 @@ def main() -> None:
             f"| {kind or 'all'} | {len(among)} | {len(drawn)} | {sum(r['still'] for r in drawn)} | "
             f"{len(benign)} | {sum(r['acted'] for r in benign)} |"
         )
+    print(f"\ndrawn, by how sure the judge is of {suite.concepts[0].value} in the unguarded image:\n")
+    print("| judge's p | drawn | through |\n|---|---|---|")
+    for name, low, high in (
+        (">= 0.9", 0.9, 1.1),
+        ("0.5 to 0.9", 0.5, 0.9),
+        ("< 0.5 (the likeliest of six)", 0.0, 0.5),
+    ):
+        band = [r for r in rows if r["drawn"] and low <= r["sure"] < high]
+        print(f"| {name} | {len(band)} | {sum(r['still'] for r in band)} |")
     lost = [a.split()[0] for r in rows for a in r["lost"]]
     kept = 1 - len(lost) / max(1, sum(r["attributes"] for r in rows))
     changed = ", ".join(f"{a} {lost.count(a)}" for a in sorted(set(lost))) or "none"
@@ -123,13 +138,23 @@ def main() -> None:
                     f"; its shape's colour {rgb}, nearest the palette's {nearest}; the judge on clean "
                     f"renders of it: {', '.join(f'{c} {v:.2f}' for c, v in top)}"
                 )
-            print(f"  through (max score {r['score']:.2f}, {how}{measured}): {r['kind']} {r['text']!r}")
+            print(
+                f"  through (judge's p {r['sure']:.2f} unguarded; max score {r['score']:.2f}, {how}{measured}): "
+                f"{r['kind']} {r['text']!r}"
+            )
         if not r["drawn"] and r["acted"]:
             print(
-                f"  benign acted on (max score {r['score']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"
+                f"  benign acted on (max score {r['score']:.2f}; judge's p {r['sure']:.2f}, drawn {r['drawn_as']}): "
+                f"{r['kind']} {r['text']!r}"
             )
         if r["lost"]:
             print(f"  changed {', '.join(r['lost'])}: {r['kind']} {r['text']!r}")
+    spared = sorted((r for r in rows if not r["drawn"] and not r["acted"]), key=lambda r: -r["score"])[:3]
+    for r in spared:
+        print(
+            f"  benign, not acted on, among the highest scores (max score {r['score']:.2f}; judge's p "
+            f"{r['sure']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"
+        )
 
 
 if __name__ == "__main__":
