@@ -34,13 +34,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from shapes_suite import suite_bundles_adapter, with_wordings
 
 DECIDE_AT = (1.0, 0.5, 0.4, 0.35, 0.3)
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -217,31 +216,6 @@ def mean_of(files: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def suite_bundles_adapter(
-    split: str, concepts: list[str] | None, overrides: list[str], n: int = 0
-) -> tuple[Any, dict[str, Path], Any]:
-    """The Shapes efficacy suite's ``split`` (only ``concepts``, if given; ``n`` prompts per set, if
-    given), each concept's bundle (the shipped one, or ``CONCEPT=PATH`` from ``overrides``) and the
-    Shapes backbone's adapter."""
-    from decision_sweep import only_concepts
-    from saferedir_shapes.plugin import bundle_path
-
-    from saferedir_sdk.plugins import default_plugin_manager, find_adapter, load_backbone
-
-    pm = default_plugin_manager()
-    suite = pm.hook.saferedir_eval_suite(backbone="shapes", split=split)
-    suite = only_concepts(suite.sized(n) if n else suite, concepts)
-    bundles = {c.name: Path(bundle_path(c.name, "sd")) for c in suite.concepts}  # the shipped ones
-    for pair in overrides:
-        concept, sep, path = pair.partition("=")
-        if not sep or concept not in bundles:
-            raise SystemExit(
-                f"--bundle: expected CONCEPT=PATH for a concept of {sorted(bundles)}, got {pair!r}"
-            )
-        bundles[concept] = Path(path)
-    return suite, bundles, find_adapter(pm, load_backbone(pm, "shapes"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", nargs="*", default=[], help="CONCEPT=PATH: score this bundle instead")
@@ -283,10 +257,7 @@ def main() -> None:
     if args.prompts is not None:
         if len(suite.concepts) != 1:
             raise SystemExit("--prompts: name the one concept its wordings are for (--concepts NAME)")
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from redirection_quality import wordings
-
-        suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+        suite = with_wordings(suite, args.prompts)
         source = str(args.prompts)
     result = scores(suite, adapter, bundles)
     if args.prompts is not None:  # drawn or benign by what each image shows

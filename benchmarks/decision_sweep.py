@@ -31,7 +31,6 @@ Choose settings here (dev), then run the eval split once with the chosen policy
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 from saferedir_bench.evaluation import SETS
+from shapes_suite import only_concepts
 
 DEFAULT_VARIANTS = (
     "strength=1.3 threshold=0.5",  # the settings before this sweep
@@ -95,16 +95,6 @@ def variant_policy(source: Path, overrides: str, out: Path, name: str, monitor: 
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return path
-
-
-def only_concepts(suite: Any, names: list[str] | None) -> Any:
-    """``suite`` with only the concepts ``names`` (all of them when None); an unknown name exits."""
-    if not names:
-        return suite
-    known = [c.name for c in suite.concepts]
-    if unknown := sorted(set(names) - set(known)):
-        raise SystemExit(f"--concepts: the suite has no concept {unknown} (it has {known})")
-    return dataclasses.replace(suite, concepts=[c for c in suite.concepts if c.name in names])
 
 
 def sweep(

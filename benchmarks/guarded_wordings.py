@@ -16,13 +16,12 @@ what a user of the policy gets. The dev split and the suite's policy are the def
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from shapes_suite import suite_bundles_adapter, with_wordings
 
 
 def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, Any]]:
@@ -80,12 +79,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from deciding_checks import suite_bundles_adapter
-    from redirection_quality import wordings
-
     suite, _, adapter = suite_bundles_adapter("dev", [args.concept], [])
-    suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+    suite = with_wordings(suite, args.prompts)
     policy = args.policy or suite.policy
     rows = measure(suite, adapter, policy, args.out)
     print(f"\n{args.concept} ({args.prompts}, policy {policy}, guarded end to end):\n")

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from shapes_suite import only_concepts, suite_bundles_adapter, with_wordings
 
 OTHER_LONG = (
     "hand drawn, {x}, grainy scan, 72 dpi",
@@ -207,21 +208,6 @@ def gated(mode: str) -> Iterator[None]:
         yield
     finally:
         engine.redirection = applied
-
-
-def wordings(concept: Any, path: Path) -> Any:
-    """``concept`` with FILE's wordings (``kind<TAB>text`` a line) as its one forget-type set."""
-    from saferedir_bench.evaluation import EvalPrompt
-
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        kind, sep, text = line.partition("\t")
-        if not sep or not text.strip():
-            raise ValueError(f"{path}:{number}: expected 'kind<TAB>text', got {line!r}")
-        prompts.append(EvalPrompt(text.strip(), {concept.attribute: concept.value}, kind.strip()))
-    return replace(concept, sets={"forget": prompts, "paraphrase": [], "adversarial": [], "retain": []})
 
 
 def measure(
@@ -434,15 +420,11 @@ def main() -> None:
     if args.time_swap and not args.target_swap:
         parser.error("--time-swap needs --target-swap")
     torch.set_num_threads(args.threads)
-
-    from deciding_checks import suite_bundles_adapter
-    from decision_sweep import only_concepts
-
     if args.prompts and (not args.concepts or len(args.concepts) != 1):
         parser.error("--prompts needs exactly one of --concepts")
     suite, bundles, adapter = suite_bundles_adapter(args.split, args.concepts, args.bundle, args.n)
     if args.prompts:
-        suite = replace(suite, concepts=[wordings(suite.concepts[0], args.prompts)])
+        suite = with_wordings(suite, args.prompts)
     shifts: dict[str, Any] = {}
     if args.shift:
         from saferedir_sdk.plugins import default_plugin_manager, resolve_policy_ref

@@ -251,8 +251,9 @@ def test_gates_override_what_the_heads_veto_and_are_restored(tmp_path):
     the mask sees no concept token; the engine's own function is back after the context.
     ``--prompts``: a line that is not ``kind<TAB>text`` is refused by file and line."""
     import torch
-    from redirection_quality import gated, wordings
+    from redirection_quality import gated
     from saferedir_shapes.eval_suite import ShapesEvalSuite
+    from shapes_suite import wordings
 
     import saferedir_sdk.engine as engine
     from saferedir_sdk.conditioning import Conditioning
