@@ -28,9 +28,11 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
     """One row per prompt of the suite's one concept's one (forget) set: its kind, text, whether the
     unguarded image shows the concept (and what it shows), how sure the judge is of the concept there
     (its probability), whether the guarded one shows it, whether the guard acted on it, its highest
-    score at a check, and the other attributes the guard changed."""
+    score at a check, and the other attributes the guard changed; for a colour concept, the guarded
+    image's shape colour measured without the judge and, where the concept got through, how the
+    judge reads a clean render of that colour."""
     from saferedir_bench.evaluation import Runner
-    from saferedir_shapes.judge import HEADS, load_judge, to_tensor
+    from saferedir_shapes.judge import HEADS, colour_reading, load_judge, to_tensor
     from saferedir_shapes.world import shape_colour
 
     (concept,) = suite.concepts
@@ -40,19 +42,23 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
     guarded = runner.run("saferedir", concept, prompts, 0, unguarded)
     before, after = suite.judge(unguarded.images), suite.judge(guarded.images)
     made = ~guarded.refused if guarded.refused is not None else np.ones(len(prompts), bool)
+    judge = load_judge()
     with torch.no_grad():
-        logits = load_judge()(to_tensor(np.asarray(unguarded.images)))[concept.attribute]
+        logits = judge(to_tensor(np.asarray(unguarded.images)))[concept.attribute]
     sure = torch.softmax(logits, dim=1)[:, HEADS[concept.attribute].index(concept.value)].tolist()
     rows = []
     for i, p in enumerate(prompts):
+        drawn = before[concept.attribute][i] == concept.value
+        still = bool(made[i]) and after[concept.attribute][i] == concept.value
+        measured = shape_colour(np.asarray(guarded.images[i])) if concept.attribute == "colour" else None
         rows.append(
             {
                 "kind": p.kind,
                 "text": p.text,
-                "drawn": before[concept.attribute][i] == concept.value,
+                "drawn": drawn,
                 "drawn_as": before[concept.attribute][i],
                 "sure": sure[i],
-                "still": bool(made[i]) and after[concept.attribute][i] == concept.value,
+                "still": still,
                 "acted": bool(guarded.acted[i]) if guarded.acted is not None else False,
                 "score": float(guarded.max_score[i]) if guarded.max_score is not None else float("nan"),
                 "lost": [
@@ -61,10 +67,8 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path) -> list[dict[str, 
                     if a != concept.attribute and (not made[i] or after[a][i] != before[a][i])
                 ],
                 "attributes": len(before) - 1,
-                # a colour concept: the guarded image's shape colour, measured without the judge
-                "measured": shape_colour(np.asarray(guarded.images[i]))
-                if concept.attribute == "colour"
-                else None,
+                "measured": measured,
+                "reading": colour_reading(judge, measured[0]) if measured and drawn and still else None,
             }
         )
     return rows
@@ -109,14 +113,9 @@ def main() -> None:
     print(f"\nkept, other attributes unchanged (every prompt): {kept:.4f}; changed: {changed}")
     through = [r for r in rows if r["drawn"] and r["still"]]
     value = suite.concepts[0].value
-    readings: dict[tuple[int, int, int], dict[str, float]] = {}
     if through and through[0]["measured"] is not None:
-        from saferedir_shapes.judge import colour_reading, load_judge
-
-        judge = load_judge()
-        readings = {r["measured"][0]: colour_reading(judge, r["measured"][0]) for r in through}
         near = sum(r["measured"][1] == value for r in through)
-        clear = sum(readings[r["measured"][0]][value] > 0.5 for r in through)
+        clear = sum(r["reading"][value] > 0.5 for r in through)
         print(
             f"through whose shape's colour, measured (world.shape_colour), is nearest the palette's "
             f"{value}: {near} of {len(through)}; that the judge reads as {value} on clean renders of "
@@ -128,7 +127,7 @@ def main() -> None:
             measured = ""
             if r["measured"] is not None:
                 rgb, nearest = r["measured"]
-                top = sorted(readings[rgb].items(), key=lambda kv: -kv[1])[:2]
+                top = sorted(r["reading"].items(), key=lambda kv: -kv[1])[:2]
                 measured = (
                     f"; its shape's colour {rgb}, nearest the palette's {nearest}; the judge on clean "
                     f"renders of it: {', '.join(f'{c} {v:.2f}' for c, v in top)}"
