@@ -238,6 +238,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pairs = igmu_pairs(args.pairs, args.retain_file, args.igmu)
     else:
         pairs = load_pairs(args.pairs)
+    if args.outcome is not None:
+        if args.no_outcome_labels:
+            raise SafeRedirError("--outcome and --no-outcome-labels: give one or the other")
+        spec = registered_concepts(pm).get(args.outcome)
+        if spec is None or spec.outcome is None:
+            raise SafeRedirError(
+                f"--outcome {args.outcome}: no loaded plugin registers a concept by that name with an "
+                f"outcome judge{not_loaded_note(pm)}"
+            )
+        outcome = spec.outcome()
     # every capacity choice has its option but the ensemble's size: a fit trains one classifier
     capacity = Capacity(
         **{f.name: getattr(args, f.name) for f in fields(Capacity) if f.name != "classifier_members"}
@@ -624,6 +634,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         "--no-outcome-labels",
         action="store_true",
         help="label trajectories by prompt side even when the concept pack has an outcome judge",
+    )
+    p.add_argument(
+        "--outcome",
+        metavar="CONCEPT",
+        help="label every trajectory by what its image shows, read by the outcome judge of CONCEPT (a "
+        "concept a loaded plugin registers): for a --pairs file, which otherwise is labelled by prompt "
+        "side (a plugin's recipe takes its own concept's judge without this)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)

@@ -520,3 +520,29 @@ def test_demo_policy_refuses_a_call_too_short_for_its_rules_to_decide(shapes_pip
     finally:
         guard.unwrap(shapes_pipe)
     assert guard.last_report.outcome == "ok"
+
+
+def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files():
+    """Red's last classifier fit reads its "descriptions" recipe plus the prompts of the six spent
+    held-out description files (plugins/shapes/red_handwritten_pairs.py); no prompt of the dev
+    descriptions (settings are chosen on them) or of a held-out file not yet spent reaches it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rhp", ROOT / "plugins/shapes/red_handwritten_pairs.py")
+    rhp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rhp)
+    data = rhp.handwritten_pairs()
+    pairs, pool = world.cached_recipe("red", "descriptions")
+    assert data["pairs"] == [list(p) for p in pairs] and data["retain_pool"][: len(pool)] == pool
+    spent = data["retain_pool"][len(pool) :]
+    assert len(spent) == 384 == len(set(spent))
+    prompts = ROOT / "benchmarks" / "prompts"
+    files = sorted(prompts.glob("red_*descriptions.tsv"))
+    kept_out = [f for f in files if f.name not in rhp.SPENT]
+    assert {f.name for f in kept_out} >= {"red_dev_descriptions.tsv", "red_heldout7_descriptions.tsv"}
+    texts = {*data["retain_pool"], *(t for p in data["pairs"] for t in p)}
+    for f in kept_out:
+        lines = [
+            ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")
+        ]
+        assert lines and not texts & {ln.split("\t", 1)[1].strip() for ln in lines}, f.name

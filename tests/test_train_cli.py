@@ -182,3 +182,38 @@ def test_train_names_the_recipe_variants_a_concept_has(tmp_path, capsys):
     assert main([*argv, "plugin:weapons:one-target"]) != 0
     assert "has no recipe variant 'one-target'; it has none" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_pairs_file_is_labelled_by_outcome_with_a_registered_concepts_judge(tmp_path, capsys):
+    """``--outcome CONCEPT``: a pairs file's trajectories are labelled by what each image shows, read
+    by that concept's judge (a pack's recipe gets it without the flag; a file would be labelled by
+    prompt side). A name no plugin registers with a judge is an error naming it, nothing written."""
+    pairs = tmp_path / "red.json"
+    # a red described without a colour word, and benign prompts that name no colour at all: the
+    # prompt sides say 1 / 0, the images say what they show
+    pairs.write_text(
+        json.dumps(
+            {
+                "pairs": [["a blue circle", "a green square"], ["a red star", "a yellow cross"]],
+                "retain_pool": ["a red circle", "a purple triangle"],
+            }
+        )
+    )
+    out = tmp_path / "red.safetensors"
+    argv = [
+        *f"train --backbone shapes --concept red --pairs {pairs} --out {out} --seeds 0".split(),
+        *"--sampler-steps 4 --steps 2 --batch-size 8 --quiet".split(),
+        *["--cache", str(tmp_path / "cache")],
+    ]
+    assert main([*argv, "--outcome", "no-such-concept"]) != 0
+    assert "--outcome no-such-concept: no loaded plugin registers a concept" in capsys.readouterr().err
+    assert main([*argv, "--outcome", "shapes-red", "--no-outcome-labels"]) != 0
+    assert "give one or the other" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--outcome", "shapes-red"]) == 0
+    data = load_bundle(out).training["data"]
+    assert data["labels"] == "shapes-judge:red"
+    share = data["unsafe_share"]
+    # by prompt side: both forget prompts 1, the pool 0; by what the images show: the blue circle 0,
+    # the red star 1, the pool's red circle 1 and purple triangle 0
+    assert sorted([share["forget"], share["heldout_forget"]]) == [0.0, 1.0] and share["pool"] == 0.5

@@ -28,8 +28,11 @@ train() {
 #      second (--trainable redirection), every weight then averaged with the second's (--average-init,
 #      a uniform soup of the two). The decision is the second fit's, bit for bit.
 #   4. red only: its classifier refitted from the third fit as the second was, on red's "descriptions"
-#      recipe (world.RED_DESCRIPTIONS: red described by what has the colour, 30% of 360 pairs); the
-#      heads stay the third fit's, bit for bit (benchmarks/README.md, "Red's classifier on descriptions").
+#      recipe (world.RED_DESCRIPTIONS: red described by what has the colour, 30% of 360 pairs) with
+#      the 384 prompts of the six spent held-out description files added to its pool
+#      (plugins/shapes/red_handwritten_pairs.py), every trajectory labelled by the pack's judge
+#      (--outcome shapes-red); the heads stay the third fit's, bit for bit (benchmarks/README.md,
+#      "Red's classifier on descriptions" and "Spent held-out descriptions as training data").
 # concept:category:seed:variant -- the training seed (held-out split and initialisation) of each
 # shipped bundle (red and striped: two seeds were trained and the better on the efficacy suite's
 # dev split kept: benchmarks/README.md, "Retrain variance") and the first fit's recipe variant
@@ -58,8 +61,9 @@ for spec in red:nsfw:0: striped:artist_style:1: star:object:1:one-target; do
     --out "$stage/$concept-3.safetensors" --seed "$seed" --init "$stage/$concept-2.safetensors" \
     --trainable redirection --steps 500 --average-init
   if [[ $concept == red ]]; then
-    train --concept "$concept" --category "$category" --pairs "plugin:shapes-$concept:descriptions" \
-      --out "$stage/$concept-4.safetensors" --seed "$seed" --init "$stage/$concept-3.safetensors" \
+    "$BIN/python" plugins/shapes/red_handwritten_pairs.py "$stage/red-handwritten.json"
+    train --concept "$concept" --category "$category" --pairs "$stage/red-handwritten.json" \
+      --outcome shapes-red --out "$stage/$concept-4.safetensors" --seed "$seed" --init "$stage/$concept-3.safetensors" \
       --trainable classifier --classifier-reads latent --classifier-encoder own --renoise 0.5
     cp "$stage/$concept-4.safetensors" "$OUT/$concept.safetensors"
     continue

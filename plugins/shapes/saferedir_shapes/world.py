@@ -671,7 +671,9 @@ RECIPES = {
 #: must send blue stars to triangles and the rest to crosses redirected fewer of the dev split's
 #: drawn stars (benchmarks/README.md, "Deciding and redirecting apart"). Red's "descriptions" (30%
 #: of its 360 pairs red described without being named, :data:`RED_DESCRIPTIONS`) is what the shipped
-#: red bundle's classifier was refitted on last (train_concepts.sh's fourth fit). Measured and not
+#: red bundle's classifier was refitted on last (train_concepts.sh's fourth fit), with the prompts of
+#: the spent held-out description files added to its pool (plugins/shapes/red_handwritten_pairs.py,
+#: which reads them from benchmarks/prompts/ in the repository). Measured and not
 #: shipped (benchmarks/README.md): red's "wide-descriptions" (40% of 360 pairs, with the 60
 #: expressions of :data:`RED_DESCRIPTIONS_WIDE` too: dev descriptions through 7 -> 4 of 43, benign
 #: acted on 1 -> 4 of 53), red's "orange-target" (heads towards orange, the target the backbone draws
