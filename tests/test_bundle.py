@@ -277,7 +277,8 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
     prompt; a latent-only classifier with an encoder of its own, renoised, nothing else trainable;
     the redirection heads refitted and averaged with the second fit; striped's joined by two more
     classifier fits (wide-pool recipe, below t 0.5, seeds 0 1 and 0 1 2 3); red's classifier fitted
-    a fourth time as the second was, on its 360-pair "descriptions" recipe."""
+    a fourth time as the second was, on its 360-pair "descriptions" recipe with the spent held-out
+    descriptions in its pool (red_handwritten_pairs.py), labelled by the pack's judge."""
     from saferedir_shapes.plugin import bundle_path
 
     script = (ROOT / "plugins" / "shapes" / "train_concepts.sh").read_text()
@@ -308,8 +309,11 @@ def test_shipped_shapes_bundles_come_from_the_settings_of_train_concepts_sh():
                 fourth["trainable"],
             )
             assert recorded == (int(seed), 1200, [0, 1], 0.5, "classifier")
-            assert bundle.training["data"]["train_pairs"] + bundle.training["data"]["heldout_pairs"] == 360
-            assert '--pairs "plugin:shapes-$concept:descriptions"' in script
+            data = bundle.training["data"]
+            assert data["train_pairs"] + data["heldout_pairs"] == 360 and data["labels"] == "shapes-judge:red"
+            # the recipe's 150 pool prompts and the 384 spent ones, a fifth of them held out by the split
+            assert data["retain_pool"] == round(0.8 * (150 + 384))
+            assert '--pairs "$stage/red-handwritten.json" \\\n      --outcome shapes-red' in script
         else:
             assert "fitted_heldout" in bundle.training["average_init"], concept
         assert len(fits) == 3, concept

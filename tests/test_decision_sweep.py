@@ -36,7 +36,7 @@ def test_a_variant_sets_defaults_per_concept_fields_and_bundles(tmp_path):
     assert policy.defaults.strength == 1.2
     assert (rules["red"].window.start, rules["red"].window.stop) == (8, 19)
     assert (rules["striped"].window.start, rules["striped"].window.stop) == (base["striped"].window.start, 19)
-    assert rules["striped"].threshold == 0.85 and rules["red"].threshold == base["red"].threshold == 0.9
+    assert rules["striped"].threshold == 0.85 and rules["red"].threshold == base["red"].threshold == 0.8
     assert rules["star"].threshold == base["star"].threshold == 0.5  # striped's override stays its own
     assert rules["star"].redirector.path == str(Path("x.safetensors").resolve())
     assert rules["star"].redirector.plugin is None and rules["red"].redirector == base["red"].redirector

@@ -500,9 +500,10 @@ def test_a_vocabulary_change_moves_only_the_prompts_it_touches(monkeypatch):
 
 
 def test_demo_policy_refuses_a_call_too_short_for_its_rules_to_decide(shapes_pipe):
-    """shapes:demo's red rule decides at noise levels <= 0.35 and confirms with 2 hits: 10 steps give
+    """shapes:demo's red rule decides at noise levels <= 0.25 and confirms with 2 hits: 10 steps give
     it one such check (t 0.2), so the call enforces nothing for red and fails closed; striped's
-    confirms with 3 hits at those levels, which 12 steps (2 such checks) cannot give it either."""
+    decides at <= 0.35 and confirms with 3 hits, which 13 steps (2 such checks for it, 2 for red)
+    cannot give it either."""
     from saferedir_sdk import EnforcementError, SafeRedirGuard
 
     guard = SafeRedirGuard.from_policy("shapes:demo")
@@ -515,7 +516,7 @@ def test_demo_policy_refuses_a_call_too_short_for_its_rules_to_decide(shapes_pip
         with pytest.raises(
             EnforcementError, match=r"rule 'striped' had 2 check\(s\) that could trigger.*needs 3"
         ):
-            shapes_pipe(["a blue square"], num_inference_steps=12, output_type="np")
+            shapes_pipe(["a blue square"], num_inference_steps=13, output_type="np")
         shapes_pipe(["a blue square"], num_inference_steps=17, output_type="np")
     finally:
         guard.unwrap(shapes_pipe)
