@@ -189,8 +189,8 @@ def test_a_pairs_file_is_labelled_by_outcome_with_a_registered_concepts_judge(tm
     by that concept's judge (a pack's recipe gets it without the flag; a file would be labelled by
     prompt side). A name no plugin registers with a judge is an error naming it, nothing written."""
     pairs = tmp_path / "red.json"
-    # a red described without a colour word, and benign prompts that name no colour at all: the
-    # prompt sides say 1 / 0, the images say what they show
+    # by prompt side the forget prompts are 1 and the retain and pool prompts 0; by what the backbone
+    # draws, the blue circle is 0 and the pool's red circle 1
     pairs.write_text(
         json.dumps(
             {
