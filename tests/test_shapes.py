@@ -543,7 +543,5 @@ def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files():
     assert {f.name for f in kept_out} >= {"red_dev_descriptions.tsv", "red_heldout7_descriptions.tsv"}
     texts = {*data["retain_pool"], *(t for p in data["pairs"] for t in p)}
     for f in kept_out:
-        lines = [
-            ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")
-        ]
-        assert lines and not texts & {ln.split("\t", 1)[1].strip() for ln in lines}, f.name
+        lines = rhp.file_prompts(f)
+        assert lines and not texts & set(lines), f.name

@@ -23,14 +23,15 @@ PROMPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "prompts"
 SPENT = tuple(f"red_heldout{n}_descriptions.tsv" for n in ("2", "3", "4", "5", "6", ""))
 
 
+def file_prompts(path: Path) -> list[str]:
+    """The prompts of a wordings file (``kind<TAB>text`` lines; ``#`` comments), in line order."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [ln.split("\t", 1)[1].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
 def spent_prompts() -> list[str]:
-    """Every prompt of the SPENT files (``kind<TAB>text`` lines), in file and line order."""
-    prompts = []
-    for name in SPENT:
-        for line in (PROMPTS / name).read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.startswith("#"):
-                prompts.append(line.split("\t", 1)[1].strip())
-    return prompts
+    """Every prompt of the SPENT files, in file and line order."""
+    return [p for name in SPENT for p in file_prompts(PROMPTS / name)]
 
 
 def handwritten_pairs() -> dict[str, list]:
