@@ -523,7 +523,7 @@ def test_demo_policy_refuses_a_call_too_short_for_its_rules_to_decide(shapes_pip
     assert guard.last_report.outcome == "ok"
 
 
-def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files():
+def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files(tmp_path):
     """Red's last classifier fit reads its "descriptions" recipe plus the prompts of the six spent
     held-out description files (plugins/shapes/red_handwritten_pairs.py); no prompt of the dev
     descriptions (settings are chosen on them) or of a held-out file not yet spent reaches it."""
@@ -549,3 +549,12 @@ def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files():
     for f in kept_out:
         lines = rhp.file_prompts(f)
         assert lines and not texts & set(lines), f.name
+    # --also (a candidate fit's file) appends a later file after SPENT's, and refuses one in SPENT
+    seventh = rhp.file_prompts(prompts / "red_heldout7_descriptions.tsv")
+    assert rhp.handwritten_pairs(("red_heldout7_descriptions.tsv",))["retain_pool"] == [
+        *data["retain_pool"],
+        *seventh,
+    ]
+    with pytest.raises(SystemExit):
+        rhp.main([str(tmp_path / "x.json"), "--also", rhp.SPENT[0]])
+    assert not (tmp_path / "x.json").exists()

@@ -9,10 +9,15 @@ descriptions (settings are chosen on them) and the held-out files written since 
 these six) never reach it; tests/test_shapes.py checks it.
 
     python plugins/shapes/red_handwritten_pairs.py OUT.json
+    python plugins/shapes/red_handwritten_pairs.py OUT.json --also red_heldout7_descriptions.tsv
+
+``--also`` adds more spent files of ``benchmarks/prompts/`` after SPENT's, for a candidate fit
+(benchmarks/README.md, "An eighth held-out set": the seventh file added, measured, not shipped).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,24 +34,28 @@ def file_prompts(path: Path) -> list[str]:
     return [ln.split("\t", 1)[1].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
-def spent_prompts() -> list[str]:
-    """Every prompt of the SPENT files, in file and line order."""
-    return [p for name in SPENT for p in file_prompts(PROMPTS / name)]
+def spent_prompts(also: tuple[str, ...] = ()) -> list[str]:
+    """Every prompt of the SPENT files, then of ``also``'s, in file and line order."""
+    return [p for name in (*SPENT, *also) for p in file_prompts(PROMPTS / name)]
 
 
-def handwritten_pairs() -> dict[str, list]:
+def handwritten_pairs(also: tuple[str, ...] = ()) -> dict[str, list]:
     """The pairs file's content: ``{"pairs": [[forget, retain], ...], "retain_pool": [...]}``."""
     from saferedir_shapes.world import cached_recipe
 
     pairs, pool = cached_recipe("red", "descriptions")
-    return {"pairs": [list(p) for p in pairs], "retain_pool": [*pool, *spent_prompts()]}
+    return {"pairs": [list(p) for p in pairs], "retain_pool": [*pool, *spent_prompts(also)]}
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
-    Path(argv[0]).write_text(json.dumps(handwritten_pairs()), encoding="utf-8")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--also", nargs="+", default=[], metavar="FILE", help="more spent files (names)")
+    args = parser.parse_args(argv)
+    for name in args.also:
+        if name in SPENT or not (PROMPTS / name).is_file():
+            parser.error(f"--also {name}: expected a wordings file of {PROMPTS} not already in SPENT")
+    args.out.write_text(json.dumps(handwritten_pairs(tuple(args.also))), encoding="utf-8")
     return 0
 
 
