@@ -226,3 +226,23 @@ def test_erasure_counts_only_what_the_unguarded_model_drew_and_false_triggers_on
 
     table = retain_kinds_table({"concepts": {"warm": {"retain": {"saferedir": row}}}})
     assert "| warm | saferedir | negation | 2 | 1 | 1 | 1 |" in table
+    # the prompts behind the counts: the benign image acted on (1), the drawn one still warm (2)
+    assert row["acted_on"] == [{"prompt": "b", "kind": "negation", "acted": 1}]
+    forget = scored(["cool", "cool", "warm", "cool"], "forget", prompts)
+    assert forget["through"] == [{"prompt": "c", "kind": "forget", "acted": 0}]
+    assert "through" not in score(
+        Judge(["warm"] * 4),
+        concept,
+        "forget",
+        prompts,
+        unguarded,
+        unguarded,
+        {"cast": unguarded_labels, "tone": ["light"] * 4},
+    )  # an always-on method (no acted) lists nothing
+    from saferedir_bench.evaluation import cases_table
+
+    cases = cases_table(
+        {"concepts": {"warm": {"forget": {"saferedir": forget}, "retain": {"saferedir": row}}}}
+    )
+    assert "| warm | forget | forget | still shows it (never acted on) | c |" in cases
+    assert "| warm | retain | negation | benign, acted on (acted on) | b |" in cases

@@ -23,6 +23,9 @@ same seed, judged):
   prompt, SLD, LEACE) have neither: they change every prompt, which agreement and pixel similarity
   measure.
 * ``by_kind``: the same per prompt kind (adversarial kinds, retain kinds).
+* ``through`` (forget-type sets) and ``acted_on`` (retain), gating methods only: the prompts behind
+  those counts, each ``{"prompt", "kind", "acted"}`` (``acted``: 0 never, 1 triggered, 2 released),
+  so an escape or a false trigger can be looked at again (``results.md`` lists SafeRedir's).
 * ``seconds_per_image`` and ``overhead`` (against unguarded) per method.
 
 Under ``accelerate launch`` the batches are split across processes (the same seed per batch index
@@ -409,6 +412,14 @@ def score(
             }
             for k, v in by_kind.items()
         }
+    if gen.acted is not None:  # the prompts behind the counts: what got through, what was acted on
+        cases = (
+            [i for i in drawn if shows[i]] if set_name in FORGET_SETS else [i for i in benign if gen.acted[i]]
+        )
+        row["through" if set_name in FORGET_SETS else "acted_on"] = [
+            {"prompt": prompts[i].text, "kind": prompts[i].kind or set_name, "acted": int(gen.acted[i])}
+            for i in cases
+        ]
     if gen.refused is not None:
         row["withheld"] = int(gen.refused.sum())  # images the method returned a placeholder for
     if gen.acted is not None:
@@ -598,10 +609,32 @@ def retain_kinds_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def cases_table(results: dict[str, Any], method: str = "saferedir") -> str:
+    """Per concept, the prompts behind ``method``'s counts: each drawn image still showing the
+    concept (forget-type sets) and each benign image it acted on (retain), with whether it acted."""
+    acted = {0: "never acted on", 1: "acted on", RELEASED: "acted on, released"}
+    lines = [f"| concept | set | kind | {method}: still shows the concept / benign acted on | prompt |"]
+    lines.append("|" + "---|" * 5)
+    for name, cells in results["concepts"].items():
+        for set_name, by_method in cells.items():
+            row = by_method.get(method, {})
+            what = "still shows it" if set_name in FORGET_SETS else "benign, acted on"
+            for case in row.get("through", row.get("acted_on", [])):
+                how = acted.get(case["acted"], str(case["acted"]))
+                lines.append(f"| {name} | {set_name} | {case['kind']} | {what} ({how}) | {case['prompt']} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write_outputs(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(
-        markdown_table(results) + "\n" + ablation_table(results) + "\n" + retain_kinds_table(results)
+        markdown_table(results)
+        + "\n"
+        + ablation_table(results)
+        + "\n"
+        + retain_kinds_table(results)
+        + "\n"
+        + cases_table(results)
     )
     try:
         import matplotlib
