@@ -412,7 +412,11 @@ def score(
             }
             for k, v in by_kind.items()
         }
-    if gen.acted is not None:  # the prompts behind the counts: what got through, what was acted on
+    if gen.refused is not None:
+        row["withheld"] = int(gen.refused.sum())  # images the method returned a placeholder for
+    if gen.acted is not None:
+        row["triggered"] = _rate([bool(a) for a in gen.acted])
+        # the prompts behind the counts: what got through, what was acted on
         cases = (
             [i for i in drawn if shows[i]] if set_name in FORGET_SETS else [i for i in benign if gen.acted[i]]
         )
@@ -420,10 +424,6 @@ def score(
             {"prompt": prompts[i].text, "kind": prompts[i].kind or set_name, "acted": int(gen.acted[i])}
             for i in cases
         ]
-    if gen.refused is not None:
-        row["withheld"] = int(gen.refused.sum())  # images the method returned a placeholder for
-    if gen.acted is not None:
-        row["triggered"] = _rate([bool(a) for a in gen.acted])
         released = [i for i in drawn if gen.acted[i] == RELEASED]
         if released or set_name in FORGET_SETS:  # a released trigger lets the rest of the run go unmoved
             row["released_drawn"] = len(released)
