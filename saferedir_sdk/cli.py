@@ -248,6 +248,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"outcome judge{not_loaded_note(pm)}"
             )
         outcome = spec.outcome()
+    if args.soft_labels and (outcome is None or outcome.soft is None):
+        raise SafeRedirError(
+            "--soft-labels: the labels are the outcome judge's soft reading, and "
+            + (
+                "no outcome judge labels this fit (--outcome CONCEPT, or a plugin's recipe)"
+                if outcome is None
+                else f"the outcome judge {outcome.name!r} has none"
+            )
+        )
     # every capacity choice has its option but the ensemble's size: a fit trains one classifier
     capacity = Capacity(
         **{f.name: getattr(args, f.name) for f in fields(Capacity) if f.name != "classifier_members"}
@@ -274,6 +283,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         refine_below=args.refine_below,
         blends=args.blends,
         blend_weights=tuple(args.blend_weights),
+        soft_labels=args.soft_labels,
         trainable=args.trainable,
         average_init=args.average_init,
         pooled=not args.no_pooled,
@@ -590,6 +600,13 @@ def build_parser(*, with_plugins: bool = False) -> argparse.ArgumentParser:
         default=(0.2, 0.8),
         metavar=("LOW", "HIGH"),
         help="the range a blend's partner weight is drawn from, uniformly (default 0.2 0.8)",
+    )
+    p.add_argument(
+        "--soft-labels",
+        action="store_true",
+        help="label every generation by the outcome judge's soft reading (in [0, 1], above 0.5 where "
+        "the image shows the concept) instead of its yes or no: an image the judge barely calls the "
+        "concept teaches the classifier where the line runs (needs an outcome judge with one)",
     )
     p.add_argument(
         "--init",

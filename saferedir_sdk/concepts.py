@@ -25,13 +25,26 @@ class OutcomeJudge:
     Attributes:
         name: identifies the judge (recorded in bundles and trajectory-cache keys).
         judge: (N, H, W, 3) uint8 images -> (N,) bool, True where the image shows the concept.
+        soft: optional (N, H, W, 3) uint8 images -> (N,) floats in [0, 1]: how far each image lies
+            on the concept's side of the judge's line, above 0.5 exactly where ``judge`` says True
+            (the Shapes judge: its probability of the concept against its likeliest rival's). With
+            it, training can take the judge's doubt as the label (``saferedir train --soft-labels``):
+            an image the judge barely calls the concept teaches "just over the line", not "sure".
     """
 
     name: str
     judge: Callable[[Any], Any]
+    soft: Callable[[Any], Any] | None = None
 
     def __call__(self, images: Any) -> Any:
         return self.judge(images)
+
+    def softened(self) -> OutcomeJudge:
+        """This judge with its ``soft`` reading as the verdict (named ``NAME:soft``, so recordings
+        labelled by it never share a cache key with the hard ones); ``ValueError`` where it has none."""
+        if self.soft is None:
+            raise ValueError(f"outcome judge {self.name!r}: it has no soft reading (OutcomeJudge.soft)")
+        return OutcomeJudge(f"{self.name}:soft", self.soft)
 
 
 def check_category(category: object) -> str:

@@ -284,6 +284,32 @@ def test_render_in_a_colour_off_the_palette_and_how_the_judge_reads_it():
     assert between["red"] + between["orange"] > 0.9, between
 
 
+def test_the_outcome_judges_soft_reading_is_over_one_half_exactly_where_it_says_the_concept_shows():
+    """``OutcomeJudge.soft`` of each Shapes concept: in [0, 1], above 0.5 on exactly the images its
+    verdict calls the concept (palette renders, with artefacts, and shapes in colours off the
+    palette), and in between for some of the off-palette ones, where the judge is torn."""
+    from saferedir_shapes.plugin import outcome
+
+    rng = np.random.default_rng(7)
+    images = []
+    for k in range(240):
+        a = world.Attributes(
+            world.COLOURS[rng.integers(6)], world.SHAPES[rng.integers(5)], world.TEXTURES[rng.integers(3)]
+        )
+        rgb = tuple(int(x) for x in rng.integers(0, 256, 3)) if k % 2 else None
+        image = world.render(a, rng, rgb=rgb)
+        images.append(world.add_artefacts(image, rng) if k % 3 == 0 else image)
+    images = np.stack(images)
+    torn = {}
+    for concept in ("red", "striped", "star"):
+        judge = outcome(concept)
+        shows, soft = np.asarray(judge(images)), np.asarray(judge.soft(images))
+        assert soft.shape == (240,) and ((soft >= 0) & (soft <= 1)).all()
+        assert np.array_equal(soft > 0.5, shows) and 0 < shows.sum() < 240, concept
+        torn[concept] = int(((soft > 0.1) & (soft < 0.9)).sum())
+    assert torn["red"] > 0, torn  # colours between red and its neighbours
+
+
 @pytest.fixture(scope="module")
 def shapes_pipe():
     return load_shapes_pipeline()

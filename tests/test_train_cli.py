@@ -210,6 +210,11 @@ def test_a_pairs_file_is_labelled_by_outcome_with_a_registered_concepts_judge(tm
     assert main([*argv, "--outcome", "shapes-red", "--no-outcome-labels"]) != 0
     assert "give one or the other" in capsys.readouterr().err
     assert not out.exists()
+    assert main([*argv, "--soft-labels"]) != 0
+    assert "--soft-labels: the labels are the outcome judge's soft reading, and no outcome judge" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
     assert main([*argv, "--outcome", "shapes-red"]) == 0
     data = load_bundle(out).training["data"]
     assert data["labels"] == "shapes-judge:red"
@@ -217,3 +222,10 @@ def test_a_pairs_file_is_labelled_by_outcome_with_a_registered_concepts_judge(tm
     # by prompt side: both forget prompts 1, the pool 0; by what the images show: the blue circle 0,
     # the red star 1, the pool's red circle 1 and purple triangle 0
     assert sorted([share["forget"], share["heldout_forget"]]) == [0.0, 1.0] and share["pool"] == 0.5
+    # the judge's soft reading: its own recordings (another cache key), the same sides of the line
+    soft = tmp_path / "soft.safetensors"
+    soft_argv = [str(soft) if a == str(out) else a for a in argv]
+    assert main([*soft_argv, "--outcome", "shapes-red", "--soft-labels"]) == 0
+    data = load_bundle(soft).training["data"]
+    assert data["labels"] == "shapes-judge:red:soft" and data["unsafe_share"] == share
+    assert load_bundle(soft).training["config"]["soft_labels"] is True

@@ -162,6 +162,62 @@ def test_recorded_trajectories_carry_the_outcome_of_their_own_generation(pipe):
     assert rows.labels.tolist() == [1.0, 0.0] * 6  # per step and seed, the label of that prompt's image
 
 
+def test_a_soft_reading_labels_each_generation_with_its_doubt_and_no_reading_that_is_not_one_passes(pipe):
+    """An outcome judge's soft reading (floats in [0, 1], ``OutcomeJudge.soft``) is each
+    generation's label as it is; a NaN, a value outside [0, 1] or a verdict count that is not one
+    per image is a ``ValueError`` naming it, never a label."""
+    adapter = StableDiffusionAdapter(pipe)
+    kw = {"seeds": [0], "num_inference_steps": 2}
+    rows = record_trajectories(
+        adapter, ["a red circle", "a tan circle"], outcome=lambda im: np.array([0.7, 0.2]), **kw
+    )
+    assert rows.labels.tolist() == pytest.approx([0.7, 0.2] * 2)
+    for reading, match in (
+        (np.array([0.7, np.nan]), r"expected verdicts in \[0, 1\], got nan for image 1"),
+        (np.array([1.5, 0.2]), r"expected verdicts in \[0, 1\], got 1.5 for image 0"),
+        (np.array([0.7]), r"expected one verdict per image \(2\), got shape \(1,\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            record_trajectories(
+                adapter, ["a red circle", "a tan circle"], outcome=lambda im, r=reading: r, **kw
+            )
+
+
+def test_soft_labels_count_as_shown_above_one_half_and_need_a_judge_with_a_soft_reading(pipe, tmp_path):
+    """A soft label above 0.5 is a row that shows the concept wherever accuracy or a share is
+    counted; ``soft_labels`` takes the judge's soft reading (named ``NAME:soft``) and is refused,
+    before anything is recorded or written, without a judge or with one that has none."""
+    from saferedir_sdk.concepts import OutcomeJudge
+    from saferedir_sdk.training import PromptPairs, TrainConfig, redirector_losses
+    from saferedir_sdk.training.trainer import train_bundle
+
+    adapter = StableDiffusionAdapter(pipe)
+    f = record_trajectories(adapter, [f for f, _ in RED_PAIRS[:4]], seeds=[0], num_inference_steps=2)
+    r = record_trajectories(adapter, [r for _, r in RED_PAIRS[:4]], seeds=[0], num_inference_steps=2)
+    torch.manual_seed(0)
+    red = Redirector(RedirectorConfig.for_backbone(adapter.fingerprint(), SMALL))
+    soft = torch.tensor([0.9, 0.6, 0.4, 0.1] * 2)
+    hard = (soft > 0.5).float()
+    a = redirector_losses(red, (*f.inputs("cpu"), soft), (*r.inputs("cpu"), 1 - soft))
+    b = redirector_losses(red, (*f.inputs("cpu"), hard), (*r.inputs("cpu"), 1 - hard))
+    assert float(a["accuracy"]) == float(b["accuracy"])
+    assert float(a["classification"]) != float(b["classification"])  # the target is the reading
+    judge = OutcomeJudge("redness", lambda im: np.ones(len(im), bool))
+    with pytest.raises(ValueError, match="outcome judge 'redness': it has no soft reading"):
+        judge.softened()
+    softened = OutcomeJudge("redness", judge.judge, lambda im: np.full(len(im), 0.75)).softened()
+    assert softened.name == "redness:soft" and softened(np.zeros((2, 4, 4, 3))).tolist() == [0.75, 0.75]
+    cfg = TrainConfig(concept="red", seeds=(0,), num_inference_steps=STEPS, steps=1, soft_labels=True)
+    out = tmp_path / "red.safetensors"
+    for outcome, match in ((None, "no judge was given"), (judge, "it has no soft reading")):
+        with pytest.raises(ValueError, match=match):
+            train_bundle(
+                pipe, PromptPairs(list(RED_PAIRS), []), cfg, out, cache_dir=tmp_path,
+                outcome=outcome, progress=False,
+            )  # fmt: skip
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_prompt_dropout_replaces_whole_prompts_with_the_neutral_one_and_keeps_the_labels():
     from saferedir_sdk.training.fit import _augment
 

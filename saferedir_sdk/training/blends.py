@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .trajectories import Trajectories
+from .trajectories import Trajectories, outcome_labels
 
 
 def _generations(traj: Trajectories) -> dict[tuple[int, int], torch.Tensor]:
@@ -106,12 +106,8 @@ def blend_trajectories(
                     mine.seeds,
                 )
             )
-        shows = np.asarray(outcome(decode(torch.stack([m.latents[-1] for m in mixed]))), dtype=bool)
-        if shows.shape != (len(chunk),):
-            raise ValueError(
-                f"outcome: expected one verdict per blend ({len(chunk)}), got shape {shows.shape}"
-            )
+        shows = outcome_labels(outcome(decode(torch.stack([m.latents[-1] for m in mixed]))), len(chunk))
         for m, verdict in zip(mixed, shows.tolist()):
-            m.labels = torch.full((len(m),), float(verdict))
+            m.labels = torch.full((len(m),), verdict)
             blends.append(m)
     return Trajectories.concat(blends)

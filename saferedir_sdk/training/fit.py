@@ -199,7 +199,7 @@ def redirector_losses(
     )
     total = classification + counterfactual + on_classified + redirection + mask + scale + preservation
     accuracy = 0.5 * (
-        ((out_f.logit > 0).float() == y_f).float().mean() + ((out_r.logit > 0).float() == y_r).float().mean()
+        ((out_f.logit > 0) == (y_f > 0.5)).float().mean() + ((out_r.logit > 0) == (y_r > 0.5)).float().mean()
     )
     hit = moved * pair_weight.unsqueeze(1)
     masked_cos = (cosine * hit).sum() / hit.sum().clamp_min(1.0)
@@ -320,7 +320,7 @@ def classifier_ablation(
                 neutral.map(lambda x, b=b: x.to(device).expand(b, *x.shape[1:])),
             )
         for variant, args in inputs.items():
-            hit = ((redirector(*args).logit > 0).float() == labels).float().cpu()
+            hit = ((redirector(*args).logit > 0) == (labels > 0.5)).float().cpu()
             correct[variant].index_add_(0, bucket, hit)
     redirector.train(was_training)
     return {
@@ -402,7 +402,7 @@ def evaluate_redirector(
     result["heldout_accuracy_by_t"] = ablation["real"]
     result["heldout_selection"] = selection_score(result)
     if forget.labels is not None:
-        result["heldout_unsafe_share"] = round(float(both.labels.mean()), 4)  # type: ignore[union-attr]
+        result["heldout_unsafe_share"] = round(float((both.labels > 0.5).float().mean()), 4)  # type: ignore[operator]
     redirector.train(was_training)
     return result
 

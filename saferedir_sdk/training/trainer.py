@@ -98,6 +98,11 @@ class TrainConfig:
     # adapter that decodes latents; 0: off)
     blends: int = 0
     blend_weights: tuple[float, float] = (0.2, 0.8)
+    # label every generation by the outcome judge's soft reading (``OutcomeJudge.soft``: in [0, 1],
+    # above 0.5 where the image shows the concept) instead of its verdict: an image the judge barely
+    # calls the concept is a target just over the line, not a certainty (needs an outcome judge
+    # with a soft reading)
+    soft_labels: bool = False
     # "redirection": fit only the delta, mask and scale heads of the ``init`` bundle; every module the
     # unsafe logit reads stays as it was, so the bundle decides exactly as before. "classifier": fit
     # only its classifier, reading what ``capacity.classifier_reads`` and ``classifier_encoder`` say
@@ -168,6 +173,11 @@ def _cache_key(
         fields.append(redirection)
     payload = json.dumps(fields)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _share_shown(labels: torch.Tensor) -> float:
+    """The share of rows whose label says the image shows the concept (a soft one: above 0.5)."""
+    return round(float((labels > 0.5).float().mean()), 4)
 
 
 def with_sampler_defaults(cfg: TrainConfig, adapter: Adapter) -> TrainConfig:
@@ -354,6 +364,12 @@ def train_bundle(
             "blends: only the concept's outcome judge can say which side of the boundary a blend "
             "ended on (a concept plugin's judge); none was given"
         )
+    if cfg.soft_labels:
+        if outcome is None:
+            raise ValueError(
+                "soft_labels: the labels are an outcome judge's soft reading; no judge was given"
+            )
+        outcome = outcome.softened()  # ValueError naming the judge where it has no soft reading
     adapter = find_adapter(plugin_manager or default_plugin_manager(), pipe)
     fingerprint = adapter.fingerprint()
     if init is not None:
@@ -499,13 +515,11 @@ def train_bundle(
             "heldout_rows": len(data["heldout_forget"]),
             "pool_rows": len(data["pool"]) if "pool" in data else 0,
             "labels": outcome.name if outcome is not None else "prompt side (forget 1, retain and pool 0)",
-            "unsafe_share": {
-                k: round(float(t.labels.mean()), 4) for k, t in data.items() if t.labels is not None
-            },
+            "unsafe_share": {k: _share_shown(t.labels) for k, t in data.items() if t.labels is not None},
             **(
                 {
                     "blends": {
-                        k: {"rows": len(t), "unsafe_share": round(float(t.labels.mean()), 4)}  # type: ignore[union-attr]
+                        k: {"rows": len(t), "unsafe_share": _share_shown(t.labels)}  # type: ignore[arg-type]
                         for k, t in blended.items()
                     }
                 }

@@ -30,7 +30,8 @@ class Trajectories:
         prompt_ids: (N,) int64 index into the recorded prompt list.
         seeds: (N,) int64 generator seed of the generation.
         labels: (N,) float32 outcome label of the row's generation (1: its final image shows the
-            concept, per the concept's outcome judge), or None when nothing judged the images.
+            concept, per the concept's outcome judge; with a soft reading, a value in [0, 1] that is
+            above 0.5 where it shows it), or None when nothing judged the images.
 
     Rows are ordered by (seed, step, prompt), so two recordings of prompt lists of the same length
     with the same seeds and steps line up row by row (forget/retain pairs).
@@ -123,8 +124,23 @@ class Trajectories:
         )
 
 
-#: an outcome judge: (N, H, W, 3) uint8 images -> (N,) bool, True where the image shows the concept
+#: an outcome judge: (N, H, W, 3) uint8 images -> (N,) bool, True where the image shows the concept,
+#: or (N,) floats in [0, 1] (a soft reading, :attr:`~saferedir_sdk.concepts.OutcomeJudge.soft`)
 Outcome = Callable[[np.ndarray], np.ndarray]
+
+
+def outcome_labels(verdicts: Any, n: int) -> torch.Tensor:
+    """An outcome judge's verdicts on ``n`` images as (n,) float32 labels: bools as 1 / 0, a soft
+    reading as it is. ``ValueError`` for another shape or for a value outside [0, 1], NaN included:
+    a label that is no number must not train a classifier to call an image safe."""
+    labels = torch.as_tensor(np.asarray(verdicts, dtype=np.float32))
+    if labels.shape != (n,):
+        raise ValueError(f"outcome: expected one verdict per image ({n}), got shape {tuple(labels.shape)}")
+    bad = ~((labels >= 0) & (labels <= 1))  # (NaN fails both)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"outcome: expected verdicts in [0, 1], got {float(labels[i])} for image {i}")
+    return labels
 
 
 @torch.no_grad()
@@ -200,7 +216,7 @@ def record_trajectories(
             )
             if outcome is not None:
                 images = (np.asarray(adapter.output_images(out)) * 255).round().astype(np.uint8)
-                shows = torch.as_tensor(np.asarray(outcome(images), dtype=bool), dtype=torch.float32)
+                shows = outcome_labels(outcome(images), len(images))
                 judged += [shows] * box["step"]  # the same label for every step of each generation
     finally:
         handle.remove()

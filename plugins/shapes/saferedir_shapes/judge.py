@@ -112,6 +112,28 @@ def concept_judge(concept: str) -> Callable[[np.ndarray], np.ndarray]:
     return shows
 
 
+def concept_judge_soft(concept: str) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W, 3) uint8 images -> (N,) floats in [0, 1]: the judge's probability of ``concept``'s
+    value against its likeliest rival's, ``p / (p + max other p)`` on its head for that attribute
+    (the sigmoid of the two logits' difference). Above 0.5 exactly where :func:`concept_judge` says
+    the image shows it (red the likeliest of six); near 0.5 where the judge is torn between red and
+    an orange, whatever the other four say."""
+    from .world import CONCEPT_SWAPS
+
+    attribute, value, _, _ = CONCEPT_SWAPS[concept]
+    index = HEADS[attribute].index(value)
+    judge = load_judge()
+
+    def soft(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = judge(to_tensor(images))[attribute].double()
+        own = logits[:, index]
+        rival = torch.cat([logits[:, :index], logits[:, index + 1 :]], dim=1).max(dim=1).values
+        return torch.sigmoid(own - rival).float().numpy()
+
+    return soft
+
+
 def _dataset(n: int, seed: int, artefacts: float) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     images, labels = [], []

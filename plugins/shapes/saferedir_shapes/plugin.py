@@ -47,10 +47,11 @@ def recipe(concept: str, variant: str = "") -> Recipe:
 
 def outcome(concept: str) -> OutcomeJudge:
     """The Shapes judge as the concept's outcome judge: an image shows ``red`` if the judge reads
-    its colour as red (likewise stripes, stars)."""
-    from .judge import concept_judge
+    its colour as red (likewise stripes, stars); its soft reading is the judge's probability of
+    red against its likeliest rival's."""
+    from .judge import concept_judge, concept_judge_soft
 
-    return OutcomeJudge(f"shapes-judge:{concept}", concept_judge(concept))
+    return OutcomeJudge(f"shapes-judge:{concept}", concept_judge(concept), concept_judge_soft(concept))
 
 
 @hookimpl
