@@ -571,6 +571,7 @@ def test_reds_handwritten_pairs_hold_only_the_spent_held_out_files(tmp_path):
         "red_heldout7_descriptions.tsv",
         "red_heldout8_descriptions.tsv",
         "red_heldout9_descriptions.tsv",
+        "red_heldout10_descriptions.tsv",
     }
     texts = {*data["retain_pool"], *(t for p in data["pairs"] for t in p)}
     for f in kept_out:
