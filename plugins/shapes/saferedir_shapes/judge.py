@@ -99,12 +99,13 @@ def colour_reading(judge: Judge, rgb: tuple[float, float, float]) -> dict[str, f
     return dict(zip(COLOURS, p.tolist(), strict=True))
 
 
-def concept_judge(concept: str) -> Callable[[np.ndarray], np.ndarray]:
-    """(N, H, W, 3) uint8 images -> (N,) bool: which show ``concept`` (a ``CONCEPT_SWAPS`` key)."""
+def concept_judge(concept: str, judge: Judge | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W, 3) uint8 images -> (N,) bool: which show ``concept`` (a ``CONCEPT_SWAPS`` key);
+    ``judge``: the loaded judge to read them with (default: load it)."""
     from .world import CONCEPT_SWAPS
 
     attribute, value, _, _ = CONCEPT_SWAPS[concept]
-    judge = load_judge()
+    judge = judge or load_judge()
 
     def shows(images: np.ndarray) -> np.ndarray:
         return np.array([label == value for label in judge_images(judge, images)[attribute]], dtype=bool)
@@ -112,7 +113,7 @@ def concept_judge(concept: str) -> Callable[[np.ndarray], np.ndarray]:
     return shows
 
 
-def concept_judge_soft(concept: str) -> Callable[[np.ndarray], np.ndarray]:
+def concept_judge_soft(concept: str, judge: Judge | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """(N, H, W, 3) uint8 images -> (N,) floats in [0, 1]: the judge's probability of ``concept``'s
     value against its likeliest rival's, ``p / (p + max other p)`` on its head for that attribute
     (the sigmoid of the two logits' difference). Above 0.5 exactly where :func:`concept_judge` says
@@ -122,7 +123,7 @@ def concept_judge_soft(concept: str) -> Callable[[np.ndarray], np.ndarray]:
 
     attribute, value, _, _ = CONCEPT_SWAPS[concept]
     index = HEADS[attribute].index(value)
-    judge = load_judge()
+    judge = judge or load_judge()
 
     def soft(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

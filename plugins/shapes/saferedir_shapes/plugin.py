@@ -49,9 +49,12 @@ def outcome(concept: str) -> OutcomeJudge:
     """The Shapes judge as the concept's outcome judge: an image shows ``red`` if the judge reads
     its colour as red (likewise stripes, stars); its soft reading is the judge's probability of
     red against its likeliest rival's."""
-    from .judge import concept_judge, concept_judge_soft
+    from .judge import concept_judge, concept_judge_soft, load_judge
 
-    return OutcomeJudge(f"shapes-judge:{concept}", concept_judge(concept), concept_judge_soft(concept))
+    judge = load_judge()  # one instance read both ways
+    return OutcomeJudge(
+        f"shapes-judge:{concept}", concept_judge(concept, judge), concept_judge_soft(concept, judge)
+    )
 
 
 @hookimpl
