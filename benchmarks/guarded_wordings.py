@@ -35,7 +35,7 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path, seeds: int = 1) ->
     seed 0 is what one seed gives) of the suite's one concept's one (forget) set: its kind, text, whether the
     unguarded image shows the concept (and what it shows), how sure the judge is of the concept there
     (its probability), whether the guarded one shows it, whether the guard acted on it, its highest
-    score at a check, and the other attributes the guard changed; for a colour concept, the guarded
+    score at a check (and at a check that could trigger), and the other attributes the guard changed; for a colour concept, the guarded
     image's shape colour measured without the judge and, where the concept got through, how the
     judge reads a clean render of that colour."""
     from saferedir_bench.evaluation import Runner
@@ -74,6 +74,10 @@ def _measure_seed(suite: Any, concept: Any, prompts: list[Any], runner: Any, k: 
                 "still": still,
                 "acted": bool(guarded.acted[i]) if guarded.acted is not None else False,
                 "score": float(guarded.max_score[i]) if guarded.max_score is not None else float("nan"),
+                # at the checks that could trigger (at or below the rule's decide_at_t)
+                "decided": (
+                    float(guarded.deciding_score[i]) if guarded.deciding_score is not None else float("nan")
+                ),
                 "lost": [
                     f"{a} {before[a][i]}->{after[a][i]}"
                     for a in before
@@ -85,6 +89,11 @@ def _measure_seed(suite: Any, concept: Any, prompts: list[Any], runner: Any, k: 
             }
         )
     return rows
+
+
+def _scores(row: dict[str, Any]) -> str:
+    """The row's highest score at any check and at a check that could trigger."""
+    return f"{row['score']:.2f} ({row['decided']:.2f} where the rule decides)"
 
 
 def _at(row: dict[str, Any], seeds: int) -> str:
@@ -188,20 +197,20 @@ def main() -> None:
                     f"renders of it: {', '.join(f'{c} {v:.2f}' for c, v in top)}"
                 )
             print(
-                f"  {_at(r, args.seeds)}through (judge's p {r['sure']:.2f} unguarded; max score {r['score']:.2f}, {how}{measured}): "
+                f"  {_at(r, args.seeds)}through (judge's p {r['sure']:.2f} unguarded; max score {_scores(r)}, {how}{measured}): "
                 f"{r['kind']} {r['text']!r}"
             )
         if not r["drawn"] and r["acted"]:
             print(
-                f"  {_at(r, args.seeds)}benign acted on (max score {r['score']:.2f}; judge's p {r['sure']:.2f}, drawn {r['drawn_as']}): "
+                f"  {_at(r, args.seeds)}benign acted on (max score {_scores(r)}; judge's p {r['sure']:.2f}, drawn {r['drawn_as']}): "
                 f"{r['kind']} {r['text']!r}"
             )
         if r["lost"]:
             print(f"  {_at(r, args.seeds)}changed {', '.join(r['lost'])}: {r['kind']} {r['text']!r}")
-    spared = sorted((r for r in rows if not r["drawn"] and not r["acted"]), key=lambda r: -r["score"])[:3]
+    spared = sorted((r for r in rows if not r["drawn"] and not r["acted"]), key=lambda r: -r["decided"])[:3]
     for r in spared:
         print(
-            f"  benign, not acted on, among the highest scores (max score {r['score']:.2f}; judge's p "
+            f"  benign, not acted on, among the highest scores (max score {_scores(r)}; judge's p "
             f"{r['sure']:.2f}, drawn {r['drawn_as']}): {r['kind']} {r['text']!r}"
         )
 

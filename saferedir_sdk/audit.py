@@ -7,10 +7,10 @@ standard output, and any callables plugins return from ``saferedir_audit_sinks``
 every record: one failing sink does not starve the others, and the failure is raised (as
 :class:`~saferedir_sdk.errors.AuditWriteError`) only after all were tried.
 
-Events (``schema_version`` 10; 9 had no ``shift``, 8 had no ``gates_opened``, 7 had no
-``side_conditioning``, 6 had no ``unresolved`` and ``withheld``, 5 had no ``rehearsed_steps`` and
-``rewound``, 4 did not say whether a later released trigger had moved a sample, 3 did not name the
-bundles, 2 had no start records and no chain, 1 a flat fingerprint)::
+Events (``schema_version`` 11; 10 had no ``max_deciding_score``, 9 had no ``shift``, 8 had no
+``gates_opened``, 7 had no ``side_conditioning``, 6 had no ``unresolved`` and ``withheld``, 5 had no
+``rehearsed_steps`` and ``rewound``, 4 did not say whether a later released trigger had moved a
+sample, 3 did not name the bundles, 2 had no start records and no chain, 1 a flat fingerprint)::
 
     saferedir.call_started   before a guarded call generates: request_id, time, adapter,
                              batch_size, fail_mode (a call killed mid-way leaves this one alone;
@@ -49,7 +49,11 @@ bundles, 2 had no start records and no chain, 1 a flat fingerprint)::
                        "concepts": [{"concept", "category", "rule_action", "checks",
                                      "max_score", "triggered", "first_step", "escalation",
                                      "applied", "rewound", "unresolved", "withheld",
-                                     "gates_opened", "shift"}]}]
+                                     "gates_opened", "max_deciding_score", "shift"}]}]
+                     max_score: the highest p(unsafe) at any check; max_deciding_score: at a
+                     check that could trigger (at or below the rule's ``decide_at_t``), null
+                     where none ran: a high max_score with a low max_deciding_score is a
+                     concept seen only where the rule does not decide;
                      unresolved: the redirection did not clear the concept (its last checks while
                      redirected still saw it); withheld: so the image was blocked (rule
                      ``unresolved: block``); gates_opened: under ``gates: yield``, the move
@@ -99,7 +103,7 @@ import structlog
 from .errors import AuditWriteError, GuardBuildError
 from .policy import AuditSettings
 
-AUDIT_SCHEMA_VERSION = 10
+AUDIT_SCHEMA_VERSION = 11
 GENERATION_EVENT = "saferedir.generation"
 START_EVENT = "saferedir.call_started"
 VOIDED_EVENT = "saferedir.voided"

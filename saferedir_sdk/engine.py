@@ -125,6 +125,8 @@ class EngineState:
         boost: (B, K) float32, the escalation multiplier of the strength (1 until escalated).
         first_step: (B, K) int64, first step a check triggered, -1 if never.
         max_score: (B, K) float32, highest finite p(unsafe) seen at a check, -1 if never checked.
+        max_deciding: (B, K) float32, highest finite p(unsafe) seen at a deciding check (at or below
+            the rule's ``decide_at_t``: one that could trigger), -1 if none.
         applied: (B, K) bool, the concept's redirection moved the sample's conditional
             conditioning at some step (a trigger released later still moved it then).
         nonfinite: (B, K) bool, a check produced a NaN/inf score or delta for the sample (an
@@ -162,6 +164,7 @@ class EngineState:
     boost: torch.Tensor
     first_step: torch.Tensor
     max_score: torch.Tensor
+    max_deciding: torch.Tensor
     applied: torch.Tensor
     nonfinite: torch.Tensor
     rewound: torch.Tensor
@@ -187,7 +190,7 @@ class ConceptDecision:
 
     concept: str
     checks: int
-    max_score: float | None
+    max_score: float | None  # at any check (a check above decide_at_t too, which cannot trigger)
     triggered: bool  # the sample was still triggered when the call ended
     first_step: int | None  # the first step a check triggered (also for a trigger later released)
     escalation: float = 1.0  # the final strength multiplier
@@ -196,6 +199,8 @@ class ConceptDecision:
     rewound: bool = False  # a rewind rule flagged it in the first run; it was regenerated redirected
     deciding_checks: int = 0  # checks at or below the rule's decide_at_t (that could trigger)
     gates_opened: bool = False  # under gates: yield, a move reached it through gates the heads had shut
+    # the highest finite p(unsafe) at a deciding check (one that could trigger); None where none gave one
+    max_deciding_score: float | None = None
     # a rule with a shift that moved the sample: the share of each token state's norm the shift moved
     # it by at its final strength (scale x strength x escalation); None where no shift moved it
     shift: float | None = None
@@ -407,6 +412,7 @@ class RedirectionEngine:
             boost=torch.ones(b, k, dtype=torch.float32, device=device),
             first_step=torch.full((b, k), -1, dtype=torch.int64, device=device),
             max_score=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
+            max_deciding=torch.full((b, k), -1.0, dtype=torch.float32, device=device),
             applied=torch.zeros(b, k, dtype=torch.bool, device=device),
             nonfinite=torch.zeros(b, k, dtype=torch.bool, device=device),
             deltas=[_stacked_zeros(cond, len(g.concepts)) for g in self.groups],
@@ -515,7 +521,11 @@ class RedirectionEngine:
         state.boost[:, cols] = boost
         first = state.first_step[:, cols]
         state.first_step[:, cols] = torch.where(acts & (first < 0), step, first)
-        state.max_score[:, cols] = torch.maximum(state.max_score[:, cols], torch.where(finite, score, -1.0))
+        seen = torch.where(finite, score, -1.0)
+        state.max_score[:, cols] = torch.maximum(state.max_score[:, cols], seen)
+        state.max_deciding[:, cols] = torch.maximum(
+            state.max_deciding[:, cols], torch.where(decides, seen, -1.0)
+        )
         for k in group.indices:
             state.checks[k] += 1
         bad = ~finite
@@ -634,10 +644,11 @@ class RedirectionEngine:
                 state.deciding.to(torch.float64),
                 self.unresolved(state).to(torch.float64),
                 state.opened.to(torch.float64),
+                state.max_deciding.to(torch.float64),
             ]
         ).cpu()
-        first, score, on, boost, bad, moved, rewound, deciding, unresolved, opened = (
-            packed[i].tolist() for i in range(10)
+        first, score, on, boost, bad, moved, rewound, deciding, unresolved, opened, decided = (
+            packed[i].tolist() for i in range(11)
         )
         judged = [judges_unresolved(c.rule, c.redirector.config) for c in self.concepts]
         result = []
@@ -659,6 +670,7 @@ class RedirectionEngine:
                         deciding_checks=int(deciding[i][j]),
                         unresolved=unresolved[i][j] > 0 if judged[k] else None,
                         gates_opened=opened[i][j] > 0,
+                        max_deciding_score=round(decided[i][j], 6) if decided[i][j] >= 0 else None,
                         shift=(
                             round(concept.rule.shift.scale * concept.rule.strength * boost[i][j], 4)
                             if concept.rule.shift is not None and moved[i][j] > 0

@@ -55,7 +55,7 @@ def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, au
     assert len({r["request_id"] for r in records}) == 3
     for record in records:
         assert set(record) == FIELDS
-        assert record["event"] == "saferedir.generation" and record["schema_version"] == 10
+        assert record["event"] == "saferedir.generation" and record["schema_version"] == 11
         assert record["policy"] == {"name": "test", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         assert record["backbone"]["streams"] == [{"name": "text_encoder", "seq_len": 77, "dim": 32}]
         assert len(record["backbone"]["encoders"][0]["weights_sha256"]) == 64
@@ -79,6 +79,7 @@ def test_one_complete_record_per_call_without_raw_prompts(pipe, write_policy, au
                 "unresolved",
                 "withheld",
                 "gates_opened",
+                "max_deciding_score",
                 "shift",
             }
     assert [r["outcome"] for r in records] == ["redirected", "ok", "redirected"]

@@ -102,7 +102,8 @@ def test_peak_score_decides_the_first_trigger_and_a_monitor_rule_moves_nothing(p
     """Generation.max_score is each sample's highest p(unsafe) over its checks: a trigger acts at its
     first hit, so a sample was acted on exactly when that peak reached the threshold (what
     benchmarks/decision_sweep.py reads thresholds off); under ``monitor`` the images are the
-    unguarded ones, score for score the same peaks."""
+    unguarded ones, score for score the same peaks. Generation.deciding_score is the peak over the
+    checks that could trigger (at or below ``decide_at_t``): the one a decision follows."""
     from saferedir_bench.evaluation import Runner
 
     from saferedir_sdk.plugins import default_plugin_manager, find_adapter
@@ -111,14 +112,16 @@ def test_peak_score_decides_the_first_trigger_and_a_monitor_rule_moves_nothing(p
     prompts = [p for ps in concept.sets.values() for p in ps]
     adapter = find_adapter(default_plugin_manager(), pipe)
     runs = {}
-    for action in ("redirect", "monitor"):
+    for action, late in (("redirect", False), ("monitor", False), ("redirect", True)):
         policy = write_policy()
         doc = json.loads(policy.read_text())
         doc["defaults"] = {"threshold": 0.5}
         doc["concepts"][0]["action"] = action
+        if late:  # of the tiny pipeline's checks (t 0.751, 0.501, 0.251, 0.001) the last two decide
+            doc["concepts"][0]["decide_at_t"] = 0.3
         policy.write_text(json.dumps(doc))
         runner = Runner(adapter, TinySuite([concept]), policy=policy, batch_size=2, out=tmp_path)
-        runs[action] = runner.run("saferedir", concept, prompts, 0)
+        runs[action + (" late" if late else "")] = runner.run("saferedir", concept, prompts, 0)
     none = Runner(adapter, TinySuite([concept]), batch_size=2, out=tmp_path).run("none", concept, prompts, 0)
     guarded, watched = runs["redirect"], runs["monitor"]
     assert (
@@ -132,6 +135,13 @@ def test_peak_score_decides_the_first_trigger_and_a_monitor_rule_moves_nothing(p
     # before the first hit nothing has moved: an acted-on sample's peak can differ, the others' cannot
     calm = guarded.acted == 0
     np.testing.assert_allclose(watched.max_score[calm], guarded.max_score[calm], atol=1e-6)
+    # every check decides where no decide_at_t is set; from t 0.3, a sample was acted on exactly when
+    # its peak at a deciding check reached the threshold, whatever the earlier checks said
+    np.testing.assert_array_equal(guarded.deciding_score, guarded.max_score)
+    late = runs["redirect late"]
+    assert np.array_equal(late.acted > 0, late.deciding_score >= 0.5)
+    assert late.acted.any() and not late.acted.all()
+    assert (late.deciding_score <= late.max_score).all() and (late.deciding_score >= 0).all()
 
 
 def test_unknown_method_and_missing_policy_are_clear_errors(pipe, tmp_path):

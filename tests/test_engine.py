@@ -273,11 +273,17 @@ def test_checks_above_decide_at_t_record_the_score_and_never_trigger(recorded):
         assert torch.equal(moved.tokens[0], f.cond.tokens[0]), f"no decision at t {t} > 0.5"
     ((d,),) = engine.decisions(state)
     assert not d.triggered and d.first_step is None and d.max_score > 0.5 and d.checks == 2
-    assert d.deciding_checks == 0
+    assert d.deciding_checks == 0 and d.max_deciding_score is None, "no check could trigger yet"
     moved, _, state = engine.step(f.latents, torch.tensor(0.5), f.cond, state)
     ((d,),) = engine.decisions(state)
     assert not torch.equal(moved.tokens[0], f.cond.tokens[0]) and d.first_step == 2
     assert d.deciding_checks == 1 and d.checks == 3
+    with torch.no_grad():
+        at_bound = float(torch.sigmoid(red.redirector(f.latents, torch.tensor(0.5), f.cond).logit))
+    # the audit's max_deciding_score is the score of the one check that could trigger, not the
+    # highest of all three (checks above decide_at_t are in max_score only)
+    assert d.max_deciding_score == pytest.approx(at_bound, abs=1e-5)
+    assert d.max_score >= d.max_deciding_score
 
 
 def test_a_rewind_rule_only_decides_in_a_rehearsal_and_its_flags_start_the_next_run_stuck(recorded):

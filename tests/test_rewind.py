@@ -52,10 +52,19 @@ def test_rewind_decides_unmoved_then_redirects_the_flagged_sample_from_the_first
     assert red.rewound and red.first_step == 2 and red.triggered and red.checks == 4
     assert report.samples[0].action == "redirected" and report.samples[1].action == "none"
     assert not tan.rewound and tan.first_step is None
+    # the scores the rule decided on: at or above its threshold for the flagged sample, below for the
+    # other (checks of both runs at t <= 0.3; max_score also holds the t 0.751 and 0.501 checks)
+    threshold = 0.5  # the policy default
+    assert red.max_deciding_score >= threshold > tan.max_deciding_score
+    assert tan.max_score >= tan.max_deciding_score
     assert report.rehearsed_steps == STEPS and report.steps == STEPS
     record = audit_records()[-1]
     assert len(audit_records()) == 2, "one record per guarded call"
     assert record["rehearsed_steps"] == STEPS and record["samples"][0]["concepts"][0]["rewound"] is True
+    assert [s["concepts"][0]["max_deciding_score"] for s in record["samples"]] == [
+        red.max_deciding_score,
+        tan.max_deciding_score,
+    ]
 
 
 def test_a_call_a_rewind_rule_does_not_flag_runs_once_and_unchanged(pipe, write_policy, bundles):

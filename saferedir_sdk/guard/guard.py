@@ -138,11 +138,21 @@ def _merged(first: list[list[Any]], second: list[list[Any]]) -> list[list[Any]]:
                 deciding_checks=max(a.deciding_checks, b.deciding_checks),
             )
             if b.rewound:
-                scores = [s for s in (a.max_score, b.max_score) if s is not None]
-                merged = replace(merged, first_step=a.first_step, max_score=max(scores) if scores else None)
+                merged = replace(
+                    merged,
+                    first_step=a.first_step,
+                    max_score=_highest(a.max_score, b.max_score),
+                    max_deciding_score=_highest(a.max_deciding_score, b.max_deciding_score),
+                )
             row.append(merged)
         rows.append(row)
     return rows
+
+
+def _highest(a: float | None, b: float | None) -> float | None:
+    """The higher of two scores, either of which may be missing (None)."""
+    scores = [s for s in (a, b) if s is not None]
+    return max(scores) if scores else None
 
 
 _ACTIVE: ContextVar[_CallContext | None] = ContextVar("saferedir_active_call", default=None)

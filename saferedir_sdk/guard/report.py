@@ -32,7 +32,7 @@ class ConceptReport:
     category: str
     rule_action: Action
     checks: int
-    max_score: float | None
+    max_score: float | None  # at any check, also one above the rule's decide_at_t (which cannot trigger)
     triggered: bool  # still triggered when the call ended (a released trigger keeps its first_step)
     first_step: int | None
     escalation: float = 1.0  # the strength multiplier escalation reached
@@ -43,6 +43,10 @@ class ConceptReport:
     unresolved: bool | None = None
     withheld: bool = False  # unresolved under a rule whose `unresolved` is block: the image is withheld
     gates_opened: bool = False  # under gates: yield, the move went through gates the heads had shut
+    # the highest p(unsafe) at a check that could trigger (at or below decide_at_t; of either run of a
+    # rewound call); None where no such check ran. A max_score above the threshold with this below
+    # it: the concept was seen only where the rule does not decide
+    max_deciding_score: float | None = None
     # the concept shift that moved it: the share of each token state's norm at its final strength
     # (the rule's shift scale x strength x escalation); None where no shift moved it
     shift: float | None = None
@@ -159,6 +163,7 @@ def build_report(
                 unresolved=d.unresolved,
                 withheld=bool(d.unresolved) and by_name[d.concept].unresolved == "block",
                 gates_opened=d.gates_opened,
+                max_deciding_score=d.max_deciding_score,
                 shift=d.shift,
             )
             for d in row

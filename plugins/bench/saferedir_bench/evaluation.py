@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +115,9 @@ class Generation:
     refused: np.ndarray | None = None
     # (N,) SafeRedir: the highest p(unsafe) any check gave the sample (-1: never checked)
     max_score: np.ndarray | None = None
+    # (N,) SafeRedir: the highest p(unsafe) at a check that could trigger (at or below the rule's
+    # decide_at_t; -1: none ran)
+    deciding_score: np.ndarray | None = None
 
 
 def _split(state: Any, items: list[Any]) -> list[Any]:
@@ -206,7 +209,8 @@ class Runner:
         acted = None if parts[0][2] is None else np.concatenate([p[2][0] for p in parts])
         scores = None if parts[0][2] is None else np.concatenate([p[2][1] for p in parts])
         refused = None if parts[0][2] is None else np.concatenate([p[2][2] for p in parts])
-        return Generation(images, acted, seconds, refused=refused, max_score=scores)
+        deciding = None if parts[0][2] is None else np.concatenate([p[2][3] for p in parts])
+        return Generation(images, acted, seconds, refused=refused, max_score=scores, deciding_score=deciding)
 
     def _method(
         self, method: str, concept: EvalConcept
@@ -257,17 +261,22 @@ class Runner:
                 # acted: any check triggered, also a trigger later released (it moved the prompt for a while)
                 acted = np.zeros(len(batch), np.int8)
                 scores = np.full(len(batch), -1.0)
+                deciding = np.full(len(batch), -1.0)
                 withheld = np.array([s.action == "blocked" for s in samples] or [False] * len(batch))
                 for i, s in enumerate(samples):
                     if any(c.first_step is not None for c in s.concepts):
                         acted[i] = 1 if any(c.triggered for c in s.concepts) else RELEASED
-                    scores[i] = max(
-                        (c.max_score for c in s.concepts if c.max_score is not None), default=-1.0
-                    )
-                return images, (acted, scores, withheld)
+                    scores[i] = _highest(c.max_score for c in s.concepts)
+                    deciding[i] = _highest(c.max_deciding_score for c in s.concepts)
+                return images, (acted, scores, withheld, deciding)
 
             return redirect, (lambda: guard.unwrap(self.adapter.pipe))
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def _highest(scores: Iterable[float | None]) -> float:
+    """The highest of the scores that are not None; -1 where none is."""
+    return max((s for s in scores if s is not None), default=-1.0)
 
 
 def eval_ablation(runner: Runner, concept: EvalConcept, seed: int) -> dict[str, Any]:
