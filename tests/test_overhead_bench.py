@@ -111,3 +111,36 @@ def test_judge_map_reads_the_palette_hues_as_themselves(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         monkeypatch.setattr(sys, "argv", ["judge_map.py", "--rgb", "300,0,0"])
         judge_map.main()
+
+
+def test_classifier_area_reads_the_palette_red_and_its_neighbours_apart(capsys, monkeypatch):
+    """benchmarks/classifier_area.py (red's latent classifier beside the judge on clean renders of a
+    colour, by shape and texture): a row per colour with a judge / classifier cell per shape and
+    texture; the palette's red reads red to both in every cell, its orange and purple to neither."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import classifier_area
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "classifier_area.py",
+            "--rgb",
+            "215,35,35",
+            "245,130,20",
+            "135,45,175",
+            "--renders",
+            "2",
+            "--threads",
+            "1",
+        ],
+    )
+    classifier_area.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[2:3].isdigit()]
+    assert len(rows) == 3, rows
+    cells = [[tuple(map(float, c.split(" / "))) for c in row.strip("| ").split(" | ")[1:]] for row in rows]
+    assert all(len(row) == 8 for row in cells)
+    assert all(j > 0.9 and c > 0.9 for j, c in cells[0]), cells[0]
+    assert all(j < 0.1 and c < 0.1 for row in cells[1:] for j, c in row), cells[1:]
