@@ -22,17 +22,21 @@ import torch
 from judge_map import rgb_arg
 
 #: off-palette colours of descriptions that got through the held-out sets (guarded_wordings.py's
-#: "its shape's colour"), and the palette's red, orange and purple
-COLOURS = {
-    "vermilion": (213, 87, 37),
-    "red-orange": (207, 85, 29),
-    "rust": (186, 96, 33),
-    "brick": (153, 82, 66),
-    "wine": (138, 66, 75),
-    "palette red": (215, 35, 35),
-    "palette orange": (245, 130, 20),
-    "palette purple": (135, 45, 175),
-}
+#: "its shape's colour"); the palette's red, orange and purple are added from the world's RGB
+OFF_PALETTE = (
+    ("vermilion", (213, 87, 37)),
+    ("red-orange", (207, 85, 29)),
+    ("rust", (186, 96, 33)),
+    ("brick", (153, 82, 66)),
+    ("wine", (138, 66, 75)),
+)
+
+
+def default_colours() -> dict[str, tuple[int, int, int]]:
+    """The off-palette colours, then the palette's red, orange and purple."""
+    from saferedir_shapes.world import RGB
+
+    return dict(OFF_PALETTE) | {f"palette {c}": RGB[c] for c in ("red", "orange", "purple")}
 
 
 def readings(
@@ -95,7 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    colours = {",".join(map(str, c)): c for c in args.rgb} if args.rgb else COLOURS
+    colours = {",".join(map(str, c)): c for c in args.rgb} if args.rgb else default_colours()
     result = readings(args.bundle, colours, args.renders, tuple(args.steps))
     print(
         f"judge's soft p(red) / classifier p(unsafe) (the lower of steps {args.steps}), mean of "
