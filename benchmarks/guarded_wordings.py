@@ -35,9 +35,9 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path, seeds: int = 1) ->
     seed 0 is what one seed gives) of the suite's one concept's one (forget) set: its kind, text, whether the
     unguarded image shows the concept (and what it shows), how sure the judge is of the concept there
     (its probability), whether the guarded one shows it, whether the guard acted on it, its highest
-    score at a check (and at a check that could trigger), and the other attributes the guard changed; for a colour concept, the guarded
-    image's shape colour measured without the judge and, where the concept got through, how the
-    judge reads a clean render of that colour."""
+    score at a check (and at a check that could trigger), and the other attributes the guard
+    changed; for a colour concept, the guarded image's shape colour measured without the judge and,
+    where the concept got through, how the judge reads a clean render of that colour."""
     from saferedir_bench.evaluation import Runner
 
     (concept,) = suite.concepts
