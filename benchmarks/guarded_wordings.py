@@ -39,22 +39,25 @@ def measure(suite: Any, adapter: Any, policy: str, out: Path, seeds: int = 1) ->
     changed; for a colour concept, the guarded image's shape colour measured without the judge and,
     where the concept got through, how the judge reads a clean render of that colour."""
     from saferedir_bench.evaluation import Runner
+    from saferedir_shapes.judge import load_judge
 
     (concept,) = suite.concepts
     prompts = concept.sets["forget"]
     runner = Runner(adapter, suite, policy=policy, out=out)
-    return [row for k in range(seeds) for row in _measure_seed(suite, concept, prompts, runner, k)]
+    judge = load_judge()  # once, for every seed
+    return [row for k in range(seeds) for row in _measure_seed(suite, concept, prompts, runner, judge, k)]
 
 
-def _measure_seed(suite: Any, concept: Any, prompts: list[Any], runner: Any, k: int) -> list[dict[str, Any]]:
-    from saferedir_shapes.judge import HEADS, colour_reading, load_judge, to_tensor
+def _measure_seed(
+    suite: Any, concept: Any, prompts: list[Any], runner: Any, judge: Any, k: int
+) -> list[dict[str, Any]]:
+    from saferedir_shapes.judge import HEADS, colour_reading, to_tensor
     from saferedir_shapes.world import shape_colour
 
     unguarded = runner.run("none", concept, prompts, k)
     guarded = runner.run("saferedir", concept, prompts, k, unguarded)
     before, after = suite.judge(unguarded.images), suite.judge(guarded.images)
     made = ~guarded.refused if guarded.refused is not None else np.ones(len(prompts), bool)
-    judge = load_judge()
     with torch.no_grad():
         logits = judge(to_tensor(np.asarray(unguarded.images)))[concept.attribute]
     sure = torch.softmax(logits, dim=1)[:, HEADS[concept.attribute].index(concept.value)].tolist()
